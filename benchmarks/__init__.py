@@ -1,0 +1,1 @@
+"""Rollout throughput and GRPO step cost, ours against `transformers` generate."""

@@ -1,0 +1,27 @@
+"""One-line errors for bad input, and the CLI wrapper that prints them instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message names the fix. CLIs print it as one line."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI entry point; a UserError becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

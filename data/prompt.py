@@ -1,0 +1,58 @@
+"""The one prompt format shared by SFT, GRPO, eval and the benchmarks.
+
+A prompt is the model's chat template in Qwen3's non-thinking mode (`enable_thinking=False`), which
+ends with `<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`. The SFT target is the solution (calculator
+annotations removed by default) followed by the end-of-turn token, so prompt + target is exactly the
+finished assistant turn the template would render, and SFT trains on what GRPO and eval sample from.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def build_messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
+
+
+def render_prompt(tokenizer: Any, question: str) -> str:
+    """Chat-template text of the generation prompt for `question` (non-thinking mode)."""
+    return tokenizer.apply_chat_template(
+        build_messages(question), tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+
+
+def clean_solution(solution: str, strip_calculator: bool = True) -> str:
+    """GSM8K solution text as an SFT target: `<<48/2=24>>` annotations removed unless asked to keep."""
+    solution = solution.strip()
+    return _CALCULATOR.sub("", solution) if strip_calculator else solution
+
+
+def encode_prompt(tokenizer: Any, question: str) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+
+
+def encode_sft_example(
+    tokenizer: Any,
+    question: str,
+    solution: str,
+    max_length: int | None = None,
+    strip_calculator: bool = True,
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one SFT example: labels are -100 on the prompt, the target elsewhere.
+
+    The mask is built from the prompt's length, never from the pad id: with pad == eos the end-of-turn
+    token would otherwise vanish from the target and the model would never learn to stop.
+    """
+    prompt_ids = encode_prompt(tokenizer, question)
+    target_text = clean_solution(solution, strip_calculator) + tokenizer.eos_token
+    target_ids = tokenizer(target_text, add_special_tokens=False)["input_ids"]
+    input_ids = prompt_ids + target_ids
+    labels = [-100] * len(prompt_ids) + target_ids
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return input_ids, labels

@@ -1,0 +1,119 @@
+"""Seeded GSM8K-style word problems (one or two arithmetic steps) that a tiny model learns on a CPU.
+
+The offline default dataset for demos and learning tests. Records have GSM8K's fields, with
+`<<a*b=c>>` calculator annotations and a final `#### N` line. Train and test never share a
+question: each question is assigned to a split by a stable hash of its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+
+from data.gsm8k import Record
+
+NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo", "Mia", "Noor"]
+ITEMS = ["apples", "books", "cards", "eggs", "pens", "shells", "stamps", "marbles", "cookies", "stickers"]
+DISTRACTORS = [
+    "It is a sunny day.",
+    "{n2} likes to sing.",
+    "The shop opens at {d} o'clock.",
+    "{n2} has a red bike.",
+    "There are {d} birds on the roof.",
+]
+SIZES = {"train": 5000, "test": 500}
+TEST_SHARE = 10  # one question in TEST_SHARE goes to the test split
+
+
+def _add(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a, b = r.randint(2, 30), r.randint(2, 30)
+    return (f"{n} has {a} {it}. {n2} gives {n} {b} more {it}. How many {it} does {n} have now?",
+            f"{n} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {it} now.", a + b)
+
+
+def _sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a = r.randint(10, 40)
+    b = r.randint(2, a - 1)
+    return (f"{n} had {a} {it} and gave {b} of them to {n2}. How many {it} does {n} have left?",
+            f"{n} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {it} left.", a - b)
+
+
+def _mul(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    return (f"{n} buys {a} bags of {it}. Each bag holds {b} {it}. How many {it} does {n} buy?",
+            f"{n} buys {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.", a * b)
+
+
+def _div(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    return (f"{n} shares {a * b} {it} equally among {b} friends. How many {it} does each friend get?",
+            f"Each friend gets {a * b} / {b} = <<{a * b}/{b}={a}>>{a} {it}.", a)
+
+
+def _mul_sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    c = r.randint(1, a * b - 1)
+    return (f"{n} buys {a} boxes with {b} {it} in each box and gives {c} {it} to {n2}. "
+            f"How many {it} does {n} have left?",
+            f"{n} buys {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.\n"
+            f"{n} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} {it} left.", a * b - c)
+
+
+def _wage(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a, b = r.randint(2, 12), r.randint(2, 8)
+    c = r.randint(1, a * b - 1)
+    return (f"{n} earns ${a} per hour and works {b} hours. Then {n} spends ${c}. "
+            f"How much money does {n} have left?",
+            f"{n} earns {a} * {b} = <<{a}*{b}={a * b}>>{a * b} dollars.\n"
+            f"{n} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} dollars left.", a * b - c)
+
+
+def _times_more(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
+    a, b = r.randint(2, 9), r.randint(2, 5)
+    return (f"{n} has {a} {it}. {n2} has {b} times as many {it} as {n}. "
+            f"How many {it} do they have together?",
+            f"{n2} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.\n"
+            f"Together they have {a} + {a * b} = <<{a}+{a * b}={a + a * b}>>{a + a * b} {it}.", a + a * b)
+
+
+TEMPLATES: list[Callable[[random.Random, str, str, str], tuple[str, str, int]]] = [
+    _add, _sub, _mul, _div, _mul_sub, _wage, _times_more,
+]
+
+
+def _split_of(question: str) -> str:
+    digest = int(hashlib.sha1(question.encode()).hexdigest(), 16)
+    return "test" if digest % TEST_SHARE == 0 else "train"
+
+
+def make_problem(r: random.Random) -> Record:
+    """One random problem: a template, names, an item, and sometimes a distractor sentence."""
+    n, n2 = r.sample(NAMES, 2)
+    it = r.choice(ITEMS)
+    question, steps, answer = r.choice(TEMPLATES)(r, n, n2, it)
+    if r.random() < 0.5:
+        sentences = question.split(". ")
+        at = r.randint(0, len(sentences) - 1)
+        sentences.insert(at, r.choice(DISTRACTORS).format(n2=n2, d=r.randint(2, 9)).rstrip("."))
+        question = ". ".join(sentences)
+    return Record(question=question, solution=f"{steps}\n#### {answer}", answer=str(answer))
+
+
+def make_synthetic(split: str, max_samples: int | None = None, seed: int = 0) -> list[Record]:
+    """`max_samples` (default SIZES[split]) distinct problems of `split`, the same for the same seed."""
+    if split not in SIZES:
+        raise ValueError(f"split must be one of {tuple(SIZES)}, not {split!r}")
+    want = SIZES[split] if max_samples is None else max_samples
+    r = random.Random(f"synthetic-{seed}")
+    seen: set[str] = set()
+    records: list[Record] = []
+    for _ in range(want * 50):
+        if len(records) >= want:
+            break
+        record = make_problem(r)
+        if record["question"] in seen or _split_of(record["question"]) != split:
+            continue
+        seen.add(record["question"])
+        records.append(record)
+    return records

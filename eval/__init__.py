@@ -1,0 +1,1 @@
+"""GSM8K (or synthetic) accuracy of any checkpoint."""

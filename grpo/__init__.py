@@ -1,0 +1,1 @@
+"""Group Relative Policy Optimization in plain PyTorch: rollouts, advantages, clipped loss, KL."""

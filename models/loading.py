@@ -1,0 +1,137 @@
+"""`load_model` / `load_tokenizer`: one place that turns a model name into a ready model.
+
+Names: a hub id (default Qwen/Qwen3-0.6B), a local directory (e.g. an SFT output), `tiny` (built-in
+random-weight test model), or `random:<hub id>` (that Qwen3 shape with random weights, for benchmarks).
+Offline and not found locally, loading fails with one line that names the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common.errors import fail
+from models.tiny import PAD, random_model, tiny_dir
+
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+TINY = "tiny"
+RANDOM_PREFIX = "random:"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> Any:
+    """bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy for training)."""
+    import torch
+
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def _source(name_or_path: str) -> str:
+    """What to pass to from_pretrained: the tiny cache folder, a local folder, or the hub id."""
+    if name_or_path == TINY:
+        return str(tiny_dir())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            fail(f"{path} is not a model folder (no config.json); pass the folder an SFT/GRPO run saved")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        fail(f"model folder {name_or_path} does not exist; check the path (or run SFT first)")
+    return name_or_path
+
+
+def _not_found(name: str, exc: Exception) -> None:
+    fail(
+        f"cannot load {name!r}: not a local folder and not in the hub cache, and the hub is unreachable "
+        f"({type(exc).__name__}). Pass a local model folder, or `tiny` for the built-in offline model"
+    )
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """The tokenizer, set for batched generation: left padding, no BOS, eos <|im_end|>, pad set."""
+    from transformers import AutoTokenizer
+
+    if name_or_path.startswith(RANDOM_PREFIX):
+        try:  # the real tokenizer when it is cached; otherwise the tiny one (ids fit any Qwen3 vocab)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path[len(RANDOM_PREFIX):])
+        except Exception:  # noqa: BLE001
+            tokenizer = AutoTokenizer.from_pretrained(tiny_dir())
+    else:
+        source = _source(name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            _not_found(name_or_path, exc)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD if PAD in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def require_4bit(device: str) -> None:
+    """Fail in one line, before any work, where bitsandbytes cannot run NF4 on `device`."""
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        probe = torch.randn(64, 64, device=device, dtype=torch.float32)
+        bnbf.quantize_4bit(probe, quant_type="nf4")
+    except ImportError:
+        fail("4-bit needs bitsandbytes: pip install 'bitsandbytes>=0.45' (or drop --use_4bit)")
+    except Exception as exc:  # noqa: BLE001 - any backend failure means the same fix
+        fail(f"bitsandbytes cannot run 4-bit NF4 on {device} here ({type(exc).__name__}: {exc}); drop --use_4bit")
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: Any = None,
+    load_in_4bit: bool = False,
+    tokenizer: Any = None,
+) -> Any:
+    """A causal LM on `device` in `dtype` (defaults: CUDA if present, bf16 there and fp32 on CPU).
+
+    `load_in_4bit` quantizes the linear layers to NF4 (bitsandbytes), compute in `dtype`. The model's
+    pad/eos ids are aligned with the tokenizer's so generation stops at the end-of-turn token.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    tokenizer = tokenizer or load_tokenizer(name_or_path)
+    if name_or_path.startswith(RANDOM_PREFIX):
+        if load_in_4bit:
+            fail("4-bit needs trained weights; use it with a hub id or a local folder, not random:")
+        model = random_model(name_or_path[len(RANDOM_PREFIX):], tokenizer).to(device=device, dtype=dtype)
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if load_in_4bit:
+            require_4bit(device)
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+            kwargs["device_map"] = {"": torch.device(device)}
+        source = _source(name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as exc:
+            _not_found(name_or_path, exc)
+        if not load_in_4bit:
+            model = model.to(device)
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.bos_token_id = None
+    return model
+
+
+def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **kwargs: Any) -> tuple[Any, Any]:
+    tokenizer = load_tokenizer(name_or_path)
+    return load_model(name_or_path, tokenizer=tokenizer, **kwargs), tokenizer

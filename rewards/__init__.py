@@ -1,0 +1,19 @@
+"""Exact numeric answer matching for GSM8K-style completions."""
+
+from rewards.numeric import (
+    REL_TOLERANCE,
+    answers_match,
+    completion_text,
+    extract_answer,
+    numeric_reward,
+    parse_number,
+)
+
+__all__ = [
+    "REL_TOLERANCE",
+    "answers_match",
+    "completion_text",
+    "extract_answer",
+    "numeric_reward",
+    "parse_number",
+]

@@ -1,0 +1,94 @@
+"""Read the number after the last `####` marker and compare it with the ground truth.
+
+Every function here is total: whatever the text (None, 100 kB of junk, `nan`, `1e400`, unicode
+digits), reading gives a string or None and scoring gives 1.0 or 0.0. Nothing raises on text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+MARKER = "####"
+# |pred - gold| <= REL_TOLERANCE * max(1, |gold|): exact for integers and short decimals,
+# forgiving of float round-off on large values ("18.00" == "18", "0.5" == ".5").
+REL_TOLERANCE = 1e-6
+# Only this many characters after the marker are read: a number longer than that is not an answer.
+_WINDOW = 256
+
+# What may stand between the marker and the number: spaces/newlines, markdown emphasis, `$`, `\(`.
+_LEAD = r"[\s*_`$\\(]*"
+# ASCII digits only (re.ASCII): unicode digits are not GSM8K answers. Commas only between digits.
+_NUMBER = r"[+-]?\s*(?:[0-9](?:[0-9]|,(?=[0-9]))*(?:\.[0-9]+)?|\.[0-9]+)"
+# A number may not run on into scientific notation (`1e400`) or another digit.
+_END = r"(?![eE][+-]?[0-9])(?![0-9])"
+_ANSWER_RE = re.compile(_LEAD + r"(" + _NUMBER + r")" + _END, re.ASCII)
+_CONTINUES = set("0123456789.,eE")
+_BARE_RE = re.compile(r"\s*\$?\s*(" + _NUMBER + r")" + _END + r"[\s\S]*", re.ASCII)
+
+
+def _normalize(number: str) -> str:
+    """'+ 1,080' -> '1080': drop spaces, commas and a leading plus sign."""
+    number = number.replace(" ", "").replace("\t", "").replace("\n", "").replace(",", "")
+    return number[1:] if number.startswith("+") else number
+
+
+def completion_text(completion: Any) -> str:
+    """Text of a completion: a string, or chat-style [{role, content}, ...] (last message)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        content = completion.get("content")
+        return content if isinstance(content, str) else ""
+    if isinstance(completion, (list, tuple)) and completion:
+        return completion_text(completion[-1])
+    return ""
+
+
+def extract_answer(text: Any) -> str | None:
+    """The number after the LAST `####` in `text`, normalized ('1080', '-5', '18.00'), or None."""
+    try:
+        text = completion_text(text)
+        pos = text.rfind(MARKER)
+        if pos < 0:
+            return None
+        start = pos + len(MARKER)
+        match = _ANSWER_RE.match(text, start, start + _WINDOW)
+        if not match:
+            return None
+        if match.end() == start + _WINDOW and text[match.end() : match.end() + 1] in _CONTINUES:
+            return None  # the number runs on past the window: too long to be an answer
+        return _normalize(match.group(1))
+    except Exception:  # noqa: BLE001 - a reward must never raise on text
+        return None
+
+
+def parse_number(text: Any) -> float | None:
+    """A finite float from a ground-truth string such as '1,080', '$18' or '-5', else None."""
+    try:
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            value = float(text)
+        else:
+            match = _BARE_RE.fullmatch(str(text)[:_WINDOW])
+            if not match:
+                return None
+            value = float(_normalize(match.group(1)))
+        return value if math.isfinite(value) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def answers_match(predicted: str | None, gold: Any) -> bool:
+    """True when both parse to finite numbers equal within REL_TOLERANCE * max(1, |gold|)."""
+    pred_value, gold_value = parse_number(predicted), parse_number(gold)
+    if pred_value is None or gold_value is None:
+        return False
+    return abs(pred_value - gold_value) <= REL_TOLERANCE * max(1.0, abs(gold_value))
+
+
+def numeric_reward(completions: list[Any], answers: list[Any]) -> list[float]:
+    """1.0 for each completion whose `####` answer equals its ground truth, else 0.0."""
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    return [1.0 if answers_match(extract_answer(c), a) else 0.0 for c, a in zip(completions, answers)]

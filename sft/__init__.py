@@ -1,0 +1,1 @@
+"""Supervised LoRA fine-tuning that teaches the `#### N` answer format and when to stop."""

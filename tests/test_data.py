@@ -1,0 +1,96 @@
+import json
+import re
+
+import pytest
+
+from common.errors import UserError
+from data import load_gsm8k, load_records, make_synthetic
+from data.prompt import INSTRUCTION, clean_solution, encode_prompt, encode_sft_example, render_prompt
+from rewards import numeric_reward
+from tests.conftest import gsm8k_dir, needs_gsm8k
+
+GEN_PROMPT_END = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+@needs_gsm8k
+def test_gsm8k_sizes_and_fields():
+    train, test = load_gsm8k("train", gsm8k_dir()), load_gsm8k("test", gsm8k_dir())
+    assert (len(train), len(test)) == (7473, 1319)
+    first = train[0]
+    assert first["question"].startswith("Natalia sold clips")
+    assert first["solution"].endswith("#### 72") and first["answer"] == "72"
+    assert len(load_gsm8k("test", gsm8k_dir(), max_samples=5)) == 5
+
+
+def test_gsm8k_reads_env_dir(tmp_path, monkeypatch):
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "q?", "answer": "1 + 1 = 2\n#### 2"}) + "\n\n")
+    monkeypatch.setenv("GSM8K_DIR", str(tmp_path))
+    assert load_gsm8k("test") == [{"question": "q?", "solution": "1 + 1 = 2\n#### 2", "answer": "2"}]
+
+
+def test_gsm8k_bad_line_names_file_and_line(tmp_path):
+    good = json.dumps({"question": "q", "answer": "#### 1"})
+    (tmp_path / "train.jsonl").write_text(good + "\n" + good + "\n{not json\n")
+    with pytest.raises(UserError, match=r"train\.jsonl:3: bad GSM8K line"):
+        load_gsm8k("train", data_dir=str(tmp_path))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "no final answer"}) + "\n")
+    with pytest.raises(UserError, match=r"train\.jsonl:1:"):
+        load_gsm8k("train", data_dir=str(tmp_path))
+
+
+def test_gsm8k_missing_dir_names_data_dir(tmp_path):
+    with pytest.raises(UserError, match="--data_dir"):
+        load_gsm8k("test", data_dir=str(tmp_path / "nowhere"))
+
+
+def test_gsm8k_offline_without_dir_names_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("GSM8K_DIR", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="--data_dir"):
+        load_gsm8k("test")
+
+
+def test_synthetic_is_seeded_disjoint_and_correct():
+    train, test = make_synthetic("train"), make_synthetic("test")
+    assert (len(train), len(test)) == (5000, 500)
+    assert make_synthetic("train", max_samples=50) == train[:50]
+    assert make_synthetic("train", max_samples=50, seed=1) != train[:50]
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert len({r["question"] for r in train}) == len(train)
+    assert numeric_reward([r["solution"] for r in train], [r["answer"] for r in train]) == [1.0] * len(train)
+    for r in train[:500]:  # every calculator annotation is right
+        for expr, value in re.findall(r"<<([^=]+)=([^>]+)>>", r["solution"]):
+            assert eval(expr) == float(value), r["solution"]  # noqa: S307 - our own arithmetic
+    assert load_records("synthetic", "test", max_samples=3) == test[:3]
+    with pytest.raises(ValueError):
+        load_records("mnist", "train")
+
+
+def test_prompt_renders_qwen3_non_thinking(tiny_tokenizer):
+    prompt = render_prompt(tiny_tokenizer, "  How many?  ")
+    assert prompt == f"<|im_start|>user\nHow many?\n{INSTRUCTION}<|im_end|>\n{GEN_PROMPT_END}"
+
+
+def test_clean_solution():
+    solution = "She sold 48/2 = <<48/2=24>>24 clips.\n#### 24"
+    assert clean_solution(solution) == "She sold 48/2 = 24 clips.\n#### 24"
+    assert clean_solution(solution, strip_calculator=False) == solution
+
+
+def test_sft_example_masks_exactly_the_prompt(tiny_tokenizer):
+    question, solution = "Ann has 3 apples. How many?", "Ann has <<1+2=3>>3.\n#### 3"
+    prompt_ids = encode_prompt(tiny_tokenizer, question)
+    ids, labels = encode_sft_example(tiny_tokenizer, question, solution)
+    assert ids[: len(prompt_ids)] == prompt_ids  # SFT trains on what GRPO and eval sample from
+    assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert labels[len(prompt_ids):] == ids[len(prompt_ids):]
+    assert ids[-1] == tiny_tokenizer.eos_token_id and labels[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(ids[len(prompt_ids):]) == "Ann has 3.\n#### 3<|im_end|>"
+    # prompt + target is the finished assistant turn the chat template renders
+    messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"},
+                {"role": "assistant", "content": "Ann has 3.\n#### 3"}]
+    turn = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert turn == tiny_tokenizer.decode(ids) + "\n"
+    short_ids, short_labels = encode_sft_example(tiny_tokenizer, question, solution, max_length=10)
+    assert len(short_ids) == len(short_labels) == 10

@@ -1,0 +1,131 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.errors import UserError
+from data.prompt import encode_prompt
+from models import load_model, load_tokenizer, require_4bit
+from models.tiny import QWEN3_COMMON, QWEN3_SHAPES, build_tiny_tokenizer, random_qwen3_config, tiny_dir
+from tests.conftest import ROOT
+
+
+def test_tiny_builds_deterministically(tmp_path, monkeypatch, tiny_tokenizer):
+    cached = load_model("tiny", device="cpu")
+    monkeypatch.setenv("QGG_CACHE_DIR", str(tmp_path))
+    fresh_dir = tiny_dir()
+    assert fresh_dir.parent == tmp_path
+    fresh = load_model("tiny", device="cpu")
+    assert load_tokenizer("tiny").get_vocab() == tiny_tokenizer.get_vocab()
+    for (name, a), (_, b) in zip(cached.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+    n_params = sum(p.numel() for p in fresh.parameters())
+    assert 500_000 < n_params < 5_000_000
+    assert type(fresh).__name__ == "Qwen3ForCausalLM"
+
+
+def test_tiny_tokenizer_settings(tiny_tokenizer):
+    t = tiny_tokenizer
+    assert (t.eos_token, t.pad_token, t.bos_token, t.padding_side) == ("<|im_end|>", "<|endoftext|>", None, "left")
+    assert t.tokenize("Ann has 1080 eggs")[-5:] == ["1", "0", "8", "0", "Ġeggs"]  # digits are single tokens
+    assert t.decode(t("Ann has 12 pens.\n#### 12")["input_ids"]) == "Ann has 12 pens.\n#### 12"
+    assert build_tiny_tokenizer().get_vocab() == t.get_vocab()
+
+
+def test_save_and_reload_same_logits(tmp_path, tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor([encode_prompt(tokenizer, "How many?")])
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(ids).logits, reloaded(ids).logits, atol=1e-6)
+    assert load_model(str(tmp_path), device="cpu").config.eos_token_id == tiny_tokenizer.eos_token_id
+
+
+def test_generation_stops_at_eos(tiny_model, tiny_tokenizer):
+    """Teach the model to answer at once with <|im_end|>; generate must then stop right there."""
+    prompt = encode_prompt(tiny_tokenizer, "Say nothing.")
+    ids = torch.tensor([prompt + [tiny_tokenizer.eos_token_id]])
+    labels = torch.tensor([[-100] * len(prompt) + [tiny_tokenizer.eos_token_id]])
+    opt = torch.optim.Adam(tiny_model.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss = tiny_model(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+    new = out[0, len(prompt):].tolist()
+    assert new[0] == tiny_tokenizer.eos_token_id and len(new) < 20
+
+
+def test_random_qwen3_shape_matches_the_release(tiny_tokenizer):
+    config = random_qwen3_config("Qwen/Qwen3-0.6B", tiny_tokenizer)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1024, 28, 16)
+    assert (config.num_key_value_heads, config.head_dim, config.intermediate_size) == (8, 128, 3072)
+    assert (config.vocab_size, config.tie_word_embeddings) == (151936, True)
+    assert config.rope_parameters["rope_theta"] == 1e6
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 596_049_920  # Qwen3-0.6B's published count
+    assert set(QWEN3_SHAPES) >= {"Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B"} and QWEN3_COMMON["head_dim"] == 128
+
+
+def test_random_model_loads_small(monkeypatch):
+    monkeypatch.setitem(QWEN3_SHAPES, "test/shape", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                         num_attention_heads=2, num_key_value_heads=1,
+                                                         tie_word_embeddings=True))
+    monkeypatch.setitem(QWEN3_COMMON, "vocab_size", 1000)
+    model = load_model("random:test/shape", device="cpu")
+    assert model.config.vocab_size == 1000 and model.config.num_hidden_layers == 1
+    with pytest.raises(UserError, match="not a known Qwen3 shape"):
+        load_model("random:nope/nope", device="cpu")
+
+
+def test_unknown_model_offline_names_the_fix():
+    with pytest.raises(UserError, match="`tiny`"):
+        load_model("Qwen/Qwen3-DoesNotExist", device="cpu")
+    with pytest.raises(UserError, match="does not exist"):
+        load_model("./no/such/folder", device="cpu")
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_4bit_tiny_loads_and_runs(tiny_tokenizer):
+    model = load_model("tiny", device="cpu", load_in_4bit=True, tokenizer=tiny_tokenizer)
+    assert any("4bit" in type(m).__name__ for m in model.modules())
+    ids = torch.tensor([encode_prompt(tiny_tokenizer, "How many?")])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_4bit_without_bitsandbytes_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(UserError, match="pip install") as info:
+        require_4bit("cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_cli_errors_are_one_line():
+    code = "from common.errors import run_cli; from models import load_model; run_cli(lambda: load_model('x/y'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT / ".venv")})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: cannot load 'x/y'")
+
+
+def test_tiny_cache_survives_a_removed_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGG_CACHE_DIR", str(tmp_path))
+    first = tiny_dir()
+    shutil.rmtree(first)
+    assert tiny_dir() == first and (first / "config.json").is_file()

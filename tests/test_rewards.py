@@ -1,0 +1,104 @@
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rewards import REL_TOLERANCE, answers_match, extract_answer, numeric_reward
+from rewards.selftest import CASES
+from tests.conftest import ROOT, gsm8k_dir, needs_gsm8k
+
+
+@pytest.mark.parametrize("completion,gold,want_extract,want_reward", CASES, ids=[repr(c)[:30] for c, *_ in CASES])
+def test_hand_written_cases(completion, gold, want_extract, want_reward):
+    assert extract_answer(completion) == want_extract
+    assert numeric_reward([completion], [gold]) == [want_reward]
+
+
+def test_last_marker_wins_and_rewards_are_per_item():
+    completions = ["#### 3\n#### 4", "#### 4", "4", "#### 4.0000001", "#### 4.01"]
+    assert numeric_reward(completions, ["4"] * 5) == [1.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_tolerance_scales_with_magnitude():
+    assert answers_match("1000000.5", "1000000")  # within 1e-6 * 1e6 = 1
+    assert not answers_match("1000002", "1000000")
+    assert answers_match(str(1 + REL_TOLERANCE / 2), "1")
+    assert not answers_match(str(1 + 2 * REL_TOLERANCE), "1")
+
+
+def test_length_mismatch_is_a_programming_error():
+    with pytest.raises(ValueError):
+        numeric_reward(["#### 1"], ["1", "2"])
+
+
+def test_self_test_cli_passes():
+    result = subprocess.run([sys.executable, "-m", "rewards"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert f"{len(CASES)} passed, 0 failed" in result.stdout
+
+
+junk = st.one_of(
+    st.none(), st.text(), st.binary().map(lambda b: b.decode("latin-1")),
+    st.text().map(lambda t: "####" + t), st.lists(st.dictionaries(st.text(), st.text())),
+    st.integers(), st.floats(allow_nan=True),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(completion=junk, gold=junk)
+def test_never_raises(completion, gold):
+    extracted = extract_answer(completion)
+    assert extracted is None or isinstance(extracted, str)
+    assert numeric_reward([completion], [gold])[0] in (0.0, 1.0)
+
+
+def _styles(number: str) -> list[str]:
+    """The ways models write a final answer that must all be read back as `number`."""
+    negative = number.startswith("-")
+    digits = number.lstrip("-")
+    integer, _, frac = digits.partition(".")
+    with_commas = f"{int(integer):,}" + (f".{frac}" if frac else "")
+    sign = "-" if negative else ""
+    plain = sign + digits
+    styles = [f"#### {plain}", f"####{plain}", f"#### {plain}.", f"#### {plain} dollars", f"#### **{plain}**",
+              f"####  \n {plain}\n", f"#### {sign}{with_commas}", f"#### ${plain}" if not negative else f"#### {plain}",
+              f"Some reasoning: 2 + 2 = 4.\n#### {plain}", f"#### 0\nwait, recompute\n#### {plain}"]
+    if not negative:
+        styles.append(f"#### +{plain}")
+    if not frac:
+        styles.append(f"#### {plain}.00")
+    return styles
+
+
+numbers = st.one_of(
+    st.integers(-10**12, 10**12).map(str),
+    st.decimals(-10**6, 10**6, places=3, allow_nan=False, allow_infinity=False).map(lambda d: format(d, "f")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(number=numbers)
+def test_every_accepted_style_reads_back(number):
+    value = float(number)
+    for text in _styles(number):
+        extracted = extract_answer(text)
+        assert extracted is not None and math.isclose(float(extracted), value, abs_tol=0), (text, extracted)
+        assert numeric_reward([text], [number]) == [1.0], text
+    # the ground truth itself may carry commas
+    gold_with_commas = f"{int(value):,}" if number.lstrip("-").isdigit() else number
+    assert numeric_reward([f"#### {number}"], [gold_with_commas]) == [1.0]
+
+
+@needs_gsm8k
+def test_every_gold_solution_scores_one():
+    from data import load_gsm8k
+
+    records = load_gsm8k("train", data_dir=gsm8k_dir()) + load_gsm8k("test", data_dir=gsm8k_dir())
+    assert len(records) == 8792
+    rewards = numeric_reward([r["solution"] for r in records], [r["answer"] for r in records])
+    failures = [r["answer"] for r, x in zip(records, rewards) if x != 1.0]
+    assert not failures, failures[:10]
+    assert sum("," in r["answer"] for r in records) == 93
