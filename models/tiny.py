@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
 TINY_VOCAB = 512
@@ -55,9 +55,9 @@ def _tokenizer_corpus() -> list[str]:
     from data.prompt import INSTRUCTION
     from data.synthetic import make_synthetic
 
-    texts = [INSTRUCTION]
-    for r in make_synthetic("train", max_samples=3000, seed=1234):
-        texts += [r["question"], r["solution"]]
+    texts = []
+    for r in make_synthetic("train", max_samples=3000, seed=1234):  # as rendered in prompts and targets
+        texts += [f"user\n{r['question']}\n{INSTRUCTION}\n", "assistant\n\n\n\n\n", r["solution"]]
     return texts
 
 

@@ -1,0 +1,142 @@
+"""Run folders: refuse to clobber another run, write atomically, keep one JSONL line per step.
+
+A crash never leaves a half-written checkpoint or model: everything is written into a temporary
+folder beside its target and renamed into place. A resumed run's log is cut back to the checkpoint's
+step (lines from steps that will be redone go) and then appended to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common.errors import fail
+
+RUN_CONFIG = "run_config.json"
+CHECKPOINT = "checkpoint"
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -> None:
+    """Make `out` ready for a new run, or check it holds one to resume; one-line errors otherwise."""
+    has_run = (out / RUN_CONFIG).exists()
+    if resume:
+        if not (out / CHECKPOINT / "trainer_state.json").is_file():
+            fail(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "another run" if has_run else "other files"
+            fail(f"{flag} {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+                 f"or choose another {flag}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a fresh temporary folder, then swap it in for `target` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = target.parent / f".{target.name}.old"
+    try:
+        write(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_files_into(target: Path, write: Callable[[Path], None]) -> None:
+    """Write files into a temporary folder, then move each into `target`, config.json last.
+
+    For a model saved at the root of a run folder (so `from_pretrained(<run folder>)` loads it): an old
+    config.json is removed first, so whenever config.json exists, the files beside it are complete.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=target))
+    try:
+        write(tmp)
+        (target / "config.json").unlink(missing_ok=True)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in names if n != "config.json"] + [n for n in names if n == "config.json"]:
+            os.replace(tmp / name, target / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class JsonlLog:
+    """One JSON line per step, flushed at once; non-finite floats are written as null."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line from a crash: dropped
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

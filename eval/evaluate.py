@@ -1,0 +1,73 @@
+"""`evaluate`: sample completions for records, score them, summarize. Used by eval, SFT and GRPO."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from data import Record
+from data.prompt import encode_prompt
+from eval.metrics import summarize
+from rewards import answers_match, extract_answer
+from sampling import sample
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    records: list[Record],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 512,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    show_progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each."""
+    from tqdm.auto import tqdm
+
+    prompts = [encode_prompt(tokenizer, r["question"]) for r in records]
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show_progress, leave=False) as bar:
+        out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     batch_size=batch_size, progress=bar)
+    wall = time.perf_counter() - start
+    groups: list[list[dict[str, Any]]] = [[] for _ in records]
+    predictions = []
+    for i, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):
+        completion = tokenizer.decode(tokens, skip_special_tokens=True)
+        extracted = extract_answer(completion)
+        scored = {"extracted": extracted, "correct": answers_match(extracted, records[i]["answer"]),
+                  "truncated": truncated, "num_tokens": len(tokens)}
+        groups[i].append(scored)
+        predictions.append({"question": records[i]["question"], "gold": records[i]["answer"],
+                            "completion": completion, **scored})
+    summary = summarize(groups, [r["answer"] for r in records])
+    total_tokens = sum(len(t) for t in out.token_ids)
+    summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
+                   max_new_tokens=max_new_tokens)
+    return summary, predictions
+
+
+def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    """`eval_summary.json` and `eval_predictions.jsonl` in `out_dir`, each written atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    from common.runs import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval_summary.json", summary)
+    tmp = out / ".eval_predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    os.replace(tmp, out / "eval_predictions.jsonl")
+
+
+def eval_fields(summary: dict[str, Any]) -> dict[str, float]:
+    """The eval metrics a training log line carries, prefixed `eval_`."""
+    keys = ("accuracy", "format_rate", "truncation_rate", "mean_completion_tokens")
+    return {f"eval_{k}": summary[k] for k in keys}

@@ -1,0 +1,40 @@
+"""SFT examples as token ids + labels, and dynamic padding into batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data import Record
+from data.prompt import encode_sft_example
+
+
+def encode_records(tokenizer: Any, records: list[Record], max_length: int,
+                   strip_calculator: bool = True) -> list[tuple[list[int], list[int]]]:
+    return [encode_sft_example(tokenizer, r["question"], r["solution"], max_length, strip_calculator)
+            for r in records]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """Summed next-token cross-entropy over the target (label != -100) tokens of `batch`."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")

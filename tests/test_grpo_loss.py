@@ -1,0 +1,225 @@
+"""GRPO loss math against values worked out by hand (comments show the arithmetic) and a float64 loop."""
+
+import math
+
+import pytest
+import torch
+
+from grpo.loss import aggregate, group_advantages, grpo_loss, token_entropy, token_logprobs
+
+# ---------- token_logprobs / token_entropy
+
+
+def test_token_logprobs_matches_log_softmax_any_chunk():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 11, generator=g)
+    ids = torch.randint(0, 11, (5, 7), generator=g)
+    for temperature in (1.0, 0.7):
+        want = torch.log_softmax(logits / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        for chunk in (1, 2, 5):
+            assert torch.allclose(token_logprobs(logits, ids, temperature, chunk_rows=chunk), want, atol=1e-6)
+
+
+def test_token_logprobs_by_hand():
+    # logits [0, ln 3] -> softmax [1/4, 3/4]; at temperature 2 -> [0, ln3 / 2] -> [1/(1+sqrt3), sqrt3/(1+sqrt3)]
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+    assert token_logprobs(logits, torch.tensor([[0]]), 2.0).item() == pytest.approx(-math.log(1 + math.sqrt(3)))
+
+
+def test_token_logprobs_bf16_logits_and_gradient():
+    logits = torch.randn(2, 3, 5, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    out = token_logprobs(logits, ids)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
+
+
+def test_token_entropy():
+    # uniform over 4 -> ln 4; one-hot-ish -> ~0
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    ent = token_entropy(logits)
+    assert ent[0, 0].item() == pytest.approx(math.log(4))
+    assert ent[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(3, 4, 9)
+    want = torch.distributions.Categorical(logits=logits / 0.7).entropy()
+    assert torch.allclose(token_entropy(logits, 0.7, chunk_rows=2), want, atol=1e-5)
+
+
+# ---------- group_advantages
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+
+
+def test_group_advantages_by_hand():
+    # group 1: mean 1/4, centered [3/4, -1/4, -1/4, -1/4], unbiased std sqrt((9/16 + 3/16) / 3) = 1/2
+    # group 2: mean 1/2, centered [1/2, 1/2, -1/2, -1/2], unbiased std sqrt(1/3)
+    s3 = math.sqrt(1 / 3)
+    want = [1.5, -0.5, -0.5, -0.5, 0.5 / s3, 0.5 / s3, -0.5 / s3, -0.5 / s3]
+    assert group_advantages(REWARDS, 4, "group", eps=0.0).tolist() == pytest.approx(want)
+    want_eps = [0.75 / 0.5001] + [-0.25 / 0.5001] * 3 + [0.5 / (s3 + 1e-4)] * 2 + [-0.5 / (s3 + 1e-4)] * 2
+    assert group_advantages(REWARDS, 4).tolist() == pytest.approx(want_eps)
+
+
+def test_batch_and_none_scales_by_hand():
+    # batch mean 3/8; sum of squared deviations 3*(5/8)^2 + 5*(3/8)^2 = 15/8; unbiased var 15/56
+    centered = [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5]
+    std = math.sqrt(15 / 56)
+    assert group_advantages(REWARDS, 4, "batch", eps=0.0).tolist() == pytest.approx([c / std for c in centered])
+    assert group_advantages(REWARDS, 4, "none").tolist() == pytest.approx(centered)
+
+
+def test_equal_rewards_give_zero_advantage():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    for scale in ("group", "batch", "none"):
+        assert group_advantages(rewards, 3, scale).tolist() == [0.0] * 6
+
+
+def test_group_advantages_rejects_bad_input():
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(5), 4)
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(4), 4, "rank")
+
+
+# ---------- grpo_loss, by hand
+# logp  = [[-1, -2, -0.5], [-1, -1, -1]]      old = [[-1.1, -2, -0.5], [-0.5, -1, -1]]
+# mask  = [[1, 1, 1], [1, 1, 0]]               A   = [1, -1]
+# ratio = [[e^0.1, 1, 1], [e^-0.5, 1, 1]] = [[1.105171, 1, 1], [0.606531, 1, 1]]
+# row 0 (A=+1): -min(r, clamp(r, .8, 1.2)) = [-1.105171, -1, -1]
+# row 1 (A=-1): -min(-r, -clamp(r, .8, 1.2)): r=.606531 clamps to .8 -> 0.8; then [1, (1 masked)]
+# masked sum = -3.105171 + 1.8 = -1.305171 over 5 tokens
+E01 = math.exp(0.1)
+SUR_SUM = -(E01 + 2) + 1.8
+LOGP = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+OLD = torch.tensor([[-1.1, -2.0, -0.5], [-0.5, -1.0, -1.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+ADV = torch.tensor([1.0, -1.0])
+# ref = -1 everywhere: delta = ref - logp = [[0, 1, -0.5], [0, 0, (0)]]
+# k3 = e^d - d - 1 = [[0, e - 2, e^-0.5 - 0.5], [0, 0, 0]]
+REF = torch.full((2, 3), -1.0)
+KL_ROW0 = (math.e - 2) + (math.exp(-0.5) - 0.5)
+
+EXPECTED_POLICY = {
+    "grpo": ((-(E01 + 2)) / 3 + 1.8 / 2) / 2,   # mean of sequence means
+    "bnpo": SUR_SUM / 5,                         # token mean
+    "dr_grpo": SUR_SUM / (2 * 4),                # B * max_completion_length (4)
+    "dapo": SUR_SUM / 10,                        # num_items_in_batch = 10
+}
+EXPECTED_KL_AGG = {"grpo": (KL_ROW0 / 3 + 0) / 2, "bnpo": KL_ROW0 / 5, "dr_grpo": KL_ROW0 / 8, "dapo": KL_ROW0 / 10}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_loss_by_hand(loss_type):
+    loss, m = grpo_loss(LOGP, OLD, REF, ADV, MASK, beta=0.1, loss_type=loss_type, max_completion_length=4,
+                        num_items_in_batch=10)
+    assert m["policy_loss"] == pytest.approx(EXPECTED_POLICY[loss_type])
+    assert m["kl_loss"] == pytest.approx(0.1 * EXPECTED_KL_AGG[loss_type])
+    assert loss.item() == pytest.approx(EXPECTED_POLICY[loss_type] + 0.1 * EXPECTED_KL_AGG[loss_type])
+    assert m["grpo_loss"] == pytest.approx(m["policy_loss"] + m["kl_loss"])
+    assert m["kl"] == pytest.approx(KL_ROW0 / 5)  # masked token mean
+    # only row 1 token 0 is clipped: ratio .61 < .8 with A < 0 -> 1 of 5 tokens
+    assert (m["clip_ratio_low"], m["clip_ratio_high"], m["clip_ratio_region"]) == pytest.approx((0.2, 0.0, 0.2))
+
+
+def test_dapo_defaults_to_this_batch_token_count_and_dr_grpo_to_width():
+    _, dapo = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="dapo")
+    assert dapo["policy_loss"] == pytest.approx(SUR_SUM / 5)
+    _, dr = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="dr_grpo")
+    assert dr["policy_loss"] == pytest.approx(SUR_SUM / 6)  # B * T = 2 * 3
+
+
+def test_high_clip_by_hand_with_asymmetric_epsilon():
+    # ratio e^0.25 = 1.284 > 1 + 0.2 (A > 0) is clipped to 1.2, but not with epsilon_high 0.3
+    logp, old = torch.tensor([[0.0]]), torch.tensor([[-0.25]])
+    _, m = grpo_loss(logp, old, None, torch.tensor([2.0]), torch.ones(1, 1), beta=0.0, loss_type="bnpo")
+    assert m["policy_loss"] == pytest.approx(-1.2 * 2) and m["clip_ratio_high"] == 1.0
+    _, m = grpo_loss(logp, old, None, torch.tensor([2.0]), torch.ones(1, 1), beta=0.0, loss_type="bnpo",
+                     epsilon_high=0.3)
+    assert m["policy_loss"] == pytest.approx(-math.exp(0.25) * 2) and m["clip_ratio_high"] == 0.0
+
+
+def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]], requires_grad=True)
+    loss, m = grpo_loss(logp, None, None, ADV, MASK, beta=0.0, loss_type="bnpo")
+    assert m["clip_ratio_region"] == 0.0
+    assert loss.item() == pytest.approx(-(3 * 1.0 + 2 * -1.0) / 5)  # -mean(A) over tokens
+    loss.backward()
+    want = -(ADV.unsqueeze(1) * MASK) / 5  # d/dlogp of -r*A with r = exp(logp - logp.detach())
+    assert torch.allclose(logp.grad, want)
+
+
+def test_gradient_is_zero_where_clipped():
+    logp = torch.tensor([[0.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])  # ratios e^2 (A>0: clipped high), e^-2 (A<0: clipped low)
+    loss, m = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), torch.ones(2, 2), beta=0.0, loss_type="bnpo")
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0
+    assert logp.grad[0, 1] != 0 and logp.grad[1, 1] != 0
+    assert m["clip_ratio_high"] == 0.25 and m["clip_ratio_low"] == 0.25
+
+
+def test_beta_zero_needs_no_reference_and_beta_needs_one():
+    loss, m = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0)
+    assert m["kl_loss"] == 0.0 and m["kl"] == 0.0
+    with pytest.raises(ValueError):
+        grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.1)
+
+
+def test_empty_mask_rows_and_zero_advantages():
+    mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        loss, _ = grpo_loss(LOGP, OLD, REF, ADV, mask, beta=0.1, loss_type=loss_type)
+        assert torch.isfinite(loss)
+    loss, _ = grpo_loss(LOGP, OLD, None, ADV, torch.zeros(2, 3), beta=0.0, loss_type="bnpo")
+    assert loss.item() == 0.0
+    loss, m = grpo_loss(LOGP, None, None, torch.zeros(2), MASK, beta=0.0)
+    assert loss.item() == 0.0 and m["policy_loss"] == 0.0
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError):
+        aggregate(LOGP, MASK, "ppo")
+
+
+def _reference_loss(logp, old, ref, adv, mask, beta, el, eh, loss_type, max_len, n_items):
+    """Loop-by-loop float64 implementation straight from the formulas."""
+    B, T = len(logp), len(logp[0])
+    per_seq, total, count = [], 0.0, 0.0
+    for b in range(B):
+        seq_sum, seq_n = 0.0, 0.0
+        for t in range(T):
+            if mask[b][t] == 0:
+                continue
+            r = math.exp(logp[b][t] - old[b][t])
+            a = adv[b]
+            tok = -min(r * a, min(max(r, 1 - el), 1 + eh) * a)
+            d = ref[b][t] - logp[b][t]
+            tok += beta * (math.exp(d) - d - 1)
+            seq_sum += tok
+            seq_n += 1
+        per_seq.append(seq_sum / max(seq_n, 1))
+        total += seq_sum
+        count += seq_n
+    return {"grpo": sum(per_seq) / B, "bnpo": total / max(count, 1), "dr_grpo": total / (B * max_len),
+            "dapo": total / n_items}[loss_type]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_float64_loop_reference(loss_type, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 6, 9
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    ref = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.float64)
+    n_items = float(mask.sum()) + 7
+    loss, _ = grpo_loss(logp, old, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
+                        loss_type=loss_type, max_completion_length=12, num_items_in_batch=n_items)
+    want = _reference_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, 0.2, 0.28,
+                           loss_type, 12, n_items)
+    assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
