@@ -27,7 +27,7 @@ def test_collate_masks_padding_and_keeps_eos_when_pad_is_eos(tiny_tokenizer):
     examples = encode_records(tiny_tokenizer, records, max_length=512)
     eos = tiny_tokenizer.eos_token_id
     batch = collate(examples, pad_id=eos)  # the pad == eos case of many chat models
-    for row, (ids, labels) in enumerate(examples):
+    for row, (ids, _) in enumerate(examples):
         prompt_len = len(encode_prompt(tiny_tokenizer, records[row]["question"]))
         assert (batch["labels"][row, :prompt_len] == -100).all()
         assert batch["labels"][row, len(ids) - 1] == eos  # end-of-turn is a target despite pad == eos

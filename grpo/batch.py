@@ -1,0 +1,49 @@
+"""Pack a rollout into tensors: left-padded prompts + right-padded completions, masks, positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, P + C]: prompt (left-padded) then completion (right-padded)
+    attention_mask: torch.Tensor  # [B, P + C]
+    position_ids: torch.Tensor  # [B, P + C]: positions counted from each row's first real token
+    completion_ids: torch.Tensor  # [B, C]
+    completion_mask: torch.Tensor  # [B, C]: 1 on completion tokens (eos included)
+
+    def rows(self, index: slice) -> RolloutBatch:
+        return RolloutBatch(*(t[index] for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                  self.completion_ids, self.completion_mask)))
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_ids.shape[1]
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         device: str | torch.device) -> RolloutBatch:
+    """prompts[i] and completions[i] belong together (a prompt repeated for each of its samples)."""
+    B = len(completions)
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + C), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p): P] = torch.tensor(p)
+        input_ids[i, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, P - len(p): P + len(c)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    completion_mask = attention_mask[:, P:].clone()
+    return RolloutBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
+                        input_ids[:, P:].to(device), completion_mask.to(device))
+
+
+def completion_logits(model, batch: RolloutBatch) -> torch.Tensor:
+    """Logits that predict each completion token: [B, C, V] (only the last C+1 positions are computed)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=batch.completion_width + 1)
+    return out.logits[:, :-1]

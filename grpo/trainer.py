@@ -1,0 +1,413 @@
+"""The GRPO loop, in plain PyTorch.
+
+    for step in 1..max_steps:
+        prompts <- next `prompts_per_step` questions
+        rollout: G = num_generations completions per prompt (temperature, top_p, stop at end-of-turn)
+        rewards r <- numeric_reward(completions, answers); advantages A <- group_advantages(r, G)
+        old logprobs (only when num_iterations > 1) and reference logprobs (only when beta > 0), no grad
+        repeat num_iterations times:
+            for each micro-batch: loss <- grpo_loss(logp, old, ref, A, mask); backward (accumulate)
+            clip grad norm (logged before clipping); AdamW step; LR schedule
+        log one JSONL line; eval every --eval_every; checkpoint every --save_every (atomic)
+    save the final model (LoRA merged) + tokenizer in HF format
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import UserError, fail
+from common.runs import (
+    CHECKPOINT,
+    RUN_CONFIG,
+    JsonlLog,
+    atomic_dir,
+    atomic_files_into,
+    now_iso,
+    prepare_output_dir,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_json,
+)
+from grpo.batch import RolloutBatch, completion_logits, pack
+from grpo.loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_entropy, token_logprobs
+
+LOG_NAME = "grpo_training_logs.jsonl"
+WARN_AFTER = 10  # steps of a bad signal before the one warning
+MAX_NONFINITE = 3  # non-finite steps in a row before the run stops
+
+
+@dataclass
+class GRPOConfig:
+    model_name: str | None = None  # None: start from sft_output
+    sft_output: str = "./qwen_gsm8k_sft"
+    grpo_output: str = "./qwen_gsm8k_grpo"
+    dataset: str = "gsm8k"
+    data_dir: str | None = None
+    max_samples: int | None = None
+    max_steps: int | None = None
+    num_epochs: float = 1.0
+    prompts_per_step: int = 4
+    num_generations: int = 4
+    micro_batch_size: int = 4
+    max_completion_length: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    learning_rate: float = 1e-6
+    lr_decay: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta2: float = 0.999
+    beta: float = 0.01
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    use_4bit: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    save_every: int = 50
+    eval_every: int = 0
+    eval_samples: int = 100
+    eval_max_new_tokens: int | None = None  # None: max_completion_length
+    eval_batch_size: int = 32
+    resume: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    show_progress: bool = True
+
+
+def _validate(cfg: GRPOConfig) -> None:
+    if cfg.loss_type not in LOSS_TYPES:
+        fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}")
+    if cfg.scale_rewards not in SCALES:
+        fail(f"--scale_rewards must be one of {', '.join(SCALES)}")
+    if cfg.num_generations < 2:
+        fail("--num_generations must be at least 2: advantages compare samples of the same prompt")
+    if cfg.use_4bit and not cfg.lora:
+        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --lora")
+    if cfg.temperature <= 0:
+        fail("--temperature must be > 0: GRPO needs different samples per prompt")
+
+
+def _start_model(cfg: GRPOConfig) -> str:
+    if cfg.model_name:
+        return cfg.model_name
+    if not (Path(cfg.sft_output) / "config.json").is_file():
+        fail(f"no SFT model in {cfg.sft_output}: run train_sft.py first, or pass --model_name (e.g. tiny)")
+    return cfg.sft_output
+
+
+class _Timer:
+    """Wall-clock phases of a step; synchronizes CUDA before each reading so the split is honest."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                timer.totals[phase] = timer.totals.get(phase, 0.0) + time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+def _peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def _prompt_indices(step: int, n: int, per_step: int, seed: int) -> tuple[list[int], float]:
+    """The dataset indices of step `step` (0-based) and the epoch it reaches: one seeded order per epoch."""
+    start = step * per_step
+    indices = [_epoch_order(n, seed, (start + k) // n)[(start + k) % n] for k in range(per_step)]
+    return indices, (start + per_step) / n
+
+
+@torch.no_grad()
+def _logprobs_no_grad(model, batch: RolloutBatch, micro: int, temperature: float, autocast) -> torch.Tensor:
+    out = []
+    for s in range(0, batch.input_ids.shape[0], micro):
+        rows = batch.rows(slice(s, s + micro))
+        with autocast():
+            out.append(token_logprobs(completion_logits(model, rows), rows.completion_ids, temperature))
+    return torch.cat(out)
+
+
+def reference_logprobs(model, ref_model, batch: RolloutBatch, micro: int, temperature: float,
+                       autocast) -> torch.Tensor:
+    """Logprobs under the frozen reference: `ref_model`, or with LoRA (ref_model None) the same model
+    with its adapter switched off, so no second copy of the weights is held."""
+    if ref_model is None:
+        with model.disable_adapter():
+            return _logprobs_no_grad(model, batch, micro, temperature, autocast)
+    return _logprobs_no_grad(ref_model, batch, micro, temperature, autocast)
+
+
+def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
+    """Run GRPO as configured; returns the last log record.
+
+    `rollout_hook(step, prompts, answers) -> list[list[int]] | None` may supply fixed completions
+    (token ids) instead of sampling: tests and the DDP equivalence check use it.
+    """
+    from tqdm.auto import tqdm
+
+    from common.schedule import make_scheduler
+    from data import load_records
+    from data.prompt import encode_prompt
+    from eval.evaluate import eval_fields, evaluate, write_results
+    from models import default_device, load_model_and_tokenizer
+    from models.lora import add_lora, merged_copy_for_saving
+    from rewards import numeric_reward
+    from sampling import sample
+
+    _validate(cfg)
+    start_model = _start_model(cfg)
+    out = Path(cfg.grpo_output)
+    device = cfg.device or default_device()
+    train_records = load_records(cfg.dataset, "train", cfg.data_dir, cfg.max_samples, seed=cfg.seed)
+    eval_records = load_records(cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, seed=cfg.seed)
+    if not train_records:
+        fail("no training prompts: check --dataset/--data_dir/--max_samples")
+    prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, flag="--grpo_output")
+    if not cfg.resume:
+        write_json(out / RUN_CONFIG, {"stage": "grpo", "start_model": start_model, **asdict(cfg)})
+    seed_everything(cfg.seed)
+
+    # Full fine-tuning keeps fp32 master weights (bf16 weights drop lr-1e-6 updates); compute is bf16 autocast.
+    cuda = device.startswith("cuda")
+    weight_dtype = torch.bfloat16 if (cuda and cfg.lora) else torch.float32
+    model, tokenizer = load_model_and_tokenizer(start_model, device=device, dtype=weight_dtype,
+                                                load_in_4bit=cfg.use_4bit)
+    ref_model = None
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.gradient_checkpointing)
+    else:
+        if cfg.beta != 0.0:
+            ref_model = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32)
+            ref_model.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.num_epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, cfg.adam_beta2))
+    updates = total_steps * cfg.num_iterations
+    scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
+
+    step = 0
+    if cfg.resume:
+        step = _load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, cfg.lora, device)
+        print(f"resuming {out} at step {step}/{total_steps}")
+    log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None)
+
+    def save_checkpoint() -> None:
+        def write(tmp: Path) -> None:
+            if cfg.lora:
+                model.save_pretrained(tmp / "adapter")
+            else:
+                torch.save(model.state_dict(), tmp / "model.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+            write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps})
+        atomic_dir(out / CHECKPOINT, write)
+
+    G = cfg.num_generations
+    eval_tokens = cfg.eval_max_new_tokens or cfg.max_completion_length
+    bad_signal_steps, warned, nonfinite_in_row = 0, False, 0
+    record: dict[str, Any] = {}
+    bar = tqdm(total=total_steps, initial=step, desc="grpo", unit="step", disable=not cfg.show_progress)
+    while step < total_steps:
+        timer = _Timer(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step_start = time.perf_counter()
+        indices, epoch = _prompt_indices(step, len(train_records), cfg.prompts_per_step, cfg.seed)
+        records = [train_records[i] for i in indices]
+        prompts = [encode_prompt(tokenizer, r["question"]) for r in records]
+
+        # 1. rollout: G samples per prompt
+        with timer("generation"):
+            fixed = rollout_hook(step, prompts, [r["answer"] for r in records]) if rollout_hook else None
+            if fixed is None:
+                with autocast():
+                    rollout = sample(model, prompts, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id, num_samples=G,
+                                     max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                     top_p=cfg.top_p)
+                completions, truncated = rollout.token_ids, rollout.truncated
+            else:
+                completions = fixed
+                truncated = [tokenizer.eos_token_id not in c for c in completions]
+        model.train()
+
+        # 2. rewards and group-relative advantages
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        answers = [r["answer"] for r in records for _ in range(G)]
+        rewards = torch.tensor(numeric_reward(texts, answers), dtype=torch.float32)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
+        batch = pack([p for p in prompts for _ in range(G)], completions, tokenizer.pad_token_id, device)
+        num_items = batch.completion_mask.sum().clamp(min=1).item()  # completion tokens of the whole step
+
+        # 3. old (only when the rollout is reused) and reference logprobs, no grad
+        with timer("reference"):
+            old_logprobs = (_logprobs_no_grad(model, batch, cfg.micro_batch_size, cfg.temperature, autocast)
+                            if cfg.num_iterations > 1 else None)
+            ref_logprobs = (reference_logprobs(model, ref_model, batch, cfg.micro_batch_size, cfg.temperature, autocast)
+                            if cfg.beta != 0.0 else None)
+
+        # 4. num_iterations optimizer updates on this rollout, micro-batched with gradient accumulation
+        sums: dict[str, float] = {}
+        entropy_sum, grad_norms, skipped = 0.0, [], 0
+        B = batch.input_ids.shape[0]
+        for _ in range(cfg.num_iterations):
+            with timer("backward"):
+                for s in range(0, B, cfg.micro_batch_size):
+                    rows = slice(s, s + cfg.micro_batch_size)
+                    mb = batch.rows(rows)
+                    with autocast():
+                        logits = completion_logits(model, mb)
+                        logp = token_logprobs(logits, mb.completion_ids, cfg.temperature)
+                    loss, metrics = grpo_loss(
+                        logp, None if old_logprobs is None else old_logprobs[rows],
+                        None if ref_logprobs is None else ref_logprobs[rows], advantages[rows], mb.completion_mask,
+                        beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                        loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                        num_items_in_batch=num_items)
+                    # dapo is normalized by the step's token count already; the per-batch means of the
+                    # other types are weighted by their share of rows so the step's loss is their mean.
+                    weight = 1.0 if cfg.loss_type == "dapo" else mb.input_ids.shape[0] / B
+                    (loss * weight).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v * (weight if k in ("grpo_loss", "policy_loss", "kl_loss")
+                                                          else mb.completion_mask.sum().item() / num_items)
+                    entropy_sum += (token_entropy(logits.detach(), cfg.temperature) * mb.completion_mask).sum().item()
+                    del logits, logp, loss
+            with timer("optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+                grad_norms.append(grad_norm)
+                if math.isfinite(grad_norm) and math.isfinite(sums.get("grpo_loss", 0.0)):
+                    optimizer.step()
+                else:
+                    skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+        step += 1
+
+        # 5. log
+        n_iter = cfg.num_iterations
+        lengths = [len(c) for c in completions]
+        group_std = rewards.view(-1, G).std(dim=1)
+        times = timer.totals
+        time_per_step = time.perf_counter() - step_start
+        record = {
+            "timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device, "seed": cfg.seed,
+            **{k: v / n_iter for k, v in sums.items()},
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
+            "grad_norm": grad_norms[-1], "learning_rate": lr,
+            "time_per_step_s": time_per_step, "generation_time_s": times.get("generation", 0.0),
+            "backward_time_s": times.get("backward", 0.0),
+            "other_time_s": time_per_step - times.get("generation", 0.0) - times.get("backward", 0.0),
+            "reference_time_s": times.get("reference", 0.0), "optimizer_time_s": times.get("optimizer", 0.0),
+            "tokens_generated": sum(lengths), "entropy": entropy_sum / (num_items * n_iter),
+            "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
+            "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
+            "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+            "peak_memory_gb": _peak_memory_gb(device), "skipped_updates": skipped,
+        }
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
+            with autocast():
+                summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
+                                                max_new_tokens=eval_tokens, show_progress=cfg.show_progress)
+            write_results(out / "eval", summary, predictions)
+            record.update(eval_fields(summary))
+            model.train()
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", s_step=f"{time_per_step:.1f}")
+
+        # 6. say what is wrong, loudly
+        nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
+        if nonfinite_in_row >= MAX_NONFINITE:
+            log.close()
+            bar.close()
+            raise UserError(f"{MAX_NONFINITE} steps in a row had a non-finite loss or gradient norm (last at step "
+                            f"{step}); updates were skipped and the last checkpoint in {out / CHECKPOINT} is intact. "
+                            f"Lower --learning_rate or check the model's dtype")
+        bad = record["clipped_ratio"] > 0.5 or record["frac_reward_zero_std"] == 1.0
+        bad_signal_steps = bad_signal_steps + 1 if bad else 0
+        if bad_signal_steps >= WARN_AFTER and not warned:
+            warned = True
+            tqdm.write(f"warning: for {WARN_AFTER} steps clipped_ratio was {record['clipped_ratio']:.2f} (> 0.5 means "
+                       f"completions are cut at --max_completion_length) or every group had equal rewards "
+                       f"(frac_reward_zero_std {record['frac_reward_zero_std']:.2f}: no learning signal). Likely "
+                       f"fixes: run SFT first so the model answers '#### N' and stops, raise "
+                       f"--max_completion_length, or use more --num_generations")
+        if step % cfg.save_every == 0 or step == total_steps:
+            save_checkpoint()
+    bar.close()
+    log.close()
+
+    def write_final(tmp: Path) -> None:
+        final = (merged_copy_for_saving(model, start_model, str(out / "adapter"), weight_dtype) if cfg.lora
+                 else model)
+        final.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    if cfg.lora:
+        atomic_dir(out / "adapter", model.save_pretrained)
+    atomic_files_into(out, write_final)
+    print(f"saved: final model + tokenizer in {out}")
+    return record
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, lora: bool, device: str) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if lora:
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    else:
+        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    return state["step"]

@@ -1,0 +1,211 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo.trainer as trainer
+from common.errors import UserError
+from grpo.batch import pack
+from grpo.trainer import LOG_NAME, GRPOConfig, reference_logprobs, train_grpo
+from models.tiny import tiny_dir
+from tests.conftest import ROOT
+
+LOGGED_FIELDS = [
+    "timestamp_iso", "step", "epoch", "device", "seed", "grpo_loss", "policy_loss", "kl_loss", "reward_mean",
+    "reward_std", "adv_mean", "adv_std", "grad_norm", "learning_rate", "time_per_step_s", "generation_time_s",
+    "backward_time_s", "other_time_s", "tokens_generated", "kl", "entropy", "clip_ratio_low", "clip_ratio_high",
+    "clip_ratio_region", "completion_len_mean", "completion_len_min", "completion_len_max", "clipped_ratio",
+    "frac_reward_zero_std", "peak_memory_gb",
+]
+
+
+def quick(out, **overrides) -> GRPOConfig:
+    base = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=2,
+                num_generations=4, micro_batch_size=4, max_completion_length=12, temperature=1.0, device="cpu",
+                learning_rate=1e-3, eval_samples=4, show_progress=False, seed=5)
+    base.update(overrides)
+    return GRPOConfig(**base)
+
+
+def read_log(out):
+    return [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
+
+
+def test_one_step_end_to_end_logs_every_field(tmp_path):
+    out = tmp_path / "run"
+    train_grpo(quick(out, beta=0.04, eval_every=1))
+    (line,) = read_log(out)
+    for key in LOGGED_FIELDS + ["eval_accuracy"]:
+        assert key in line, key
+        value = line[key]
+        assert value is not None and (not isinstance(value, float) or math.isfinite(value)), key
+    assert line["step"] == 1 and line["device"] == "cpu" and line["seed"] == 5
+    assert line["grpo_loss"] == pytest.approx(line["policy_loss"] + line["kl_loss"], abs=1e-6)
+    split = line["generation_time_s"] + line["backward_time_s"] + line["other_time_s"]
+    assert split == pytest.approx(line["time_per_step_s"], rel=1e-6)
+    assert line["tokens_generated"] == pytest.approx(line["completion_len_mean"] * 8)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoModelForCausalLM.from_pretrained(out) is not None and AutoTokenizer.from_pretrained(out) is not None
+    assert (out / "checkpoint" / "trainer_state.json").is_file()
+
+
+def _fixed_rollouts(tokenizer):
+    """Deterministic completions: half the group right and stopped, half wrong, per prompt."""
+    def hook(step, prompts, answers):
+        rows = []
+        for answer in answers:
+            for k in range(4):
+                text = f"#### {answer}" if k % 2 == 0 else "#### 0 and more words"
+                rows.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        return rows
+    return hook
+
+
+def test_on_policy_ratio_is_one_and_beta_zero_skips_reference(tmp_path, monkeypatch, tiny_tokenizer):
+    calls = []
+    real = trainer._logprobs_no_grad
+    monkeypatch.setattr(trainer, "_logprobs_no_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    copies = []
+    real_deepcopy = trainer.copy.deepcopy
+    monkeypatch.setattr(trainer.copy, "deepcopy",
+                        lambda x, *a: (copies.append(1) if isinstance(x, torch.nn.Module) else None) or
+                        real_deepcopy(x, *a))
+    out = tmp_path / "beta0"
+    train_grpo(quick(out, beta=0.0, max_steps=3, learning_rate=0.05), rollout_hook=_fixed_rollouts(tiny_tokenizer))
+    lines = read_log(out)
+    assert not calls and not copies  # no reference model, no reference pass, no old-logprob pass
+    for line in lines:
+        assert line["clip_ratio_low"] == line["clip_ratio_high"] == line["clip_ratio_region"] == 0.0
+        assert line["kl"] == 0.0 and line["kl_loss"] == 0.0
+    assert lines[0]["reward_mean"] == 0.5 and lines[0]["frac_reward_zero_std"] == 0.0
+
+    train_grpo(quick(tmp_path / "beta", beta=0.1, max_steps=2, learning_rate=0.05),
+               rollout_hook=_fixed_rollouts(tiny_tokenizer))
+    assert len(calls) == 2 and len(copies) == 1  # one frozen copy, one reference pass per step
+    assert read_log(tmp_path / "beta")[1]["kl"] > 0  # the policy moved away from the reference
+
+
+def test_num_iterations_reuses_the_rollout_with_old_logprobs(tmp_path, tiny_tokenizer):
+    out = tmp_path / "mu"
+    train_grpo(quick(out, beta=0.0, max_steps=2, num_iterations=3, learning_rate=0.05),
+               rollout_hook=_fixed_rollouts(tiny_tokenizer))
+    lines = read_log(out)
+    assert max(x["clip_ratio_region"] for x in lines) > 0  # later iterations are off-policy and get clipped
+
+
+def test_lora_reference_is_the_base_model(tiny_tokenizer):
+    from models import load_model
+    from models.lora import add_lora
+
+    base = load_model("tiny", device="cpu", tokenizer=tiny_tokenizer)
+    peft_model = add_lora(load_model("tiny", device="cpu", tokenizer=tiny_tokenizer), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # an adapter that changes the outputs
+    prompts = [tiny_tokenizer("q1?")["input_ids"], tiny_tokenizer("a longer question?")["input_ids"]]
+    batch = pack(prompts, [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "cpu")
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    ref = reference_logprobs(peft_model, None, batch, 1, 0.7, no_autocast)
+    want = reference_logprobs(None, base, batch, 2, 0.7, no_autocast)
+    policy = trainer._logprobs_no_grad(peft_model, batch, 2, 0.7, no_autocast)
+    mask = batch.completion_mask.bool()
+    assert torch.allclose(ref[mask], want[mask], atol=1e-5)
+    assert not torch.allclose(policy[mask], want[mask], atol=1e-3)
+
+
+def test_lora_run_saves_merged_model(tmp_path):
+    out = tmp_path / "lora"
+    train_grpo(quick(out, lora=True, beta=0.04, max_steps=2))
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "config.json").is_file()
+    assert len(read_log(out)) == 2
+
+
+def _random_rollouts(tokenizer):
+    """Right or wrong answers drawn from torch's global RNG, so resuming must restore it."""
+    def hook(step, prompts, answers):
+        rows = []
+        for answer in answers:
+            for _ in range(4):
+                text = f"#### {answer}" if torch.rand(()) < 0.5 else f"#### {int(torch.randint(0, 99, ()))} x"
+                rows.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        return rows
+    return hook
+
+
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_tokenizer):
+    from safetensors.torch import load_file
+
+    common = dict(max_steps=4, save_every=2, beta=0.04, learning_rate=5e-3)
+    hook = _random_rollouts(tiny_tokenizer)
+    train_grpo(quick(tmp_path / "straight", **common), rollout_hook=hook)
+    real_write = trainer.JsonlLog.write
+
+    def crash_at_step_4(self, record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+        real_write(self, record)
+
+    monkeypatch.setattr(trainer.JsonlLog, "write", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(quick(tmp_path / "resumed", **common), rollout_hook=hook)
+    monkeypatch.setattr(trainer.JsonlLog, "write", real_write)
+    train_grpo(quick(tmp_path / "resumed", resume=True, **common), rollout_hook=hook)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [x["step"] for x in read_log(tmp_path / "resumed")] == [1, 2, 3, 4]
+    base = load_file(str(tiny_dir() / "model.safetensors"))
+    assert any(not torch.allclose(a[k], base[k]) for k in a if k in base)  # it trained
+
+
+def test_non_finite_loss_skips_and_stops_after_three(tmp_path, monkeypatch):
+    real = trainer.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), {**metrics, "grpo_loss": float("nan")}
+
+    monkeypatch.setattr(trainer, "grpo_loss", nan_loss)
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match="3 steps in a row") as info:
+        train_grpo(quick(out, max_steps=10, save_every=1))
+    assert "checkpoint" in str(info.value)
+    lines = read_log(out)
+    assert len(lines) == 3 and all(x["skipped_updates"] == 1 and x["grpo_loss"] is None for x in lines)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_warns_once_when_completions_are_cut(tmp_path, capsys):
+    train_grpo(quick(tmp_path / "cut", max_steps=11, max_completion_length=3, learning_rate=0.0))
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert text.count("warning:") == 1 and "run SFT first" in text and "--max_completion_length" in text
+
+
+def test_config_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="add --lora"):
+        train_grpo(quick(tmp_path / "a", use_4bit=True))
+    with pytest.raises(UserError, match="run train_sft.py first"):
+        train_grpo(quick(tmp_path / "b", model_name=None, sft_output=str(tmp_path / "missing")))
+    with pytest.raises(UserError, match="at least 2"):
+        train_grpo(quick(tmp_path / "c", num_generations=1))
+    result = subprocess.run([sys.executable, "train_grpo.py", "--sft_output", str(tmp_path / "none"),
+                             "--grpo_output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+
+
+def test_help_explains_flags():
+    result = subprocess.run([sys.executable, "train_grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ("--sft_output", "--grpo_output", "--model_name", "--data_dir", "--dataset", "--max_samples",
+                 "--max_steps", "--num_epochs", "--temperature", "--top_p", "--max_completion_length", "--beta",
+                 "--epsilon", "--num_generations", "--learning_rate", "--loss_type", "--scale_rewards", "--seed",
+                 "--save_every", "--eval_every", "--resume", "--num_iterations", "--lora", "--use_4bit"):
+        assert flag in result.stdout, flag
