@@ -27,13 +27,13 @@ TEST_SHARE = 10  # one question in TEST_SHARE goes to the test split
 
 
 def _add(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
-    a, b = r.randint(2, 30), r.randint(2, 30)
+    a, b = r.randint(2, 15), r.randint(2, 15)
     return (f"{n} has {a} {it}. {n2} gives {n} {b} more {it}. How many {it} does {n} have now?",
             f"{n} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {it} now.", a + b)
 
 
 def _sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
-    a = r.randint(10, 40)
+    a = r.randint(6, 20)
     b = r.randint(2, a - 1)
     return (f"{n} had {a} {it} and gave {b} of them to {n2}. How many {it} does {n} have left?",
             f"{n} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {it} left.", a - b)
@@ -52,7 +52,7 @@ def _div(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
 
 
 def _mul_sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
-    a, b = r.randint(2, 9), r.randint(2, 9)
+    a, b = r.randint(2, 6), r.randint(2, 6)
     c = r.randint(1, a * b - 1)
     return (f"{n} buys {a} boxes with {b} {it} in each box and gives {c} {it} to {n2}. "
             f"How many {it} does {n} have left?",
@@ -61,7 +61,7 @@ def _mul_sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]
 
 
 def _wage(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
-    a, b = r.randint(2, 12), r.randint(2, 8)
+    a, b = r.randint(2, 9), r.randint(2, 5)
     c = r.randint(1, a * b - 1)
     return (f"{n} earns ${a} per hour and works {b} hours. Then {n} spends ${c}. "
             f"How much money does {n} have left?",
@@ -70,7 +70,7 @@ def _wage(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
 
 
 def _times_more(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
-    a, b = r.randint(2, 9), r.randint(2, 5)
+    a, b = r.randint(2, 9), r.randint(2, 4)
     return (f"{n} has {a} {it}. {n2} has {b} times as many {it} as {n}. "
             f"How many {it} do they have together?",
             f"{n2} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.\n"

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
 TINY_VOCAB = 512

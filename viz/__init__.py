@@ -1,0 +1,1 @@
+"""Reading training logs and drawing the four plots (losses, rewards, timing, tokens)."""

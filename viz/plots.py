@@ -1,0 +1,245 @@
+"""Plots and a console summary of a GRPO (or SFT) JSONL log.
+
+The reader is forgiving of what crashes and old runs leave: a torn last line is skipped with a
+warning, missing optional fields are warned about once and their panels left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.errors import fail
+
+GRPO_FIELDS = ["grpo_loss", "policy_loss", "kl_loss", "grad_norm", "learning_rate", "reward_mean", "reward_std",
+               "adv_mean", "adv_std", "time_per_step_s", "generation_time_s", "backward_time_s", "other_time_s",
+               "tokens_generated"]
+SFT_FIELDS = ["loss", "grad_norm", "learning_rate", "time_per_step_s", "tokens"]
+PLOTS = ("losses.png", "rewards.png", "timing.png", "tokens.png")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log in step order; one-line error when the log is absent or empty."""
+    if not path.is_file():
+        fail(f"no log at {path}: pass --log_file <run>/grpo_training_logs.jsonl (or sft_training_logs.jsonl)")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            where = "last line" if lineno == len(lines) else f"line {lineno}"
+            warn(f"{path}: {where} is not valid JSON (a run cut short?); skipped")
+    records = [r for r in records if isinstance(r, dict) and "step" in r]
+    if not records:
+        fail(f"{path} holds no log records yet; run training first")
+    return sorted(records, key=lambda r: r["step"])
+
+
+def kind_of(records: list[dict[str, Any]]) -> str:
+    return "grpo" if any("reward_mean" in r for r in records) else "sft"
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) where `key` is logged with a finite value."""
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average, bias-corrected; the weight grows with the run's length."""
+    if weight is None:
+        weight = min(0.9, max(0.0, 1 - 5 / max(1, len(values))))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i) if weight < 1 else v)
+    return out
+
+
+def _missing(records: list[dict[str, Any]], fields: list[str]) -> list[str]:
+    return [f for f in fields if not series(records, f)[0]]
+
+
+def _line_panel(ax, records, key, title, ylabel, color="C0"):
+    xs, ys = series(records, key)
+    if not xs:
+        ax.set_visible(False)
+        return
+    ax.plot(xs, ys, "o" if len(xs) < 3 else "-", color=color, alpha=0.3, markersize=3, linewidth=1, label="per step")
+    if len(xs) >= 3:
+        ax.plot(xs, smooth(ys), color=color, linewidth=2, label="smoothed")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _band_panel(ax, records, mean_key, std_key, title, ylabel, color):
+    xs, mean = series(records, mean_key)
+    if not xs:
+        ax.set_visible(False)
+        return
+    std_by_step = dict(zip(*series(records, std_key)))
+    std = [std_by_step.get(x, 0.0) for x in xs]
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
+                    alpha=0.15, label="± std")
+    ax.plot(xs, mean, color=color, alpha=0.35, linewidth=1, label="mean per step")
+    if len(xs) >= 3:
+        ax.plot(xs, smooth(mean), color=color, linewidth=2, label="mean, smoothed")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
+def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
+    """Write the four PNGs into `out`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    grpo = kind_of(records) == "grpo"
+    written = []
+
+    loss_panels = ([("grpo_loss", "GRPO loss", "loss"), ("policy_loss", "Policy loss", "loss"),
+                    ("kl_loss", "KL loss (beta * KL)", "loss")] if grpo else [("loss", "SFT loss", "cross-entropy")])
+    loss_panels += [("grad_norm", "Gradient norm (before clipping)", "L2 norm"),
+                    ("learning_rate", "Learning rate", "lr")]
+    fig, axes = plt.subplots(1, len(loss_panels), figsize=(4.2 * len(loss_panels), 3.6))
+    for i, (ax, (key, name, unit)) in enumerate(zip(axes, loss_panels)):
+        _line_panel(ax, records, key, name, unit, color=f"C{i}")
+    fig.suptitle(f"{title}: losses")
+    fig.tight_layout()
+    written.append(out / "losses.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    eval_keys = [k for k in ("eval_accuracy", "eval_format_rate") if series(records, k)[0]]
+    panels = (2 if grpo else 0) + (1 if eval_keys else 0)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 3.8), squeeze=False)
+    axes = list(axes[0])
+    if grpo:
+        _band_panel(axes.pop(0), records, "reward_mean", "reward_std", "Reward", "reward (0-1)", "C2")
+        _band_panel(axes.pop(0), records, "adv_mean", "adv_std", "Advantage", "advantage", "C4")
+    if eval_keys:
+        ax = axes.pop(0)
+        for i, key in enumerate(eval_keys):
+            xs, ys = series(records, key)
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=key.removeprefix("eval_").replace("_", " "))
+        ax.set_title("Held-out eval")
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of problems")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    elif not grpo:
+        axes[0].text(0.5, 0.5, "no rewards or eval in this log", ha="center", va="center")
+        axes[0].set_axis_off()
+    fig.suptitle(f"{title}: rewards")
+    fig.tight_layout()
+    written.append(out / "rewards.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    if grpo:
+        steps = [r["step"] for r in records]
+        bottom = [0.0] * len(steps)
+        for key, name, color in (("generation_time_s", "generation", "C0"), ("backward_time_s", "forward+backward",
+                                                                                "C1"), ("other_time_s", "other", "C2")):
+            values = [float(r.get(key) or 0.0) for r in records]
+            ax1.bar(steps, values, bottom=bottom, color=color, label=name, width=0.9)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax1.legend(loc="best", fontsize=8)
+        ax1.set_title("Time per step, by phase")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("seconds")
+        ax1.grid(alpha=0.3, axis="y")
+    else:
+        ax1.set_axis_off()
+    _line_panel(ax2, records, "time_per_step_s", "Total time per step", "seconds", color="C3")
+    fig.suptitle(f"{title}: timing")
+    fig.tight_layout()
+    written.append(out / "timing.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    key = "tokens_generated" if grpo else "tokens"
+    _line_panel(ax, records, key, "Tokens generated per step" if grpo else "Tokens trained per step", "tokens")
+    fig.suptitle(f"{title}: tokens")
+    fig.tight_layout()
+    written.append(out / "tokens.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def summary_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The console summary: steps, rewards, step time and its split, tokens."""
+    grpo = kind_of(records) == "grpo"
+    lines = [f"steps logged: {len(records)} (last step {records[-1]['step']})"]
+    if grpo:
+        _, rewards = series(records, "reward_mean")
+        if rewards:
+            lines.append(f"reward: first {rewards[0]:.3f}, last {rewards[-1]:.3f}, best {max(rewards):.3f}, "
+                         f"mean of last 10 {sum(rewards[-10:]) / len(rewards[-10:]):.3f}")
+    else:
+        _, losses = series(records, "loss")
+        if losses:
+            lines.append(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}, best {min(losses):.4f}")
+    _, acc = series(records, "eval_accuracy")
+    if acc:
+        lines.append(f"eval accuracy: first {acc[0]:.3f}, last {acc[-1]:.3f}, best {max(acc):.3f}")
+    _, times = series(records, "time_per_step_s")
+    if times:
+        mean = sum(times) / len(times)
+        split = ""
+        if grpo:
+            parts = []
+            for key, name in (("generation_time_s", "generation"), ("backward_time_s", "forward+backward"),
+                              ("other_time_s", "other")):
+                _, v = series(records, key)
+                if v:
+                    parts.append(f"{name} {sum(v) / len(v):.2f}s ({100 * sum(v) / max(sum(times), 1e-9):.0f}%)")
+            split = ": " + ", ".join(parts)
+        lines.append(f"time per step: mean {mean:.2f}s{split}; total {sum(times):.1f}s")
+        _, tokens = series(records, "tokens_generated" if grpo else "tokens")
+        if tokens:
+            lines.append(f"tokens {'generated' if grpo else 'trained'}: {int(sum(tokens))} "
+                         f"({sum(tokens) / max(sum(times), 1e-9):.0f} tokens/s over step time)")
+    return lines
+
+
+def visualize(log_file: str, output: str) -> list[Path]:
+    path = Path(log_file)
+    records = read_log(path)
+    expected = GRPO_FIELDS if kind_of(records) == "grpo" else SFT_FIELDS
+    missing = _missing(records, expected)
+    if missing:
+        warn(f"{path} lacks {', '.join(missing)}; those panels are left out")
+    title = f"{kind_of(records).upper()} {path.parent.name or path.stem}"
+    written = plot_all(records, Path(output), title)
+    for line in summary_lines(records):
+        print(line)
+    print("plots: " + ", ".join(str(p) for p in written))
+    return written
