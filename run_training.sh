@@ -1,32 +1,75 @@
 #!/usr/bin/env bash
-# The pipeline, one stage after another; each stage's output feeds the next, and the first failing
-# stage stops the run with its name.
-#   ./run_training.sh          the real recipe: Qwen/Qwen3-0.6B on GSM8K (GPU; needs the hub or GSM8K_DIR)
-#   ./run_training.sh --tiny   offline preset: the built-in tiny model on synthetic problems, CPU, minutes
+# The whole pipeline: SFT -> GRPO -> eval -> plots. Each stage's output feeds the next; the first stage
+# that fails stops the run and is named.
+#   ./run_training.sh          real recipe: Qwen/Qwen3-0.6B on GSM8K (A10G-class GPU; hub or GSM8K_DIR)
+#   ./run_training.sh --tiny   offline preset: built-in tiny model, synthetic problems, CPU, ~10 minutes
+#   ./run_training.sh --tiny --smoke   the same stages at toy sizes (seconds): a check that all runs
+# Env: OUT (default ./runs/<preset>) holds sft/, grpo/, eval/ and plots/; an existing run there is
+# replaced (the preset is a demo; use train_sft.py/train_grpo.py with --resume for long runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=real
+smoke=0
 for arg in "$@"; do
   case "$arg" in
     --tiny) preset=tiny ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument $arg (use --tiny or nothing)" >&2; exit 2 ;;
+    --smoke) smoke=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $arg (use --tiny, or nothing for the real recipe)" >&2; exit 2 ;;
   esac
 done
+OUT=${OUT:-./runs/$preset}
 
 scripts/setup.sh
 PY=.venv/bin/python
 stage() {
   local name=$1; shift
   echo "== [$name] $*"
-  "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
+  local start=$SECONDS
+  if ! "$@"; then
+    echo "error: stage '$name' failed; see the output above" >&2
+    exit 1
+  fi
+  echo "== [$name] done in $((SECONDS - start))s"
 }
 
+if [ "$smoke" = 1 ] && [ "$preset" != tiny ]; then
+  echo "error: --smoke goes with --tiny" >&2; exit 2
+fi
 if [ "$preset" = tiny ]; then
   export HF_HUB_OFFLINE=1
-  stage reward-selftest $PY -m rewards
-  stage smoke $PY -m models --model tiny --dataset synthetic
+  DATA=(--dataset synthetic)
+  SFT=(--model_name tiny --full_finetune --num_epochs 3 --batch_size 64 --learning_rate 2e-3
+       --eval_samples 300 --eval_max_new_tokens 48 --save_every 1000)
+  GRPO=(--max_steps 60 --prompts_per_step 32 --num_generations 8 --micro_batch_size 128
+        --max_completion_length 48 --temperature 1.0 --beta 0 --learning_rate 5e-5
+        --eval_every 20 --eval_samples 300 --save_every 20)
+  EVAL=(--max_new_tokens 48 --batch_size 128)
+  if [ "$smoke" = 1 ]; then
+    SFT=(--model_name tiny --full_finetune --max_steps 3 --max_samples 64 --batch_size 16 --eval_samples 8
+         --eval_max_new_tokens 16)
+    GRPO=(--max_steps 2 --prompts_per_step 2 --num_generations 4 --max_completion_length 16 --beta 0.01
+          --eval_every 2 --eval_samples 8)
+    EVAL=(--max_new_tokens 16 --max_samples 8)
+  fi
 else
-  stage reward-selftest $PY -m rewards
-  stage smoke $PY -m models --model Qwen/Qwen3-0.6B --dataset gsm8k
+  DATA=(--dataset gsm8k ${GSM8K_DIR:+--data_dir "$GSM8K_DIR"})
+  SFT=(--model_name Qwen/Qwen3-0.6B --num_epochs 3 --batch_size 4)
+  GRPO=(--max_steps 500 --eval_every 50 --save_every 50)
+  EVAL=(--max_new_tokens 512 --batch_size 64)
 fi
+
+stage reward-selftest $PY -m rewards
+stage sft  $PY train_sft.py  "${DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite --no_progress
+stage grpo $PY train_grpo.py "${DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" --grpo_output "$OUT/grpo" \
+  --overwrite --no_progress
+stage eval-sft  $PY -m eval --model "$OUT/sft"  "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft" --no_progress
+stage eval-grpo $PY -m eval --model "$OUT/grpo" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/grpo" --no_progress
+stage plots $PY visualize_logs.py --log_file "$OUT/grpo/grpo_training_logs.jsonl" --output "$OUT/plots"
+$PY - "$OUT" <<'PYEOF'
+import json, sys
+out = sys.argv[1]
+sft, grpo = (json.load(open(f"{out}/eval/{s}/eval_summary.json")) for s in ("sft", "grpo"))
+print(f"== result: held-out accuracy after SFT {sft['accuracy']:.3f} -> after GRPO {grpo['accuracy']:.3f} "
+      f"({sft['num_questions']} problems, greedy); outputs in {out}")
+PYEOF

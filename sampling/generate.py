@@ -68,7 +68,8 @@ def sample(
             generated = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                 do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                top_k=0, num_return_sequences=num_samples, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                top_k=None if greedy else 0,  # 0: no top-k cut, so samples follow softmax(logits / T)
+                num_return_sequences=num_samples, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             )
             for row_index, row in enumerate(generated[:, ids.shape[1]:].tolist()):
                 tokens, truncated = _cut_at_eos(row, eos_token_id)

@@ -1,0 +1,54 @@
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+from viz.plots import PLOTS
+
+
+def test_offline_preset_smoke_runs_every_stage(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OUT": str(out)}
+    result = subprocess.run(["bash", "run_training.sh", "--tiny", "--smoke"], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("reward-selftest", "sft", "grpo", "eval-sft", "eval-grpo", "plots"):
+        assert f"== [{stage}] done" in result.stdout, stage
+    assert "held-out accuracy after SFT" in result.stdout
+    for model in ("sft", "grpo"):
+        assert (out / model / "config.json").is_file() and (out / model / "tokenizer.json").is_file()
+        assert json.loads((out / "eval" / model / "eval_summary.json").read_text())["num_questions"] == 8
+    assert len((out / "grpo" / "grpo_training_logs.jsonl").read_text().splitlines()) == 2
+    assert all((out / "plots" / name).stat().st_size > 0 for name in PLOTS)
+
+
+def test_failing_stage_is_named(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "run"), "GSM8K_DIR": str(tmp_path / "nowhere")}
+    result = subprocess.run(["bash", "run_training.sh"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 1
+    assert "error: stage 'sft' failed" in result.stderr and "--data_dir" in result.stderr
+    assert "== [grpo]" not in result.stdout  # fails fast
+    result = subprocess.run(["bash", "run_training.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown argument" in result.stderr
+
+
+def test_seed_interface_dispatches(tmp_path):
+    sft, grpo = tmp_path / "sft", tmp_path / "grpo"
+    base = [sys.executable, "train.py", "--sft_output", str(sft), "--grpo_output", str(grpo), "--dataset",
+            "synthetic", "--max_samples", "16", "--batch_size", "8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(base + ["--mode", "sft", "--model_name", "tiny", "--max_steps", "1", "--eval_samples", "2",
+                               "--eval_max_new_tokens", "4", "--no_progress"], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(base + ["--mode", "grpo", "--max_steps", "1", "--max_completion_length", "8",
+                               "--no_progress"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((grpo / "run_config.json").read_text())["start_model"] == str(sft)
+    r = subprocess.run(base + ["--mode", "eval", "--max_new_tokens", "4", "--no_progress"], cwd=ROOT,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and (grpo / "eval" / "eval_summary.json").is_file(), r.stderr[-2000:]
+    r = subprocess.run(base + ["--mode", "both", "--max_steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 2 and "separately" in r.stderr
