@@ -209,3 +209,17 @@ def test_help_explains_flags():
                  "--epsilon", "--num_generations", "--learning_rate", "--loss_type", "--scale_rewards", "--seed",
                  "--save_every", "--eval_every", "--resume", "--num_iterations", "--lora", "--use_4bit"):
         assert flag in result.stdout, flag
+
+
+@pytest.mark.slow
+def test_grpo_raises_reward_on_its_prompts(sft_tiny, tmp_path):
+    """The loop improves its objective: on a fixed set of 16 prompts revisited every step, the sampled
+    reward rises well above where it started (measured: 0.20 -> 0.53, mean of the first and last 5 steps)."""
+    out = tmp_path / "learn"
+    train_grpo(GRPOConfig(model_name=str(sft_tiny[0]), dataset="synthetic", grpo_output=str(out), max_samples=16,
+                          max_steps=30, prompts_per_step=16, num_generations=8, micro_batch_size=128,
+                          max_completion_length=40, temperature=1.0, beta=0.0, learning_rate=1e-4, device="cpu",
+                          show_progress=False, seed=0))
+    rewards = [x["reward_mean"] for x in read_log(out)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, rewards
