@@ -39,8 +39,10 @@ fi
 if [ "$preset" = tiny ]; then
   export HF_HUB_OFFLINE=1
   DATA=(--dataset synthetic)
-  SFT=(--model_name tiny --full_finetune --num_epochs 3 --batch_size 64 --learning_rate 2e-3
-       --eval_samples 300 --eval_max_new_tokens 48 --save_every 1000)
+  # Constant-LR SFT: a cosine-annealed one leaves a sharper, weaker model that GRPO barely moves.
+  SFT=(--model_name tiny --full_finetune --max_steps 400 --num_epochs 10 --batch_size 64 --learning_rate 1e-3
+       --lr_decay constant --warmup_ratio 0 --eval_samples 300 --eval_max_new_tokens 48 --save_every 1000)
+  MORE_SFT_STEPS=640  # the baseline: SFT continued for about as long as GRPO runs
   GRPO=(--max_steps 60 --prompts_per_step 32 --num_generations 8 --micro_batch_size 128
         --max_completion_length 48 --temperature 1.0 --beta 0 --learning_rate 5e-5
         --eval_every 20 --eval_samples 300 --save_every 20)
@@ -48,6 +50,7 @@ if [ "$preset" = tiny ]; then
   if [ "$smoke" = 1 ]; then
     SFT=(--model_name tiny --full_finetune --max_steps 3 --max_samples 64 --batch_size 16 --eval_samples 8
          --eval_max_new_tokens 16)
+    MORE_SFT_STEPS=4
     GRPO=(--max_steps 2 --prompts_per_step 2 --num_generations 4 --max_completion_length 16 --beta 0.01
           --eval_every 2 --eval_samples 8)
     EVAL=(--max_new_tokens 16 --max_samples 8)
@@ -65,11 +68,24 @@ stage grpo $PY train_grpo.py "${DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" -
   --overwrite --no_progress
 stage eval-sft  $PY -m eval --model "$OUT/sft"  "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft" --no_progress
 stage eval-grpo $PY -m eval --model "$OUT/grpo" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/grpo" --no_progress
+models=(sft grpo)
+if [ -n "${MORE_SFT_STEPS:-}" ]; then
+  # Is it GRPO, or just more training? The same SFT continued for about as long, evaluated the same way.
+  rm -rf "$OUT/sft_more" && cp -r "$OUT/sft" "$OUT/sft_more"
+  stage sft-more $PY train_sft.py "${DATA[@]}" "${SFT[@]}" --max_steps "$MORE_SFT_STEPS" --sft_output "$OUT/sft_more" \
+    --resume --no_progress
+  stage eval-sft-more $PY -m eval --model "$OUT/sft_more" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft_more" \
+    --no_progress
+  models+=(sft_more)
+fi
 stage plots $PY visualize_logs.py --log_file "$OUT/grpo/grpo_training_logs.jsonl" --output "$OUT/plots"
-$PY - "$OUT" <<'PYEOF'
+$PY - "$OUT" "${models[@]}" <<'PYEOF'
 import json, sys
-out = sys.argv[1]
-sft, grpo = (json.load(open(f"{out}/eval/{s}/eval_summary.json")) for s in ("sft", "grpo"))
-print(f"== result: held-out accuracy after SFT {sft['accuracy']:.3f} -> after GRPO {grpo['accuracy']:.3f} "
-      f"({sft['num_questions']} problems, greedy); outputs in {out}")
+out, models = sys.argv[1], sys.argv[2:]
+acc = {m: json.load(open(f"{out}/eval/{m}/eval_summary.json")) for m in models}
+n = acc["sft"]["num_questions"]
+line = f"held-out accuracy after SFT {acc['sft']['accuracy']:.3f} -> after GRPO {acc['grpo']['accuracy']:.3f}"
+if "sft_more" in acc:
+    line += f" (more SFT instead: {acc['sft_more']['accuracy']:.3f})"
+print(f"== result: {line}; {n} problems, greedy; outputs in {out}")
 PYEOF

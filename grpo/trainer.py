@@ -249,6 +249,18 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
 
     G = cfg.num_generations
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_completion_length
+
+    def run_eval() -> dict[str, float]:
+        with autocast():
+            summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
+                                            max_new_tokens=eval_tokens, show_progress=cfg.show_progress)
+        write_results(out / "eval", summary, predictions)
+        model.train()
+        return eval_fields(summary)
+
+    if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
+        log.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
+                   **run_eval()})
     bad_signal_steps, warned, nonfinite_in_row = 0, False, 0
     record: dict[str, Any] = {}
     bar = tqdm(total=total_steps, initial=step, desc="grpo", unit="step", disable=not cfg.show_progress)
@@ -353,12 +365,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             "peak_memory_gb": _peak_memory_gb(device), "skipped_updates": skipped,
         }
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
-            with autocast():
-                summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
-                                                max_new_tokens=eval_tokens, show_progress=cfg.show_progress)
-            write_results(out / "eval", summary, predictions)
-            record.update(eval_fields(summary))
-            model.train()
+            record.update(run_eval())
         log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", s_step=f"{time_per_step:.1f}")

@@ -41,15 +41,17 @@ def tiny_model(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def sft_tiny(tmp_path_factory):
-    """One short SFT of the tiny model on synthetic problems (~100 s), shared by the learning tests.
+    """One SFT of the tiny model on synthetic problems (~2.5 min), shared by the learning tests.
 
-    Full fine-tuning, three epochs, with a held-out eval before training (step 0) and at the end.
+    Full fine-tuning, 400 steps of 64 at a constant lr 1e-3 (~58% held-out accuracy); a cosine-annealed
+    SFT leaves a sharper, weaker model that GRPO barely moves. Held-out eval at step 0 and at the end.
     """
     from sft.trainer import SFTConfig, train_sft
 
     out = tmp_path_factory.mktemp("sft_tiny")
-    cfg = SFTConfig(model_name="tiny", dataset="synthetic", sft_output=str(out), full_finetune=True, num_epochs=3,
-                    batch_size=64, learning_rate=2e-3, eval_every=10_000, eval_samples=100, eval_max_new_tokens=40,
-                    save_every=10_000, device="cpu", show_progress=False, seed=0)
+    cfg = SFTConfig(model_name="tiny", dataset="synthetic", sft_output=str(out), full_finetune=True, max_steps=400,
+                    num_epochs=10, batch_size=64, learning_rate=1e-3, lr_decay="constant", warmup_ratio=0.0,
+                    eval_every=10_000, eval_samples=100, eval_max_new_tokens=40, save_every=10_000, device="cpu",
+                    show_progress=False, seed=0)
     summary = train_sft(cfg)
     return out, summary

@@ -37,7 +37,8 @@ def read_log(out):
 def test_one_step_end_to_end_logs_every_field(tmp_path):
     out = tmp_path / "run"
     train_grpo(quick(out, beta=0.04, eval_every=1))
-    (line,) = read_log(out)
+    baseline, line = read_log(out)
+    assert baseline["step"] == 0 and "eval_accuracy" in baseline and "grpo_loss" not in baseline
     for key in LOGGED_FIELDS + ["eval_accuracy"]:
         assert key in line, key
         value = line[key]
@@ -212,14 +213,20 @@ def test_help_explains_flags():
 
 
 @pytest.mark.slow
-def test_grpo_raises_reward_on_its_prompts(sft_tiny, tmp_path):
-    """The loop improves its objective: on a fixed set of 16 prompts revisited every step, the sampled
-    reward rises well above where it started (measured: 0.20 -> 0.53, mean of the first and last 5 steps)."""
+def test_grpo_raises_held_out_accuracy(sft_tiny, tmp_path):
+    """The most important test: after SFT, GRPO raises greedy accuracy on held-out problems.
+
+    Measured once before this test was written (SFT seed 42, GRPO seed 42): 0.580 -> 0.703 after 20
+    steps -> 0.737 after 60, on the same 300 held-out problems."""
     out = tmp_path / "learn"
-    train_grpo(GRPOConfig(model_name=str(sft_tiny[0]), dataset="synthetic", grpo_output=str(out), max_samples=16,
-                          max_steps=30, prompts_per_step=16, num_generations=8, micro_batch_size=128,
-                          max_completion_length=40, temperature=1.0, beta=0.0, learning_rate=1e-4, device="cpu",
-                          show_progress=False, seed=0))
-    rewards = [x["reward_mean"] for x in read_log(out)]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.15, rewards
+    train_grpo(GRPOConfig(model_name=str(sft_tiny[0]), dataset="synthetic", grpo_output=str(out), max_steps=20,
+                          prompts_per_step=32, num_generations=8, micro_batch_size=128, max_completion_length=40,
+                          temperature=1.0, beta=0.0, learning_rate=5e-5, eval_every=20, eval_samples=300,
+                          device="cpu", show_progress=False, seed=0))
+    log = read_log(out)
+    before, after = log[0]["eval_accuracy"], log[-1]["eval_accuracy"]
+    print(f"held-out greedy accuracy: {before:.3f} -> {after:.3f}")
+    assert log[0]["step"] == 0 and log[-1]["step"] == 20
+    assert after > before + 0.05, (before, after)
+    rewards = [x["reward_mean"] for x in log[1:]]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5, rewards  # training reward rises too

@@ -19,7 +19,8 @@ def test_offline_preset_smoke_runs_every_stage(tmp_path):
     for model in ("sft", "grpo"):
         assert (out / model / "config.json").is_file() and (out / model / "tokenizer.json").is_file()
         assert json.loads((out / "eval" / model / "eval_summary.json").read_text())["num_questions"] == 8
-    assert len((out / "grpo" / "grpo_training_logs.jsonl").read_text().splitlines()) == 2
+    log = [json.loads(x) for x in (out / "grpo" / "grpo_training_logs.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [0, 1, 2]  # the step-0 line holds the baseline eval
     assert all((out / "plots" / name).stat().st_size > 0 for name in PLOTS)
 
 

@@ -197,7 +197,8 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
 def summary_lines(records: list[dict[str, Any]]) -> list[str]:
     """The console summary: steps, rewards, step time and its split, tokens."""
     grpo = kind_of(records) == "grpo"
-    lines = [f"steps logged: {len(records)} (last step {records[-1]['step']})"]
+    trained = [r for r in records if r["step"] > 0]
+    lines = [f"steps logged: {len(trained)} (last step {records[-1]['step']})"]
     if grpo:
         _, rewards = series(records, "reward_mean")
         if rewards:
