@@ -140,3 +140,40 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
+                    lora: bool) -> None:
+    """Everything `--resume` needs, swapped in atomically as <out>/checkpoint: the trainable weights
+    (peft adapter, or the full state dict), optimizer, scheduler, RNG state and step."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        if lora:
+            model.save_pretrained(tmp / "adapter")
+        else:
+            torch.save(model.state_dict(), tmp / "model.pt")  # torch.save keeps tied weights tied
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps})
+
+    atomic_dir(out / CHECKPOINT, write)
+
+
+def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora: bool, device: str) -> int:
+    """Restore what `save_checkpoint` wrote (RNG included); returns the step to continue from."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpt = out / CHECKPOINT
+    if lora:
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    else:
+        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    return state["step"]

@@ -31,11 +31,11 @@ from common.runs import (
     JsonlLog,
     atomic_dir,
     atomic_files_into,
+    load_checkpoint,
     now_iso,
     prepare_output_dir,
-    rng_state,
+    save_checkpoint,
     seed_everything,
-    set_rng_state,
     write_json,
 )
 from grpo.batch import RolloutBatch, completion_logits, pack
@@ -185,6 +185,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
     from data import load_records
     from data.prompt import encode_prompt
     from eval.evaluate import eval_fields, evaluate, write_results
+    from models import autocast as autocast_for
     from models import default_device, load_model_and_tokenizer
     from models.lora import add_lora, merged_copy_for_saving
     from rewards import numeric_reward
@@ -219,7 +220,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        return autocast_for(device)
 
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)
     total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.num_epochs * steps_per_epoch))
@@ -231,21 +232,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
 
     step = 0
     if cfg.resume:
-        step = _load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, cfg.lora, device)
+        step = load_checkpoint(out, model, optimizer, scheduler, cfg.lora, device)
         print(f"resuming {out} at step {step}/{total_steps}")
     log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None)
 
-    def save_checkpoint() -> None:
-        def write(tmp: Path) -> None:
-            if cfg.lora:
-                model.save_pretrained(tmp / "adapter")
-            else:
-                torch.save(model.state_dict(), tmp / "model.pt")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
-            write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps})
-        atomic_dir(out / CHECKPOINT, write)
 
     G = cfg.num_generations
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_completion_length
@@ -388,7 +378,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                        f"fixes: run SFT first so the model answers '#### N' and stops, raise "
                        f"--max_completion_length, or use more --num_generations")
         if step % cfg.save_every == 0 or step == total_steps:
-            save_checkpoint()
+            save_checkpoint(out, model, optimizer, scheduler, step, total_steps, cfg.lora)
     bar.close()
     log.close()
 
@@ -404,17 +394,3 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
     print(f"saved: final model + tokenizer in {out}")
     return record
 
-
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, lora: bool, device: str) -> int:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    if lora:
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
-    else:
-        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    set_rng_state(state["rng"])
-    return state["step"]

@@ -4,6 +4,7 @@ import logging
 
 from models.loading import (
     TINY,
+    autocast,
     default_device,
     default_dtype,
     load_model,
@@ -18,6 +19,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = [
     "TINY",
+    "autocast",
     "default_device",
     "default_dtype",
     "load_model",

@@ -135,3 +135,12 @@ def load_model(
 def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **kwargs: Any) -> tuple[Any, Any]:
     tokenizer = load_tokenizer(name_or_path)
     return load_model(name_or_path, tokenizer=tokenizer, **kwargs), tokenizer
+
+
+def autocast(device: str) -> Any:
+    """The compute policy of every stage: bf16 autocast on CUDA, plain fp32 elsewhere."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)

@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from common.runs import (
-    CHECKPOINT,
     RUN_CONFIG,
     JsonlLog,
     atomic_dir,
     atomic_files_into,
+    load_checkpoint,
     now_iso,
     prepare_output_dir,
-    rng_state,
+    save_checkpoint,
     seed_everything,
-    set_rng_state,
     write_json,
 )
 
@@ -80,15 +79,13 @@ def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[li
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final eval summary."""
     import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     from common.errors import fail
     from common.schedule import make_scheduler
     from data import load_records
     from eval.evaluate import eval_fields, evaluate, write_results
-    from models import default_device, default_dtype, load_model_and_tokenizer
+    from models import autocast, default_device, default_dtype, load_model_and_tokenizer
     from models.lora import add_lora, merged_copy_for_saving
     from sft.batching import collate, completion_loss_sum, encode_records
 
@@ -124,30 +121,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     step = 0
     if cfg.resume:
-        ckpt = out / CHECKPOINT
-        if cfg.full_finetune:
-            model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
-        else:
-            set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        step = state["step"]
-        set_rng_state(state["rng"])
+        step = load_checkpoint(out, model, optimizer, scheduler, not cfg.full_finetune, device)
         print(f"resuming {out} at step {step}/{total_steps}")
     log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None)
-
-    def save_checkpoint() -> None:
-        def write(tmp: Path) -> None:
-            if cfg.full_finetune:
-                torch.save(model.state_dict(), tmp / "model.pt")  # torch.save keeps tied weights tied
-            else:
-                model.save_pretrained(tmp / "adapter")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
-            write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps})
-        atomic_dir(out / CHECKPOINT, write)
 
     def run_eval() -> dict[str, Any]:
         summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
@@ -155,8 +131,6 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         write_results(out / "eval", summary, predictions)
         return summary
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
     if step == 0 and cfg.eval_every > 0:
         before = run_eval()
         log.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, **eval_fields(before)})
@@ -176,7 +150,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         loss_total = 0.0
         for b in collated:
             b = {k: v.to(device) for k, v in b.items()}
-            with autocast:
+            with autocast(device):
                 loss = completion_loss_sum(model, b) / max(1, target_tokens)
             loss.backward()
             loss_total += loss.item()
@@ -200,7 +174,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.save_every == 0 or step == total_steps:
-            save_checkpoint()
+            save_checkpoint(out, model, optimizer, scheduler, step, total_steps, not cfg.full_finetune)
     bar.close()
     log.close()
 
