@@ -1,5 +1,6 @@
-"""Sampling completions for rollouts and eval: one function, so GRPO and eval sample alike."""
+"""Sampling completions for rollouts and eval: one engine, so GRPO and eval sample alike."""
 
-from sampling.generate import Completions, sample
+from sampling.engine import rollout, sample
+from sampling.generate import Completions, sample_with_generate
 
-__all__ = ["Completions", "sample"]
+__all__ = ["Completions", "rollout", "sample", "sample_with_generate"]

@@ -1,4 +1,5 @@
-"""`sample`: completions for a list of tokenized prompts, `num_samples` each, stopping at eos."""
+"""Completions through `transformers`' `model.generate`: the reference our engine is tested and
+benchmarked against (`sampling.engine` is what GRPO and eval use)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ class Completions:
     prompt_index: list[int]
     token_ids: list[list[int]]  # up to and including the first eos (none when truncated)
     truncated: list[bool]  # True when max_new_tokens was reached before eos
+    logprobs: list[list[float]] | None = None  # per sampled token, at the sampling temperature
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
     import torch
 
     width = max(len(r) for r in rows)
@@ -36,7 +38,7 @@ def _cut_at_eos(row: list[int], eos_id: int) -> tuple[list[int], bool]:
     return row, True
 
 
-def sample(
+def sample_with_generate(
     model: Any,
     prompts: list[list[int]],
     *,
@@ -64,7 +66,7 @@ def sample(
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start: start + batch_size]
-            ids, mask = _left_pad(chunk, pad_token_id, model.device)
+            ids, mask = left_pad(chunk, pad_token_id, model.device)
             generated = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                 do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,

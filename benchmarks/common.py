@@ -1,0 +1,64 @@
+"""What both benchmarks share: prompts, peak memory, timing with device sync, the JSON line."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Peak memory bandwidth (GB/s) by GPU name, for the decode roofline.
+GPU_BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100": 2039, "A10G": 600,
+                     "L4": 300, "A10": 600}
+
+
+def prompts_for(tokenizer: Any, n: int) -> list[list[int]]:
+    from data import make_synthetic
+    from data.prompt import encode_prompt
+
+    return [encode_prompt(tokenizer, r["question"]) for r in make_synthetic("test", max_samples=n)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_memory_gb(device: str) -> float:
+    """CUDA peak allocated since the last reset, or the process's peak RSS on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_bandwidth_gbs() -> float | None:
+    name = torch.cuda.get_device_name()
+    for key, value in GPU_BANDWIDTH_GBS.items():
+        if key in name:
+            return float(value)
+    return None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def print_json(record: dict[str, Any]) -> None:
+    print("JSON " + json.dumps(record))

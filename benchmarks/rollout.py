@@ -1,0 +1,106 @@
+"""Rollout throughput: our engine against `model.generate` on the same prompts and sampling.
+
+    python -m benchmarks.rollout --model tiny --prompts 4 --num_generations 8 --max_new_tokens 128
+    python -m benchmarks.rollout --model random:Qwen/Qwen3-0.6B --prompts 4 --num_generations 4 --device cuda
+
+Both are forced to exactly --max_new_tokens new tokens per sequence (no early stop), timed alternately
+over --repeats runs after a warm-up of each; prints tokens/s of each, the ratio, peak memory, and one
+JSON line. On CUDA it also gives the decode roofline: weight bytes per step over the GPU's bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.rollout", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny, random:Qwen/Qwen3-0.6B, a folder or a hub id")
+    p.add_argument("--prompts", type=int, default=4, help="distinct prompts")
+    p.add_argument("--num_generations", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample (forced)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus threshold")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternated")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from benchmarks.common import (
+        gpu_bandwidth_gbs,
+        median,
+        peak_memory_gb,
+        print_json,
+        prompts_for,
+        reset_peak,
+        timed,
+    )
+    from models import default_device, load_model_and_tokenizer
+    from sampling import rollout
+    from sampling.generate import left_pad
+
+    device = args.device or default_device()
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+    model.eval()
+    prompts = prompts_for(tokenizer, args.prompts)
+    G, N = args.num_generations, args.max_new_tokens
+    tokens_per_run = len(prompts) * G * N
+
+    def ours() -> None:
+        rollout(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                num_samples=G, max_new_tokens=N, temperature=args.temperature, top_p=args.top_p, ignore_eos=True)
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                           top_p=args.top_p, top_k=0, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    times: dict[str, list[float]] = {"ours": [], "generate": []}
+    peaks: dict[str, float] = {}
+    for name, fn in (("ours", ours), ("generate", generate)):  # warm-up
+        reset_peak(device)
+        fn()
+        peaks[name] = peak_memory_gb(device)
+    for _ in range(args.repeats):
+        for name, fn in (("ours", ours), ("generate", generate)):
+            times[name].append(timed(fn, device))
+    tps = {name: tokens_per_run / median(t) for name, t in times.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    record = {
+        "benchmark": "rollout", "model": args.model, "device": device, "dtype": str(model.dtype).removeprefix("torch."),
+        "params_m": round(n_params / 1e6, 2), "prompts": len(prompts), "num_generations": G, "max_new_tokens": N,
+        "temperature": args.temperature, "repeats": args.repeats,
+        "ours_tokens_per_s": round(tps["ours"], 1), "generate_tokens_per_s": round(tps["generate"], 1),
+        "speedup": round(tps["ours"] / tps["generate"], 2),
+        "ours_seconds": [round(t, 3) for t in times["ours"]],
+        "generate_seconds": [round(t, 3) for t in times["generate"]],
+        "ours_peak_memory_gb": round(peaks["ours"], 3), "generate_peak_memory_gb": round(peaks["generate"], 3),
+    }
+    if device.startswith("cuda"):
+        bandwidth = gpu_bandwidth_gbs()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if bandwidth:
+            steps_per_s_bound = bandwidth * 1e9 / weight_bytes
+            record.update(gpu=torch.cuda.get_device_name(), bandwidth_gbs=bandwidth,
+                          roofline_tokens_per_s=round(steps_per_s_bound * len(prompts) * G, 1),
+                          ours_share_of_roofline=round(tps["ours"] / (steps_per_s_bound * len(prompts) * G), 3))
+    print(f"{args.model} on {device}: {len(prompts)} prompts x {G} samples x {N} tokens = "
+          f"{tokens_per_run} tokens/run")
+    print(f"  ours:     {tps['ours']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['ours']:.2f} GB)")
+    print(f"  generate: {tps['generate']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['generate']:.2f} GB)")
+    print(f"  speedup:  {record['speedup']:.2f}x")
+    if "roofline_tokens_per_s" in record:
+        print(f"  roofline: {record['roofline_tokens_per_s']:.0f} tokens/s from weight bytes / "
+              f"{record['bandwidth_gbs']} GB/s; ours reaches {100 * record['ours_share_of_roofline']:.0f}%")
+    print_json(record)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,62 @@
+"""GRPO step cost at the seed settings: 4 prompts x 4 generations = 16 completions, micro-batches of 4.
+
+    python -m benchmarks.step --model tiny --max_new_tokens 128
+    python -m benchmarks.step --model random:Qwen/Qwen3-0.6B --max_new_tokens 512 --device cuda
+
+Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) and
+prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer) and
+peak memory, and one JSON line. Any local model folder works, so the same model can be timed under TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny, random:Qwen/Qwen3-0.6B, a folder or a hub id")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="--max_completion_length of the steps")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.common import median, print_json
+    from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = GRPOConfig(model_name=args.model, dataset="synthetic", grpo_output=str(Path(tmp) / "run"),
+                         max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
+                         lora=args.lora, device=args.device, save_every=10**9, show_progress=False)
+        train_grpo(cfg)
+        log = [json.loads(x) for x in (Path(tmp) / "run" / LOG_NAME).read_text().splitlines()]
+    timed = log[args.warmup:]
+    phases = {"time_per_step_s": "total", "generation_time_s": "generation", "reference_time_s": "reference",
+              "backward_time_s": "forward+backward", "optimizer_time_s": "optimizer"}
+    record = {"benchmark": "step", "model": args.model, "device": timed[0]["device"], "lora": args.lora,
+              "completions_per_step": cfg.prompts_per_step * cfg.num_generations,
+              "micro_batch_size": cfg.micro_batch_size, "max_new_tokens": args.max_new_tokens, "steps": len(timed),
+              "completion_len_mean": round(sum(x["completion_len_mean"] for x in timed) / len(timed), 1),
+              "peak_memory_gb": round(max(x["peak_memory_gb"] for x in timed), 3)}
+    for key in phases:
+        record[f"median_{key}"] = round(median([x[key] for x in timed]), 4)
+    print(f"{args.model} on {record['device']}: {record['completions_per_step']} completions/step, "
+          f"micro-batches of {cfg.micro_batch_size}, up to {args.max_new_tokens} new tokens "
+          f"(mean {record['completion_len_mean']})")
+    for key, name in phases.items():
+        print(f"  {name:<17} {record[f'median_{key}']:8.3f} s  (median of {len(timed)})")
+    print(f"  peak memory       {record['peak_memory_gb']:8.3f} GB")
+    print_json(record)
+
+
+if __name__ == "__main__":
+    run_cli(main)

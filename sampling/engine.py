@@ -1,0 +1,200 @@
+"""The rollout engine: our own decode loop instead of `model.generate`.
+
+- Prefix sharing: each prompt is prefilled once, then its KV cache is repeated for its G samples.
+- A preallocated (static) KV cache of prompt + max_new_tokens slots, filled in place.
+- A lean decode step (`fast_qwen3`) on plain Qwen3 models; the model's own forward otherwise.
+- Sampling on the device (temperature, top-p), log-probabilities of the sampled tokens collected as
+  it goes, an exit as soon as every row has finished, and finished rows dropped from the batch once
+  at most half are still running (fewer rows through the model for the long tail).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sampling.fast_qwen3 import FastQwen3, supports
+from sampling.generate import Completions, left_pad
+
+
+def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0."""
+    logits = logits.float()
+    if temperature <= 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        token = logp.argmax(dim=-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp.exp()
+    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # Inverse-CDF draw: one uniform per row instead of one random number per vocabulary entry
+    # (torch.multinomial's cost on CPU); the same categorical distribution.
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), device=probs.device, generator=generator) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+class _HFDecoder:
+    """Decode through the model's own forward with a `transformers` StaticCache (LoRA, 4-bit...)."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 max_new_tokens: int, G: int):
+        from transformers import StaticCache
+
+        self.model, self.L = model, ids.shape[1]
+        self.cache = StaticCache(config=model.config, max_cache_len=self.L + max_new_tokens)
+        self.first_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                                  use_cache=True, logits_to_keep=1).logits[:, -1].repeat_interleave(G, dim=0)
+        if G > 1:
+            self.keep(torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G))
+        ones = torch.ones(ids.shape[0], max_new_tokens, dtype=mask.dtype, device=mask.device)
+        self.mask = torch.cat([mask, ones], dim=1).repeat_interleave(G, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+            layer.batch_size = rows.numel()
+        if hasattr(self, "mask"):
+            self.mask = self.mask[rows]
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
+        return self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=position[:, None],
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+
+class _FastDecoder:
+    """Decode through `FastQwen3` with our own preallocated cache; prefill still uses the model."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 max_new_tokens: int, G: int):
+        from transformers import DynamicCache
+
+        dtype = torch.bfloat16 if ids.device.type == "cuda" else next(model.parameters()).dtype
+        self.fast, self.L = FastQwen3(model, dtype), ids.shape[1]
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+        self.first_logits = logits.repeat_interleave(G, dim=0)
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            for store, prefix in ((self.keys, layer.keys), (self.values, layer.values)):
+                buf = torch.zeros((ids.shape[0] * G, prefix.shape[1], self.L + max_new_tokens, prefix.shape[3]),
+                                  dtype=dtype, device=ids.device)
+                buf[:, :, : self.L] = prefix.to(dtype).repeat_interleave(G, dim=0)
+                store.append(buf)
+        ones = torch.ones(ids.shape[0], max_new_tokens, dtype=torch.bool, device=ids.device)
+        self.slot_mask = torch.cat([mask.bool(), ones], dim=1).repeat_interleave(G, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.slot_mask = self.slot_mask[rows]
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
+        slot = self.L + t
+        return self.fast.step(token, position, self.keys, self.values, slot, self.slot_mask[:, : slot + 1])
+
+
+@torch.no_grad()
+def rollout(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    ignore_eos: bool = False,
+    generator: torch.Generator | None = None,
+    fast: bool | None = None,
+) -> Completions:
+    """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature.
+
+    `fast` picks the lean decode step (default: whenever the model supports it); `ignore_eos` forces
+    exactly max_new_tokens per row (for benchmarks)."""
+    device = next(model.parameters()).device
+    P, G = len(prompts), num_samples
+    ids, mask = left_pad(prompts, pad_token_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    use_fast = supports(model) if fast is None else fast
+    decoder = (_FastDecoder if use_fast else _HFDecoder)(model, ids, mask, positions, max_new_tokens, G)
+    logits = decoder.first_logits
+
+    B = P * G
+    next_pos = (positions[:, -1] + 1).repeat_interleave(G)
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    alive = torch.arange(B, device=device)  # original row of each row still in the batch
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    # sample, record, stop rows at eos, feed the token back
+    for t in range(max_new_tokens):
+        token, logp = _sample_token(logits, temperature, top_p, generator)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens[alive, t] = token
+        logprobs[alive, t] = logp.masked_fill(finished, 0.0)
+        if not ignore_eos:
+            just_done = (token == eos_token_id) & ~finished
+            lengths[alive[just_done]] = t + 1
+            finished |= just_done
+            n_alive = int((~finished).sum())  # one sync per step: the price of stopping early
+            if n_alive == 0:
+                break
+            if n_alive <= finished.numel() // 2 and finished.numel() >= 8:  # drop finished rows
+                keep = (~finished).nonzero().squeeze(-1)
+                decoder.keep(keep)
+                alive, finished, token, next_pos = alive[keep], finished[keep], token[keep], next_pos[keep]
+        if t + 1 == max_new_tokens:
+            break
+        logits = decoder.step(token, next_pos + t, t)
+
+    out_tokens, out_logprobs, n = tokens.tolist(), logprobs.tolist(), lengths.tolist()
+    truncated = [ignore_eos or n[i] == max_new_tokens and out_tokens[i][n[i] - 1] != eos_token_id for i in range(B)]
+    return Completions(
+        prompt_index=[i // G for i in range(B)],
+        token_ids=[out_tokens[i][: n[i]] for i in range(B)],
+        truncated=truncated,
+        logprobs=[out_logprobs[i][: n[i]] for i in range(B)],
+    )
+
+def sample(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+    progress: Any = None,
+) -> Completions:
+    """`num_samples` completions per prompt through `rollout`, `batch_size` prompts at a time
+    (None: all at once); `progress` is an optional tqdm bar advanced by prompts done."""
+    batch_size = batch_size or len(prompts)
+    out = Completions([], [], [], [])
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = rollout(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p)
+        out.prompt_index += [start + i for i in chunk.prompt_index]
+        out.token_ids += chunk.token_ids
+        out.truncated += chunk.truncated
+        out.logprobs += chunk.logprobs
+        if progress is not None:
+            progress.update(len(prompts[start: start + batch_size]))
+    model.train(was_training)
+    return out
