@@ -1,0 +1,33 @@
+"""The benchmarks run and print their figures (the figures themselves are reported, not asserted)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_json(args):
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [x for x in result.stdout.splitlines() if x.startswith("JSON ")]
+    assert len(lines) == 1, result.stdout
+    return result.stdout, json.loads(lines[0][5:])
+
+
+def test_rollout_benchmark():
+    out, record = run_json(["benchmarks.rollout", "--model", "tiny", "--prompts", "2", "--num_generations", "2",
+                            "--max_new_tokens", "8", "--repeats", "1", "--device", "cpu"])
+    assert "speedup" in out
+    assert record["ours_tokens_per_s"] > 0 and record["generate_tokens_per_s"] > 0
+    assert record["speedup"] == round(record["ours_tokens_per_s"] / record["generate_tokens_per_s"], 2)
+
+
+def test_step_benchmark():
+    out, record = run_json(["benchmarks.step", "--model", "tiny", "--max_new_tokens", "8", "--steps", "2",
+                            "--warmup", "1", "--device", "cpu"])
+    assert record["completions_per_step"] == 16 and record["micro_batch_size"] == 4 and record["steps"] == 2
+    for key in ("median_time_per_step_s", "median_generation_time_s", "median_reference_time_s",
+                "median_backward_time_s", "median_optimizer_time_s", "peak_memory_gb"):
+        assert record[key] > 0, key
+    assert "forward+backward" in out
