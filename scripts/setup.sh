@@ -26,6 +26,8 @@ if [ -f "$stamp" ]; then
 fi
 
 echo "setup: creating $VENV for $accel ($($PYTHON --version 2>&1))" >&2
+# A dangling symlink (e.g. left by a git worktree) would make `venv` fail with "File exists".
+if [ -L "$VENV" ] && [ ! -e "$VENV" ]; then rm "$VENV"; fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [ "$accel" = cpu ]; then
