@@ -8,6 +8,8 @@ Offline example (CPU, minutes), after the SFT offline example:
         --dataset synthetic --max_steps 40 --prompts_per_step 16 --num_generations 8 --micro_batch_size 64 \\
         --max_completion_length 48 --temperature 1.0 --beta 0 --learning_rate 5e-5
 Real recipe (GPU): python train_grpo.py --data_dir ../shared/data/gsm8k --max_steps 500
+Several GPUs: torchrun --standalone --nproc_per_node 4 train_grpo.py ... --prompts_per_step 16
+    (--prompts_per_step is the global count, split across processes; groups never span processes)
 """
 
 from __future__ import annotations
@@ -67,17 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue the run in --grpo_output from its checkpoint")
     a("--overwrite", action="store_true", help="replace whatever --grpo_output holds")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    a("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+      help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
     a("--no_progress", action="store_true", help="no progress bar (the log is still written)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from common.distributed import distributed_run
     from grpo.trainer import GRPOConfig, train_grpo
 
     kwargs = vars(args)
     kwargs["show_progress"] = not kwargs.pop("no_progress")
-    train_grpo(GRPOConfig(**kwargs))
+    with distributed_run(kwargs.pop("device"), kwargs.pop("dist_backend")) as (_, device):
+        train_grpo(GRPOConfig(**kwargs, device=device))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Offline example (CPU, minutes):
         --num_epochs 1 --batch_size 32 --learning_rate 3e-3
 Real recipe (GPU):
     python train_sft.py --model_name Qwen/Qwen3-0.6B --data_dir ../shared/data/gsm8k
+Several GPUs: torchrun --standalone --nproc_per_node 4 train_sft.py ...
+    (--batch_size is per process: one optimizer step sees batch_size x grad_accum x processes examples)
 """
 
 from __future__ import annotations
@@ -47,17 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue the run in --sft_output from its last checkpoint")
     a("--overwrite", action="store_true", help="replace whatever --sft_output holds")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    a("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+      help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
     a("--no_progress", action="store_true", help="no progress bars (logs still written)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from common.distributed import distributed_run
     from sft.trainer import SFTConfig, train_sft
 
     kwargs = vars(args)
     kwargs["show_progress"] = not kwargs.pop("no_progress")
-    train_sft(SFTConfig(**kwargs))
+    with distributed_run(kwargs.pop("device"), kwargs.pop("dist_backend")) as (_, device):
+        train_sft(SFTConfig(**kwargs, device=device))
 
 
 if __name__ == "__main__":

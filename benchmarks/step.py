@@ -4,8 +4,12 @@
     python -m benchmarks.step --model random:Qwen/Qwen3-0.6B --max_new_tokens 512 --device cuda
 
 Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) and
-prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer) and
-peak memory, and one JSON line. Any local model folder works, so the same model can be timed under TRL.
+prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
+rollout tokens/s and peak memory, and one JSON line. Any local model folder works, so the same model
+can be timed under TRL.
+
+Data-parallel: `OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m benchmarks.step ...` runs
+the same steps with the prompts split across processes (times are the slowest rank's, tokens summed).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_new_tokens", type=int, default=128, help="--max_completion_length of the steps")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step, over all processes")
     p.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
@@ -31,29 +36,39 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from benchmarks.common import median, print_json
+    from common.distributed import distributed_run
     from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = GRPOConfig(model_name=args.model, dataset="synthetic", grpo_output=str(Path(tmp) / "run"),
+    with tempfile.TemporaryDirectory() as tmp, distributed_run(args.device) as (dist, device):
+        run = Path(dist.gather_objects(tmp)[0]) / "run"  # rank 0's folder: only rank 0 writes
+        cfg = GRPOConfig(model_name=args.model, dataset="synthetic", grpo_output=str(run),
                          max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
-                         lora=args.lora, device=args.device, save_every=10**9, show_progress=False)
+                         prompts_per_step=args.prompts_per_step, lora=args.lora, device=device,
+                         save_every=10**9, show_progress=False)
         train_grpo(cfg)
-        log = [json.loads(x) for x in (Path(tmp) / "run" / LOG_NAME).read_text().splitlines()]
+        if not dist.is_main:
+            return
+        log = [json.loads(x) for x in (run / LOG_NAME).read_text().splitlines()]
     timed = log[args.warmup:]
     phases = {"time_per_step_s": "total", "generation_time_s": "generation", "reference_time_s": "reference",
               "backward_time_s": "forward+backward", "optimizer_time_s": "optimizer"}
     record = {"benchmark": "step", "model": args.model, "device": timed[0]["device"], "lora": args.lora,
+              "processes": timed[0]["world_size"],
               "completions_per_step": cfg.prompts_per_step * cfg.num_generations,
               "micro_batch_size": cfg.micro_batch_size, "max_new_tokens": args.max_new_tokens, "steps": len(timed),
               "completion_len_mean": round(sum(x["completion_len_mean"] for x in timed) / len(timed), 1),
-              "peak_memory_gb": round(max(x["peak_memory_gb"] for x in timed), 3)}
+              "peak_memory_gb": round(max(x["peak_memory_gb"] for x in timed), 3),
+              "median_rollout_tokens_per_s": round(median([x["tokens_generated"] / x["generation_time_s"]
+                                                           for x in timed]), 1)}
     for key in phases:
         record[f"median_{key}"] = round(median([x[key] for x in timed]), 4)
-    print(f"{args.model} on {record['device']}: {record['completions_per_step']} completions/step, "
+    print(f"{args.model} on {record['device']} x {record['processes']} process(es): "
+          f"{record['completions_per_step']} completions/step, "
           f"micro-batches of {cfg.micro_batch_size}, up to {args.max_new_tokens} new tokens "
           f"(mean {record['completion_len_mean']})")
     for key, name in phases.items():
         print(f"  {name:<17} {record[f'median_{key}']:8.3f} s  (median of {len(timed)})")
+    print(f"  rollout           {record['median_rollout_tokens_per_s']:8.0f} tokens/s (median)")
     print(f"  peak memory       {record['peak_memory_gb']:8.3f} GB")
     print_json(record)
 

@@ -143,10 +143,13 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
-                    lora: bool) -> None:
+                    lora: bool, rng_states: list[dict[str, Any]] | None = None) -> None:
     """Everything `--resume` needs, swapped in atomically as <out>/checkpoint: the trainable weights
-    (peft adapter, or the full state dict), optimizer, scheduler, RNG state and step."""
+    (peft adapter, or the full state dict), optimizer, scheduler, step and the RNG state of each rank
+    (`rng_states`, in rank order; default: this process's). Call it on rank 0 only."""
     import torch
+
+    states = rng_states or [rng_state()]
 
     def write(tmp: Path) -> None:
         if lora:
@@ -155,19 +158,26 @@ def save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step:
             torch.save(model.state_dict(), tmp / "model.pt")  # torch.save keeps tied weights tied
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
-        write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps})
+        torch.save({"step": step, "rng": states[0], "rng_per_rank": states}, tmp / "trainer_state.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps,
+                                                "world_size": len(states)})
 
     atomic_dir(out / CHECKPOINT, write)
 
 
-def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora: bool, device: str) -> int:
-    """Restore what `save_checkpoint` wrote (RNG included); returns the step to continue from."""
+def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora: bool, device: str,
+                    rank: int = 0, world_size: int = 1) -> int:
+    """Restore what `save_checkpoint` wrote (this rank's RNG included); returns the step to continue from.
+    The run must resume with the world size that wrote the checkpoint (its data shards and RNG streams)."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     ckpt = out / CHECKPOINT
+    saved_world = json.loads((ckpt / "trainer_state.json").read_text()).get("world_size", 1)
+    if saved_world != world_size:
+        fail(f"--resume: the checkpoint in {out} was written by {saved_world} process(es) but this run has "
+             f"{world_size}; resume with torchrun --nproc_per_node {saved_world} (x nodes) or start a new run")
     if lora:
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
     else:
@@ -175,5 +185,5 @@ def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora:
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    set_rng_state(state["rng"])
+    set_rng_state(state.get("rng_per_rank", [state["rng"]])[rank])
     return state["step"]

@@ -3,6 +3,8 @@
 Greedy by default; with --num_samples k and --temperature T > 0 also pass@k (unbiased) and maj@k.
 Writes <output>/eval_summary.json and <output>/eval_predictions.jsonl (one line per completion, to
 read the failures). --output defaults to <model dir>/eval, or ./eval_results for a hub id.
+Data-parallel: `torchrun --nproc_per_node N -m eval ...` splits the problems across N processes and
+writes one summary and one predictions file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--output", default=None, help="folder for eval_summary.json and eval_predictions.jsonl")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    p.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -39,18 +43,22 @@ def main(argv: list[str] | None = None) -> None:
         fail("--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     import torch
 
+    from common.distributed import distributed_run
     from data import load_records
     from eval.evaluate import evaluate, write_results
     from models import load_model_and_tokenizer
 
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples)
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    torch.manual_seed(args.seed)
-    summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
-                                    temperature=args.temperature, top_p=args.top_p,
-                                    show_progress=not args.no_progress)
-    summary.update(model=args.model, dataset=args.dataset, split=args.split)
+    with distributed_run(args.device, args.dist_backend) as (dist, device):
+        model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+        torch.manual_seed(args.seed + dist.rank)
+        summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
+                                        max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+                                        temperature=args.temperature, top_p=args.top_p,
+                                        show_progress=not args.no_progress)
+    if not dist.is_main:
+        return
+    summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size)
     model_dir = Path(args.model)
     out = Path(args.output) if args.output else (model_dir / "eval" if model_dir.is_dir() else Path("eval_results"))
     write_results(out, summary, predictions)
@@ -58,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in summary.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     print(f"wrote {out / 'eval_summary.json'} and {out / 'eval_predictions.jsonl'}")
-
 
 if __name__ == "__main__":
     run_cli(main)

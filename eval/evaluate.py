@@ -24,28 +24,45 @@ def evaluate(
     top_p: float = 1.0,
     show_progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each."""
+    """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
+
+    Under torchrun each rank answers every world_size-th record; the scored answers are gathered so every
+    rank returns the same summary and the predictions in record order (rank 0 writes them).
+    """
     from tqdm.auto import tqdm
 
-    prompts = [encode_prompt(tokenizer, r["question"]) for r in records]
+    from common.distributed import current
+
+    dist = current()
+    mine = list(range(dist.rank, len(records), dist.world_size))
+    prompts = [encode_prompt(tokenizer, records[i]["question"]) for i in mine]
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show_progress, leave=False) as bar:
+    show = show_progress and dist.is_main
+    with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
         out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      batch_size=batch_size, progress=bar)
     wall = time.perf_counter() - start
-    groups: list[list[dict[str, Any]]] = [[] for _ in records]
-    predictions = []
-    for i, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):
+    scored_here = []  # (record index, scored sample, completion text)
+    for j, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):
+        i = mine[j]
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
         extracted = extract_answer(completion)
-        scored = {"extracted": extracted, "correct": answers_match(extracted, records[i]["answer"]),
-                  "truncated": truncated, "num_tokens": len(tokens)}
-        groups[i].append(scored)
-        predictions.append({"question": records[i]["question"], "gold": records[i]["answer"],
-                            "completion": completion, **scored})
+        scored_here.append((i, {"extracted": extracted, "correct": answers_match(extracted, records[i]["answer"]),
+                                "truncated": truncated, "num_tokens": len(tokens)}, completion))
+    gathered = dist.gather_objects((scored_here, wall))
+    groups: list[list[dict[str, Any]]] = [[] for _ in records]
+    texts: list[list[str]] = [[] for _ in records]
+    for part, _ in gathered:
+        for i, scored, completion in part:
+            groups[i].append(scored)
+            texts[i].append(completion)
+    predictions = [{"question": r["question"], "gold": r["answer"], "completion": completion, **scored}
+                   for r, group, completions in zip(records, groups, texts)
+                   for scored, completion in zip(group, completions)]
+    wall = max(w for _, w in gathered)
     summary = summarize(groups, [r["answer"] for r in records])
-    total_tokens = sum(len(t) for t in out.token_ids)
+    total_tokens = sum(s["num_tokens"] for g in groups for s in g)
     summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
                    max_new_tokens=max_new_tokens)
     return summary, predictions

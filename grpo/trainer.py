@@ -10,6 +10,11 @@
             clip grad norm (logged before clipping); AdamW step; LR schedule
         log one JSONL line; eval every --eval_every; checkpoint every --save_every (atomic)
     save the final model (LoRA merged) + tokenizer in HF format
+
+Under torchrun (common/distributed.py) each of the W ranks takes prompts_per_step / W of the step's
+prompts, so a group never spans ranks; rewards are gathered so advantages and metrics are the batch's;
+DDP averages the gradients, and the loss is scaled so the update equals the single-process one on the
+same completions. Rank 0 alone writes the log, checkpoints and the final model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 
+from common.distributed import Dist, current, no_sync_unless, wrap_ddp
 from common.errors import UserError, fail
 from common.runs import (
     CHECKPOINT,
@@ -34,6 +40,7 @@ from common.runs import (
     load_checkpoint,
     now_iso,
     prepare_output_dir,
+    rng_state,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -91,7 +98,7 @@ class GRPOConfig:
     show_progress: bool = True
 
 
-def _validate(cfg: GRPOConfig) -> None:
+def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     if cfg.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}")
     if cfg.scale_rewards not in SCALES:
@@ -102,6 +109,12 @@ def _validate(cfg: GRPOConfig) -> None:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --lora")
     if cfg.temperature <= 0:
         fail("--temperature must be > 0: GRPO needs different samples per prompt")
+    if cfg.prompts_per_step % dist.world_size:
+        fail(f"--prompts_per_step {cfg.prompts_per_step} does not split across {dist.world_size} processes; "
+             f"use a multiple of {dist.world_size} (a group of samples never spans processes)")
+    if cfg.use_4bit and dist.enabled and not device.startswith("cuda"):
+        fail("--use_4bit with several processes needs CUDA (bitsandbytes' CPU 4-bit is not combined with "
+             "DDP here); drop --use_4bit or run single-process")
 
 
 def _start_model(cfg: GRPOConfig) -> str:
@@ -146,11 +159,14 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
-def _prompt_indices(step: int, n: int, per_step: int, seed: int) -> tuple[list[int], float]:
-    """The dataset indices of step `step` (0-based) and the epoch it reaches: one seeded order per epoch."""
+def _prompt_indices(step: int, n: int, per_step: int, seed: int, rank: int = 0,
+                    world_size: int = 1) -> tuple[list[int], float]:
+    """This rank's dataset indices of step `step` (0-based) and the epoch the step reaches: one seeded
+    global order per epoch, each step's prompts cut into world_size contiguous shards."""
     start = step * per_step
     indices = [_epoch_order(n, seed, (start + k) // n)[(start + k) % n] for k in range(per_step)]
-    return indices, (start + per_step) / n
+    share = per_step // world_size
+    return indices[rank * share: (rank + 1) * share], (start + per_step) / n
 
 
 @torch.no_grad()
@@ -191,17 +207,23 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
     from rewards import numeric_reward
     from sampling import sample
 
-    _validate(cfg)
+    dist = current()
+    device = cfg.device or default_device()
+    _validate(cfg, dist, device)
     start_model = _start_model(cfg)
     out = Path(cfg.grpo_output)
-    device = cfg.device or default_device()
     train_records = load_records(cfg.dataset, "train", cfg.data_dir, cfg.max_samples, seed=cfg.seed)
     eval_records = load_records(cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, seed=cfg.seed)
     if not train_records:
         fail("no training prompts: check --dataset/--data_dir/--max_samples")
-    prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, flag="--grpo_output")
-    if not cfg.resume:
-        write_json(out / RUN_CONFIG, {"stage": "grpo", "start_model": start_model, **asdict(cfg)})
+
+    def prepare() -> None:
+        prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, flag="--grpo_output")
+        if not cfg.resume:
+            write_json(out / RUN_CONFIG, {"stage": "grpo", "start_model": start_model, **asdict(cfg),
+                                          "world_size": dist.world_size})
+
+    dist.on_main(prepare)
     seed_everything(cfg.seed)
 
     # Full fine-tuning keeps fp32 master weights (bf16 weights drop lr-1e-6 updates); compute is bf16 autocast.
@@ -219,6 +241,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    train_model = wrap_ddp(model, dist, device)  # backward passes go through DDP; sampling uses `model`
+    if dist.rank > 0:
+        seed_everything(cfg.seed + dist.rank)  # each rank samples its own completions
+
     def autocast():
         return autocast_for(device)
 
@@ -232,9 +258,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
 
     step = 0
     if cfg.resume:
-        step = load_checkpoint(out, model, optimizer, scheduler, cfg.lora, device)
-        print(f"resuming {out} at step {step}/{total_steps}")
-    log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None)
+        step = load_checkpoint(out, model, optimizer, scheduler, cfg.lora, device, dist.rank, dist.world_size)
+        if dist.is_main:
+            print(f"resuming {out} at step {step}/{total_steps}")
+    log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None) if dist.is_main else None
 
 
     G = cfg.num_generations
@@ -244,22 +271,27 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         with autocast():
             summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
                                             max_new_tokens=eval_tokens, show_progress=cfg.show_progress)
-        write_results(out / "eval", summary, predictions)
+        if dist.is_main:
+            write_results(out / "eval", summary, predictions)
         model.train()
         return eval_fields(summary)
 
     if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
-        log.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
-                   **run_eval()})
+        fields = run_eval()
+        if log:
+            log.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
+                       "world_size": dist.world_size, **fields})
     bad_signal_steps, warned, nonfinite_in_row = 0, False, 0
     record: dict[str, Any] = {}
-    bar = tqdm(total=total_steps, initial=step, desc="grpo", unit="step", disable=not cfg.show_progress)
+    bar = tqdm(total=total_steps, initial=step, desc="grpo", unit="step",
+               disable=not (cfg.show_progress and dist.is_main))
     while step < total_steps:
         timer = _Timer(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         step_start = time.perf_counter()
-        indices, epoch = _prompt_indices(step, len(train_records), cfg.prompts_per_step, cfg.seed)
+        indices, epoch = _prompt_indices(step, len(train_records), cfg.prompts_per_step, cfg.seed,
+                                         dist.rank, dist.world_size)
         records = [train_records[i] for i in indices]
         prompts = [encode_prompt(tokenizer, r["question"]) for r in records]
 
@@ -278,13 +310,17 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                 truncated = [tokenizer.eos_token_id not in c for c in completions]
         model.train()
 
-        # 2. rewards and group-relative advantages
+        # 2. rewards and group-relative advantages (over the whole step's batch: all ranks' rewards)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         answers = [r["answer"] for r in records for _ in range(G)]
-        rewards = torch.tensor(numeric_reward(texts, answers), dtype=torch.float32)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
+        local_rewards = torch.tensor(numeric_reward(texts, answers), dtype=torch.float32, device=device)
+        rewards = dist.all_gather(local_rewards).cpu()  # [W * B]: rank 0's rows first
+        all_advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        B = len(completions)
+        advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
         batch = pack([p for p in prompts for _ in range(G)], completions, tokenizer.pad_token_id, device)
-        num_items = batch.completion_mask.sum().clamp(min=1).item()  # completion tokens of the whole step
+        # completion tokens of the whole step, all ranks: the dapo normalizer
+        num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()
 
         # 3. old (only when the rollout is reused) and reference logprobs, no grad
         with timer("reference"):
@@ -296,26 +332,28 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         # 4. num_iterations optimizer updates on this rollout, micro-batched with gradient accumulation
         sums: dict[str, float] = {}
         entropy_sum, grad_norms, skipped = 0.0, [], 0
-        B = batch.input_ids.shape[0]
+        W = dist.world_size
         for _ in range(cfg.num_iterations):
             with timer("backward"):
                 for s in range(0, B, cfg.micro_batch_size):
                     rows = slice(s, s + cfg.micro_batch_size)
                     mb = batch.rows(rows)
-                    with autocast():
-                        logits = completion_logits(model, mb)
-                        logp = token_logprobs(logits, mb.completion_ids, cfg.temperature)
-                    loss, metrics = grpo_loss(
-                        logp, None if old_logprobs is None else old_logprobs[rows],
-                        None if ref_logprobs is None else ref_logprobs[rows], advantages[rows], mb.completion_mask,
-                        beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                        loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                        num_items_in_batch=num_items)
                     # dapo is normalized by the step's token count already; the per-batch means of the
-                    # other types are weighted by their share of rows so the step's loss is their mean.
-                    weight = 1.0 if cfg.loss_type == "dapo" else mb.input_ids.shape[0] / B
-                    (loss * weight).backward()
-                    for k, v in metrics.items():
+                    # other types are weighted by their share of the step's rows so the step's loss is
+                    # their mean. DDP averages gradients over ranks, so the backward is scaled by W.
+                    weight = 1.0 if cfg.loss_type == "dapo" else mb.input_ids.shape[0] / (B * W)
+                    with no_sync_unless(train_model, sync=s + cfg.micro_batch_size >= B):
+                        with autocast():
+                            logits = completion_logits(train_model, mb)
+                            logp = token_logprobs(logits, mb.completion_ids, cfg.temperature)
+                        loss, metrics = grpo_loss(
+                            logp, None if old_logprobs is None else old_logprobs[rows],
+                            None if ref_logprobs is None else ref_logprobs[rows], advantages[rows],
+                            mb.completion_mask, beta=cfg.beta, epsilon_low=cfg.epsilon,
+                            epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                            max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
+                        (loss * (weight * W)).backward()
+                    for k, v in metrics.items():  # this rank's share; summed over ranks at log time
                         sums[k] = sums.get(k, 0.0) + v * (weight if k in ("grpo_loss", "policy_loss", "kl_loss")
                                                           else mb.completion_mask.sum().item() / num_items)
                     entropy_sum += (token_entropy(logits.detach(), cfg.temperature) * mb.completion_mask).sum().item()
@@ -323,7 +361,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             with timer("optimizer"):
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                 grad_norms.append(grad_norm)
-                if math.isfinite(grad_norm) and math.isfinite(sums.get("grpo_loss", 0.0)):
+                finite = torch.tensor(float(math.isfinite(grad_norm) and math.isfinite(sums.get("grpo_loss", 0.0))))
+                if dist.all_reduce(finite.to(device), "min").item() == 1.0:  # every rank steps, or none
                     optimizer.step()
                 else:
                     skipped += 1
@@ -332,17 +371,27 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                 scheduler.step()
         step += 1
 
-        # 5. log
+        # 5. log: metrics over all ranks' completions, times of the slowest rank
         n_iter = cfg.num_iterations
-        lengths = [len(c) for c in completions]
-        group_std = rewards.view(-1, G).std(dim=1)
         times = timer.totals
         time_per_step = time.perf_counter() - step_start
+        phases = ("generation", "backward", "reference", "optimizer")
+        slowest = dist.all_reduce(torch.tensor([time_per_step, *(times.get(p, 0.0) for p in phases),
+                                                _peak_memory_gb(device)], device=device, dtype=torch.float64), "max")
+        time_per_step, *phase_times, peak_memory = slowest.tolist()
+        times = dict(zip(phases, phase_times))
+        keys = sorted(sums)
+        summed = dist.all_reduce(torch.tensor([sums[k] for k in keys] + [entropy_sum], device=device,
+                                              dtype=torch.float64)).tolist()
+        sums, entropy_sum = dict(zip(keys, summed[:-1])), summed[-1]
+        per_completion = torch.tensor([[len(c), t] for c, t in zip(completions, truncated)], device=device)
+        lengths, truncated = dist.all_gather(per_completion).cpu().T.tolist()
+        group_std = rewards.view(-1, G).std(dim=1)
         record = {
             "timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device, "seed": cfg.seed,
             **{k: v / n_iter for k, v in sums.items()},
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
+            "adv_mean": all_advantages.mean().item(), "adv_std": all_advantages.std().item(),
             "grad_norm": grad_norms[-1], "learning_rate": lr,
             "time_per_step_s": time_per_step, "generation_time_s": times.get("generation", 0.0),
             "backward_time_s": times.get("backward", 0.0),
@@ -352,25 +401,27 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
             "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
             "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-            "peak_memory_gb": _peak_memory_gb(device), "skipped_updates": skipped,
+            "peak_memory_gb": peak_memory, "skipped_updates": skipped, "world_size": dist.world_size,
         }
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             record.update(run_eval())
-        log.write(record)
+        if log:
+            log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", s_step=f"{time_per_step:.1f}")
 
         # 6. say what is wrong, loudly
         nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
         if nonfinite_in_row >= MAX_NONFINITE:
-            log.close()
+            if log:
+                log.close()
             bar.close()
             raise UserError(f"{MAX_NONFINITE} steps in a row had a non-finite loss or gradient norm (last at step "
                             f"{step}); updates were skipped and the last checkpoint in {out / CHECKPOINT} is intact. "
                             f"Lower --learning_rate or check the model's dtype")
         bad = record["clipped_ratio"] > 0.5 or record["frac_reward_zero_std"] == 1.0
         bad_signal_steps = bad_signal_steps + 1 if bad else 0
-        if bad_signal_steps >= WARN_AFTER and not warned:
+        if bad_signal_steps >= WARN_AFTER and not warned and dist.is_main:
             warned = True
             tqdm.write(f"warning: for {WARN_AFTER} steps clipped_ratio was {record['clipped_ratio']:.2f} (> 0.5 means "
                        f"completions are cut at --max_completion_length) or every group had equal rewards "
@@ -378,9 +429,15 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                        f"fixes: run SFT first so the model answers '#### N' and stops, raise "
                        f"--max_completion_length, or use more --num_generations")
         if step % cfg.save_every == 0 or step == total_steps:
-            save_checkpoint(out, model, optimizer, scheduler, step, total_steps, cfg.lora)
+            rng_states = dist.gather_objects(rng_state())
+            if dist.is_main:
+                save_checkpoint(out, model, optimizer, scheduler, step, total_steps, cfg.lora, rng_states)
     bar.close()
-    log.close()
+    if log:
+        log.close()
+    if not dist.is_main:
+        dist.barrier()  # wait for rank 0's final model, so the job ends when the run is complete
+        return record
 
     def write_final(tmp: Path) -> None:
         final = (merged_copy_for_saving(model, start_model, str(out / "adapter"), weight_dtype) if cfg.lora
@@ -392,5 +449,6 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         atomic_dir(out / "adapter", model.save_pretrained)
     atomic_files_into(out, write_final)
     print(f"saved: final model + tokenizer in {out}")
+    dist.barrier()
     return record
 

@@ -6,6 +6,10 @@
         every --eval_every steps and at the end: held-out format rate and accuracy
         every --save_every steps: checkpoint (adapter, optimizer, scheduler, RNG, step), atomically
     save the LoRA adapter and the merged model + tokenizer (from_pretrained(<sft_output>) loads it)
+
+Under torchrun (common/distributed.py) each optimizer step takes grad_accum x world_size micro-batches
+of one global seeded order, each rank its share; the loss is normalized by the step's target tokens
+over all ranks, so DDP's averaged gradient is the single-process one. Rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common.distributed import current, no_sync_unless, wrap_ddp
 from common.runs import (
     RUN_CONFIG,
     JsonlLog,
@@ -24,6 +29,7 @@ from common.runs import (
     load_checkpoint,
     now_iso,
     prepare_output_dir,
+    rng_state,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -89,10 +95,18 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     from models.lora import add_lora, merged_copy_for_saving
     from sft.batching import collate, completion_loss_sum, encode_records
 
+    dist = current()
     out = Path(cfg.sft_output)
-    prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, flag="--sft_output")
-    if not cfg.resume:
-        write_json(out / RUN_CONFIG, {"stage": "sft", **asdict(cfg)})
+
+    def prepare() -> None:
+        prepare_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, flag="--sft_output")
+        if not cfg.resume:
+            write_json(out / RUN_CONFIG, {"stage": "sft", **asdict(cfg), "world_size": dist.world_size})
+
+    if cfg.use_4bit and dist.enabled and not (cfg.device or "").startswith("cuda"):
+        fail("--use_4bit with several processes needs CUDA (bitsandbytes' CPU 4-bit is not combined with DDP "
+             "here); drop --use_4bit or run single-process")
+    dist.on_main(prepare)
     device = cfg.device or default_device()
     seed_everything(cfg.seed)
 
@@ -109,9 +123,16 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     else:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.gradient_checkpointing)
     examples = encode_records(tokenizer, train_records, cfg.max_length, strip_calculator=not cfg.keep_calculator)
+    train_model = wrap_ddp(model, dist, device)
+    if dist.rank > 0:
+        seed_everything(cfg.seed + dist.rank)  # its own dropout masks
 
+    W = dist.world_size
     micro_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+    if micro_per_epoch < W:
+        fail(f"{len(examples)} examples make {micro_per_epoch} batch(es) of {cfg.batch_size}, fewer than the "
+             f"{W} processes; lower --batch_size or use fewer processes")
+    steps_per_epoch = max(1, micro_per_epoch // (cfg.grad_accum * W))
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -121,39 +142,49 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     step = 0
     if cfg.resume:
-        step = load_checkpoint(out, model, optimizer, scheduler, not cfg.full_finetune, device)
-        print(f"resuming {out} at step {step}/{total_steps}")
-    log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None)
+        step = load_checkpoint(out, model, optimizer, scheduler, not cfg.full_finetune, device,
+                               dist.rank, dist.world_size)
+        if dist.is_main:
+            print(f"resuming {out} at step {step}/{total_steps}")
+    log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None) if dist.is_main else None
 
     def run_eval() -> dict[str, Any]:
         summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
                                         max_new_tokens=cfg.eval_max_new_tokens, show_progress=cfg.show_progress)
-        write_results(out / "eval", summary, predictions)
+        if dist.is_main:
+            write_results(out / "eval", summary, predictions)
         return summary
 
     if step == 0 and cfg.eval_every > 0:
         before = run_eval()
-        log.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, **eval_fields(before)})
-        print(f"before SFT: accuracy {before['accuracy']:.3f}, format rate {before['format_rate']:.3f}")
+        if log:
+            log.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, **eval_fields(before)})
+        if dist.is_main:
+            print(f"before SFT: accuracy {before['accuracy']:.3f}, format rate {before['format_rate']:.3f}")
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not cfg.show_progress)
+    bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step",
+               disable=not (cfg.show_progress and dist.is_main))
     summary: dict[str, Any] = {}
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         batches = _batches_of_epoch(len(examples), cfg.batch_size, cfg.seed, epoch)
-        micro = batches[step_in_epoch * cfg.grad_accum: (step_in_epoch + 1) * cfg.grad_accum]
+        per_step = cfg.grad_accum * W
+        micro = batches[step_in_epoch * per_step: (step_in_epoch + 1) * per_step][dist.rank::W]  # this rank's
         t0 = time.perf_counter()
         collated = [collate([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
-        target_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in collated)
-        tokens = sum(int(b["attention_mask"].sum()) for b in collated)
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in collated),
+                               sum(int(b["attention_mask"].sum()) for b in collated)], device=device)
+        target_tokens, tokens = dist.all_reduce(counts).tolist()  # over all ranks
         loss_total = 0.0
-        for b in collated:
-            b = {k: v.to(device) for k, v in b.items()}
-            with autocast(device):
-                loss = completion_loss_sum(model, b) / max(1, target_tokens)
-            loss.backward()
+        for k, b in enumerate(collated):
+            b = {name: v.to(device) for name, v in b.items()}
+            with no_sync_unless(train_model, sync=k == len(collated) - 1):
+                with autocast(device):
+                    loss = completion_loss_sum(train_model, b) / max(1, target_tokens)
+                (loss * W).backward()  # DDP averages over ranks; the sum over ranks is the step's loss
             loss_total += loss.item()
+        loss_total = dist.all_reduce(torch.tensor(loss_total, dtype=torch.float64, device=device)).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -161,7 +192,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt = dist.all_reduce(torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=device), "max").item()
         step += 1
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(step / steps_per_epoch, 4),
                   "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens,
@@ -170,16 +201,24 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             summary = run_eval()
             record.update(eval_fields(summary))
             model.train()
-        log.write(record)
+        if log:
+            log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.save_every == 0 or step == total_steps:
-            save_checkpoint(out, model, optimizer, scheduler, step, total_steps, not cfg.full_finetune)
+            rng_states = dist.gather_objects(rng_state())
+            if dist.is_main:
+                save_checkpoint(out, model, optimizer, scheduler, step, total_steps, not cfg.full_finetune,
+                                rng_states)
     bar.close()
-    log.close()
+    if log:
+        log.close()
 
     if not summary:  # resumed at the end: nothing trained, still report
         summary = run_eval()
+    if not dist.is_main:
+        dist.barrier()  # wait for rank 0's saved model, so the job ends when the run is complete
+        return summary
     if not cfg.full_finetune:
         atomic_dir(out / "adapter", model.save_pretrained)
 
@@ -193,5 +232,6 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     print(f"after SFT: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}, "
           f"truncation rate {summary['truncation_rate']:.3f} on {len(eval_records)} held-out problems")
     print(f"saved: model + tokenizer in {out}" + ("" if cfg.full_finetune else f", LoRA adapter in {out / 'adapter'}"))
+    dist.barrier()
     return summary
 

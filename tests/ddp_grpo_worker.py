@@ -1,0 +1,65 @@
+"""One GRPO optimizer step on fixed completions, for the DDP equivalence test (tests/test_distributed.py).
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_grpo_worker.py OUT_ROOT
+
+runs every case of CASES into OUT_ROOT/<case>; the test runs the same cases in one process and compares
+the updated weights. The completions come from `fixed_completions`, a pure function of the prompt, so
+both runs train on exactly the same tokens whatever the split of prompts across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CASES = {f"{loss}_{'lora' if lora else 'full'}": dict(loss_type=loss, lora=lora)
+         for loss in ("dapo", "grpo") for lora in (False, True)}
+G = 2
+
+
+def fixed_completions(tokenizer, prompts: list[list[int]], answers: list[str]) -> list[list[int]]:
+    """G completions per prompt: even samples answer right, odd ones wrong, with prompt-seeded filler of
+    varying length (so token counts differ across rows and ranks)."""
+    out = []
+    for prompt, answer in zip(prompts, answers):
+        seed = zlib.crc32(str(prompt).encode())
+        for g in range(G):
+            filler = " ".join(["so", "we", "add", "then", "take"][(seed + g + k) % 5] for k in range(seed % 7 + 3 * g))
+            number = answer if g % 2 == 0 else str(int(float(answer.replace(",", ""))) + 1)
+            text = f"{filler} #### {number}"
+            out.append(tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])
+    return out
+
+
+def run_case(out_dir: Path, loss_type: str, lora: bool) -> None:
+    from grpo.trainer import GRPOConfig, train_grpo
+    from models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+
+    def hook(step, prompts, answers):
+        return fixed_completions(tokenizer, prompts, answers)
+
+    cfg = GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out_dir), max_steps=1,
+                     prompts_per_step=4, num_generations=G, micro_batch_size=2, max_completion_length=32,
+                     learning_rate=1e-3, beta=0.04, loss_type=loss_type, lora=lora, lora_r=4, lora_alpha=8,
+                     temperature=1.0, save_every=10**9, device="cpu", show_progress=False, overwrite=True, seed=3)
+    train_grpo(cfg, rollout_hook=hook)
+
+
+def main() -> None:
+    from common.distributed import distributed_run
+
+    root = Path(sys.argv[1])
+    with distributed_run("cpu"):
+        for name, case in CASES.items():
+            run_case(root / name, **case)
+
+
+if __name__ == "__main__":
+    main()
