@@ -2,6 +2,7 @@
 
     python -m benchmarks.rollout --model tiny --prompts 4 --num_generations 8 --max_new_tokens 128
     python -m benchmarks.rollout --model random:Qwen/Qwen3-0.6B --prompts 4 --num_generations 4 --device cuda
+    python -m benchmarks.rollout --model tiny --lora   (a LoRA-wrapped model, as GRPO --lora rolls out)
 
 Both are forced to exactly --max_new_tokens new tokens per sequence (no early stop), timed alternately
 over --repeats runs after a warm-up of each; prints tokens/s of each, the ratio, peak memory, and one
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus threshold")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternated")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lora", action="store_true", help="wrap the model in rank-16 LoRA adapters (non-zero B)")
     args = p.parse_args(argv)
 
     import torch
@@ -45,6 +47,13 @@ def main(argv: list[str] | None = None) -> None:
 
     device = args.device or default_device()
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+    if args.lora:
+        from models.lora import add_lora
+
+        model = add_lora(model, r=16, alpha=32, dropout=0.0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero; a trained adapter is not
+                torch.nn.init.normal_(param, std=0.02)
     model.eval()
     prompts = prompts_for(tokenizer, args.prompts)
     G, N = args.num_generations, args.max_new_tokens
@@ -74,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     tps = {name: tokens_per_run / median(t) for name, t in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
     record = {
-        "benchmark": "rollout", "model": args.model, "device": device, "dtype": str(model.dtype).removeprefix("torch."),
+        "benchmark": "rollout", "model": args.model, "lora": args.lora, "device": device,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "params_m": round(n_params / 1e6, 2), "prompts": len(prompts), "num_generations": G, "max_new_tokens": N,
         "temperature": args.temperature, "repeats": args.repeats,
         "ours_tokens_per_s": round(tps["ours"], 1), "generate_tokens_per_s": round(tps["generate"], 1),
@@ -91,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             record.update(gpu=torch.cuda.get_device_name(), bandwidth_gbs=bandwidth,
                           roofline_tokens_per_s=round(steps_per_s_bound * len(prompts) * G, 1),
                           ours_share_of_roofline=round(tps["ours"] / (steps_per_s_bound * len(prompts) * G), 3))
-    print(f"{args.model} on {device}: {len(prompts)} prompts x {G} samples x {N} tokens = "
-          f"{tokens_per_run} tokens/run")
+    print(f"{args.model}{' + LoRA' if args.lora else ''} on {device}: {len(prompts)} prompts x {G} samples x "
+          f"{N} tokens = {tokens_per_run} tokens/run")
     print(f"  ours:     {tps['ours']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['ours']:.2f} GB)")
     print(f"  generate: {tps['generate']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['generate']:.2f} GB)")
     print(f"  speedup:  {record['speedup']:.2f}x")

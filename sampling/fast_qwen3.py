@@ -2,8 +2,10 @@
 
 Per layer the q/k/v and gate/up projections are fused into one matmul each; keys and values live in
 preallocated [B, kv_heads, slots, head_dim] buffers filled in place; attention reads only the slots
-written so far. Used for plain (full-precision, adapter-free) Qwen3 models; others take the
-`transformers` forward. Weights are gathered once per rollout, so they follow training updates.
+written so far. Used for full-precision Qwen3 models, with or without LoRA adapters; 4-bit and other
+models take the `transformers` forward. Weights are gathered once per rollout, so they follow training
+updates. LoRA adapters are merged into these rollout copies (W + scale * B @ A), never into the model's
+own weights: no merge/unmerge round trip that would drift bf16 weights, and no per-token adapter cost.
 """
 
 from __future__ import annotations
@@ -14,9 +16,39 @@ import torch
 import torch.nn.functional as F
 
 
+def _base(model: Any) -> Any:
+    """The Qwen3ForCausalLM inside a peft model, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _linear_supported(m: Any) -> bool:
+    """A plain torch Linear, or a peft LoRA layer (no DoRA) over a plain torch Linear (not 4-bit)."""
+    if type(m) is torch.nn.Linear:
+        return True
+    if type(getattr(m, "base_layer", None)) is not torch.nn.Linear or getattr(m, "fan_in_fan_out", False):
+        return False
+    return not any(m.use_dora.get(a, False) for a in getattr(m, "active_adapters", []))
+
+
+def effective_weight(m: Any) -> torch.Tensor:
+    """The weight a Linear (or a peft LoRA Linear) applies: base + scaling * B @ A of each active adapter."""
+    if type(m) is torch.nn.Linear:
+        return m.weight
+    w = m.base_layer.weight
+    if m.merged or m.disable_adapters:
+        return w
+    w = w.float()
+    for a in m.active_adapters:
+        if a in m.lora_A:
+            w = w + m.scaling[a] * (m.lora_B[a].weight.float() @ m.lora_A[a].weight.float())
+    return w
+
+
 def supports(model: Any) -> bool:
-    """True for a plain Qwen3ForCausalLM whose linear layers are ordinary, bias-free torch Linears."""
-    if type(model).__name__ != "Qwen3ForCausalLM" or getattr(model, "peft_config", None):
+    """True for a Qwen3ForCausalLM (bare or under LoRA) whose linear layers are bias-free, full-precision
+    torch Linears."""
+    model = _base(model)
+    if type(model).__name__ != "Qwen3ForCausalLM":
         return False
     cfg = model.config
     if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "attention_bias", False):
@@ -26,7 +58,7 @@ def supports(model: Any) -> bool:
     layer = model.model.layers[0]
     linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    return all(type(m) is torch.nn.Linear for m in linears)
+    return all(_linear_supported(m) for m in linears)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -43,6 +75,7 @@ class FastQwen3:
     """Decode-step weights of `model` in `dtype` (fused copies) and the shapes they need."""
 
     def __init__(self, model: Any, dtype: torch.dtype):
+        model = _base(model)
         cfg = model.config
         self.eps = cfg.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -55,12 +88,13 @@ class FastQwen3:
                 a, m = layer.self_attn, layer.mlp
                 # q_norm and k_norm as one [H + KV, D] weight, so q and k are normed and rotated together
                 qk_norm = torch.cat([a.q_norm.weight.expand(self.n_heads, -1), a.k_norm.weight.expand(self.n_kv, -1)])
+                w = effective_weight
                 self.layers.append((
                     layer.input_layernorm.weight.to(dtype),
-                    torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype),
-                    qk_norm.to(dtype), a.o_proj.weight.to(dtype),
+                    torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)]).to(dtype),
+                    qk_norm.to(dtype), w(a.o_proj).to(dtype),
                     layer.post_attention_layernorm.weight.to(dtype),
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight]).to(dtype), m.down_proj.weight.to(dtype),
+                    torch.cat([w(m.gate_proj), w(m.up_proj)]).to(dtype), w(m.down_proj).to(dtype),
                 ))
             self.embed = model.model.embed_tokens.weight.to(dtype)
             self.norm = model.model.norm.weight.to(dtype)

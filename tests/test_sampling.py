@@ -84,11 +84,25 @@ def test_sample_batches_prompts_and_restores_train_mode(tiny_model, tiny_tokeniz
     assert tiny_model.training
 
 
-def test_lora_model_takes_the_model_forward(tiny_model, tiny_tokenizer, prompts):
+def test_lora_rollout_merges_the_adapter_into_the_fast_step(tiny_model, tiny_tokenizer, prompts):
+    """The fast step runs LoRA models with the adapter merged into its own weight copies: output equals
+    generate's through peft, differs from the bare model's, and the model's weights are left alone."""
     from models.lora import add_lora
 
+    bare = rollout(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
     peft_model = add_lora(tiny_model, r=4, alpha=8, dropout=0.0)
-    assert not supports(peft_model)
-    out = rollout(peft_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=6))
-    assert out.token_ids == sample_with_generate(peft_model, prompts[:2],
-                                                 **kwargs(tiny_tokenizer, max_new_tokens=6)).token_ids
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (a no-op adapter); give it something to merge
+            p.data.normal_(0, 0.2)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    assert supports(peft_model)
+    out = rollout(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12))
+    assert out.token_ids == sample_with_generate(peft_model, prompts[:4],
+                                                 **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
+    assert out.token_ids != bare
+    assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in before.items())
+    assert rollout(peft_model, prompts[:4], fast=False, **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids \
+        == out.token_ids
+    with peft_model.disable_adapter():  # the reference pass: adapter off, fast step follows
+        assert rollout(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids == bare
