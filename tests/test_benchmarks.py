@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -15,10 +17,12 @@ def run_json(args):
     return result.stdout, json.loads(lines[0][5:])
 
 
-def test_rollout_benchmark():
+@pytest.mark.parametrize("lora", [False, True])
+def test_rollout_benchmark(lora):
+    extra = ["--lora"] if lora else []
     out, record = run_json(["benchmarks.rollout", "--model", "tiny", "--prompts", "2", "--num_generations", "2",
-                            "--max_new_tokens", "8", "--repeats", "1", "--device", "cpu"])
-    assert "speedup" in out
+                            "--max_new_tokens", "8", "--repeats", "1", "--device", "cpu", *extra])
+    assert "speedup" in out and record["lora"] is lora
     assert record["ours_tokens_per_s"] > 0 and record["generate_tokens_per_s"] > 0
     assert record["speedup"] == round(record["ours_tokens_per_s"] / record["generate_tokens_per_s"], 2)
 
@@ -28,6 +32,8 @@ def test_step_benchmark():
                             "--warmup", "1", "--device", "cpu"])
     assert record["completions_per_step"] == 16 and record["micro_batch_size"] == 4 and record["steps"] == 2
     for key in ("median_time_per_step_s", "median_generation_time_s", "median_reference_time_s",
-                "median_backward_time_s", "median_optimizer_time_s", "peak_memory_gb"):
+                "median_backward_time_s", "median_optimizer_time_s", "peak_memory_gb",
+                "median_rollout_tokens_per_s"):
         assert record[key] > 0, key
+    assert record["processes"] == 1
     assert "forward+backward" in out
