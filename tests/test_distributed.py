@@ -98,12 +98,17 @@ def test_torchrun_grpo_cli_writes_one_log_one_checkpoint_one_model(tmp_path):
     assert all(x["world_size"] == 2 for x in lines)
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["world_size"] == 2
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # --resume with the same world size continues the log: one more line, no duplicates
+    torchrun("train_grpo.py", "--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "4",
+             "--max_completion_length", "24", "--grpo_output", str(out), "--no_progress", "--resume")
+    lines = [json.loads(x) for x in (out / "grpo_training_logs.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
     # the checkpoint resumes only with the world size that wrote it
     from common.errors import UserError
     from grpo.trainer import GRPOConfig, train_grpo
 
     with pytest.raises(UserError, match="written by 2 process"):
-        train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", max_steps=4, grpo_output=str(out),
+        train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", max_steps=5, grpo_output=str(out),
                               resume=True, device="cpu", show_progress=False))
 
 
