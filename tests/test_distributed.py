@@ -120,6 +120,8 @@ def test_torchrun_sft_cli_and_sharded_eval(tmp_path, sft_tiny):
     lines = [json.loads(x) for x in (out / "sft_training_logs.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text()) == {
+        "step": 3, "total_steps": 3, "world_size": 2}
 
     model_dir, _ = sft_tiny
     args = ["-m", "eval", "--model", str(model_dir), "--dataset", "synthetic", "--max_samples", "30",
