@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from common.distributed import add_backend_argument
 from common.errors import run_cli
 
 
@@ -69,8 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue the run in --grpo_output from its checkpoint")
     a("--overwrite", action="store_true", help="replace whatever --grpo_output holds")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    a("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
-      help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
+    add_backend_argument(a)
     a("--no_progress", action="store_true", help="no progress bar (the log is still written)")
     return p.parse_args(argv)
 

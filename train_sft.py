@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from common.distributed import add_backend_argument
 from common.errors import run_cli
 
 
@@ -49,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue the run in --sft_output from its last checkpoint")
     a("--overwrite", action="store_true", help="replace whatever --sft_output holds")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    a("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
-      help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
+    add_backend_argument(a)
     a("--no_progress", action="store_true", help="no progress bars (logs still written)")
     return p.parse_args(argv)
 

@@ -90,6 +90,19 @@ class Dist:
         return result
 
 
+def add_backend_argument(add: Callable[..., Any]) -> None:
+    """The `--dist_backend` option every torchrun-aware CLI shares; `add` is a parser's add_argument."""
+    add("--dist_backend", default="auto", choices=list(BACKENDS),
+        help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
+
+
+def check_4bit(use_4bit: bool, dist: Dist, device: str) -> None:
+    """4-bit bases under DDP only on CUDA: bitsandbytes' CPU 4-bit is not combined with DDP here."""
+    if use_4bit and dist.enabled and not device.startswith("cuda"):
+        fail("--use_4bit with several processes needs CUDA (bitsandbytes' CPU 4-bit is not combined with "
+             "DDP here); drop --use_4bit or run single-process")
+
+
 def current() -> Dist:
     """The running job's Dist: from the process group when torchrun started one, else one process."""
     import torch.distributed as td

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.distributed import add_backend_argument
 from common.errors import fail, run_cli
 
 
@@ -31,8 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--output", default=None, help="folder for eval_summary.json and eval_predictions.jsonl")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-    p.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
-                   help="under torchrun: process-group backend (auto: nccl on GPUs, gloo on CPU)")
+    add_backend_argument(p.add_argument)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from common.distributed import Dist, current, no_sync_unless, wrap_ddp
+from common.distributed import Dist, check_4bit, current, no_sync_unless, wrap_ddp
 from common.errors import UserError, fail
 from common.runs import (
     CHECKPOINT,
@@ -112,9 +112,7 @@ def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     if cfg.prompts_per_step % dist.world_size:
         fail(f"--prompts_per_step {cfg.prompts_per_step} does not split across {dist.world_size} processes; "
              f"use a multiple of {dist.world_size} (a group of samples never spans processes)")
-    if cfg.use_4bit and dist.enabled and not device.startswith("cuda"):
-        fail("--use_4bit with several processes needs CUDA (bitsandbytes' CPU 4-bit is not combined with "
-             "DDP here); drop --use_4bit or run single-process")
+    check_4bit(cfg.use_4bit, dist, device)
 
 
 def _start_model(cfg: GRPOConfig) -> str:
@@ -263,7 +261,6 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             print(f"resuming {out} at step {step}/{total_steps}")
     log = JsonlLog(out / LOG_NAME, resume_step=step if cfg.resume else None) if dist.is_main else None
 
-
     G = cfg.num_generations
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_completion_length
 
@@ -393,10 +390,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
             "adv_mean": all_advantages.mean().item(), "adv_std": all_advantages.std().item(),
             "grad_norm": grad_norms[-1], "learning_rate": lr,
-            "time_per_step_s": time_per_step, "generation_time_s": times.get("generation", 0.0),
-            "backward_time_s": times.get("backward", 0.0),
-            "other_time_s": time_per_step - times.get("generation", 0.0) - times.get("backward", 0.0),
-            "reference_time_s": times.get("reference", 0.0), "optimizer_time_s": times.get("optimizer", 0.0),
+            "time_per_step_s": time_per_step, "generation_time_s": times["generation"],
+            "backward_time_s": times["backward"],
+            "other_time_s": time_per_step - times["generation"] - times["backward"],
+            "reference_time_s": times["reference"], "optimizer_time_s": times["optimizer"],
             "tokens_generated": sum(lengths), "entropy": entropy_sum / (num_items * n_iter),
             "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
             "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.distributed import current, no_sync_unless, wrap_ddp
+from common.distributed import check_4bit, current, no_sync_unless, wrap_ddp
 from common.runs import (
     RUN_CONFIG,
     JsonlLog,
@@ -103,11 +103,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         if not cfg.resume:
             write_json(out / RUN_CONFIG, {"stage": "sft", **asdict(cfg), "world_size": dist.world_size})
 
-    if cfg.use_4bit and dist.enabled and not (cfg.device or "").startswith("cuda"):
-        fail("--use_4bit with several processes needs CUDA (bitsandbytes' CPU 4-bit is not combined with DDP "
-             "here); drop --use_4bit or run single-process")
-    dist.on_main(prepare)
     device = cfg.device or default_device()
+    check_4bit(cfg.use_4bit, dist, device)
+    dist.on_main(prepare)
     seed_everything(cfg.seed)
 
     train_records = load_records(cfg.dataset, "train", cfg.data_dir, cfg.max_samples, seed=cfg.seed)
