@@ -43,7 +43,9 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
 
 
 def completion_logits(model, batch: RolloutBatch) -> torch.Tensor:
-    """Logits that predict each completion token: [B, C, V] (only the last C+1 positions are computed)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=batch.completion_width + 1)
-    return out.logits[:, :-1]
+    """Logits that predict each completion token: [B, C, V]; the model projects only those C positions
+    onto the vocabulary (the last prompt token's and all but the last completion token's)."""
+    width, C = batch.input_ids.shape[1], batch.completion_width
+    keep = torch.arange(width - C - 1, width - 1, device=batch.input_ids.device)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 logits_to_keep=keep).logits

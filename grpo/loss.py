@@ -12,29 +12,78 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                   chunk_rows: int = 1) -> torch.Tensor:
-    """log softmax(logits / temperature) at `ids`: [B, T, V], [B, T] -> [B, T] in fp32.
+# Per-position chunk of the [N, V] logits: ~2M elements (8 MB in fp32) stays in cache across the passes.
+CHUNK_ELEMENTS = 1 << 21
 
-    Computed `chunk_rows` rows at a time as gather - logsumexp, so the fp32 [B, T, V] log-softmax
-    (B*T*151,936*4 bytes for Qwen3) is never held at once.
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays fp64
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T) at the chosen ids, and (no grad) the softmax's entropy, with a hand-written
+    backward: d logp / dz = (onehot(id) - softmax(z / T)) / T.
+
+    Autograd through log_softmax + gather would keep and re-create several [N, V] tensors (the scaled
+    copy, the softmax, a zero-filled gather gradient); this keeps only the logits and one fp32 scalar
+    per position, and works through the vocabulary a cache-sized chunk of positions at a time.
     """
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        rows = logits[start: start + chunk_rows].float() / temperature
-        picked = rows.gather(-1, ids[start: start + chunk_rows].unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(rows, dim=-1))
-    return torch.cat(out)
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, chunk, with_entropy):  # noqa: ANN001, ANN205
+        V = logits.shape[-1]
+        z, idx = logits.reshape(-1, V), ids.reshape(-1, 1)
+        dtype = _compute_dtype(logits.dtype)
+        logp = torch.empty(z.shape[0], dtype=dtype, device=z.device)
+        lse, entropy = torch.empty_like(logp), torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for s in range(0, z.shape[0], chunk):
+            zt = z[s: s + chunk].to(dtype) / temperature
+            top = zt.amax(-1, keepdim=True)
+            d = zt - top  # shifted so exp cannot overflow; softmax = e / total
+            e = d.exp()
+            total = e.sum(-1)
+            log_total = total.log()
+            lse[s: s + chunk] = top.squeeze(-1) + log_total
+            logp[s: s + chunk] = d.gather(-1, idx[s: s + chunk]).squeeze(-1) - log_total
+            if with_entropy:  # H = -sum p log p = log_total - sum e * d / total
+                entropy[s: s + chunk] = log_total - e.mul_(d).sum(-1) / total
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
+        logits, ids, lse = ctx.saved_tensors
+        T, chunk, V = ctx.temperature, ctx.chunk, logits.shape[-1]
+        z, idx = logits.reshape(-1, V), ids.reshape(-1, 1)
+        g = (grad_logp.reshape(-1, 1) / T).to(lse.dtype)
+        grad = torch.empty_like(z)
+        for s in range(0, z.shape[0], chunk):
+            p = (z[s: s + chunk].to(lse.dtype) / T).sub_(lse[s: s + chunk, None]).exp_()  # softmax(z / T)
+            p.mul_(-g[s: s + chunk]).scatter_add_(-1, idx[s: s + chunk], g[s: s + chunk])
+            grad[s: s + chunk] = p
+        return grad.view_as(logits), None, None, None, None
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 1) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: [B, T, V] -> [B, T], row-chunked."""
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        logp = torch.log_softmax(logits[start: start + chunk_rows].float() / temperature, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+def _chunk(logits: torch.Tensor, chunk_positions: int | None) -> int:
+    return chunk_positions or max(1, CHUNK_ELEMENTS // logits.shape[-1])
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                   chunk_positions: int | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) at `ids`: [B, T, V], [B, T] -> [B, T] in fp32 (differentiable).
+
+    Worked through `chunk_positions` positions at a time (default: ~8 MB of fp32 logits), so the fp32
+    [B, T, V] log-softmax (B*T*151,936*4 bytes for Qwen3) is never held at once."""
+    return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), False)[0]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                               chunk_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and, in the same pass over the vocabulary, the entropy of softmax(logits /
+    temperature) per position ([B, T], not differentiable: a metric)."""
+    return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), True)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",

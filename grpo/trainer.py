@@ -46,7 +46,7 @@ from common.runs import (
     write_json,
 )
 from grpo.batch import RolloutBatch, completion_logits, pack
-from grpo.loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_entropy, token_logprobs
+from grpo.loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning
@@ -342,7 +342,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                     with no_sync_unless(train_model, sync=s + cfg.micro_batch_size >= B):
                         with autocast():
                             logits = completion_logits(train_model, mb)
-                            logp = token_logprobs(logits, mb.completion_ids, cfg.temperature)
+                            logp, entropy = token_logprobs_and_entropy(logits, mb.completion_ids, cfg.temperature)
                         loss, metrics = grpo_loss(
                             logp, None if old_logprobs is None else old_logprobs[rows],
                             None if ref_logprobs is None else ref_logprobs[rows], advantages[rows],
@@ -353,8 +353,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                     for k, v in metrics.items():  # this rank's share; summed over ranks at log time
                         sums[k] = sums.get(k, 0.0) + v * (weight if k in ("grpo_loss", "policy_loss", "kl_loss")
                                                           else mb.completion_mask.sum().item() / num_items)
-                    entropy_sum += (token_entropy(logits.detach(), cfg.temperature) * mb.completion_mask).sum().item()
-                    del logits, logp, loss
+                    entropy_sum += (entropy * mb.completion_mask).sum().item()
+                    del logits, logp, entropy, loss
             with timer("optimizer"):
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                 grad_norms.append(grad_norm)

@@ -5,9 +5,13 @@ import math
 import pytest
 import torch
 
-from grpo.loss import aggregate, group_advantages, grpo_loss, token_entropy, token_logprobs
+from grpo.loss import aggregate, group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
 
-# ---------- token_logprobs / token_entropy
+# ---------- token_logprobs / token_logprobs_and_entropy
+
+
+def _reference_logprobs(logits, ids, temperature):
+    return torch.log_softmax(logits / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 def test_token_logprobs_matches_log_softmax_any_chunk():
@@ -15,9 +19,9 @@ def test_token_logprobs_matches_log_softmax_any_chunk():
     logits = torch.randn(5, 7, 11, generator=g)
     ids = torch.randint(0, 11, (5, 7), generator=g)
     for temperature in (1.0, 0.7):
-        want = torch.log_softmax(logits / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        for chunk in (1, 2, 5):
-            assert torch.allclose(token_logprobs(logits, ids, temperature, chunk_rows=chunk), want, atol=1e-6)
+        want = _reference_logprobs(logits, ids, temperature)
+        for chunk in (None, 1, 4, 35, 100):  # auto, one position, a chunk that cuts rows, all, more than all
+            assert torch.allclose(token_logprobs(logits, ids, temperature, chunk_positions=chunk), want, atol=1e-6)
 
 
 def test_token_logprobs_by_hand():
@@ -27,24 +31,58 @@ def test_token_logprobs_by_hand():
     assert token_logprobs(logits, torch.tensor([[0]]), 2.0).item() == pytest.approx(-math.log(1 + math.sqrt(3)))
 
 
+def test_token_logprobs_gradient_by_hand_and_gradcheck():
+    # d log p_id / d z_j = (1[j == id] - p_j) / T: softmax [1/4, 3/4], id 1, T 1 -> [-1/4, 1/4]
+    logits = torch.tensor([[[0.0, math.log(3.0)]]], requires_grad=True)
+    token_logprobs(logits, torch.tensor([[1]])).sum().backward()
+    assert logits.grad.flatten().tolist() == pytest.approx([-0.25, 0.25])
+    # the hand-written backward against finite differences, in float64, chunks that cut rows
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.randint(0, 6, (2, 3), generator=g)
+    assert torch.autograd.gradcheck(lambda z: token_logprobs(z, ids, 0.7, chunk_positions=4), (x,))
+
+
+def test_token_logprobs_gradient_matches_autograd_of_log_softmax():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 50, generator=g)
+    ids = torch.randint(0, 50, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g)
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    (token_logprobs(ours, ids, 0.7, chunk_positions=2) * upstream).sum().backward()
+    (_reference_logprobs(ref, ids, 0.7) * upstream).sum().backward()
+    assert torch.allclose(ours.grad, ref.grad, atol=1e-6)
+
+
 def test_token_logprobs_bf16_logits_and_gradient():
-    logits = torch.randn(2, 3, 5, dtype=torch.bfloat16, requires_grad=True)
-    ids = torch.zeros(2, 3, dtype=torch.long)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, generator=g).to(torch.bfloat16).requires_grad_()
+    ids = torch.randint(0, 5, (2, 3), generator=g)
     out = token_logprobs(logits, ids)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32  # computed in fp32 from the bf16 logits
+    assert torch.allclose(out, _reference_logprobs(logits.detach().float(), ids, 1.0), atol=1e-6)
     out.sum().backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
+    assert logits.grad.dtype == torch.bfloat16
+    ref = logits.detach().float().requires_grad_()
+    _reference_logprobs(ref, ids, 1.0).sum().backward()
+    assert torch.allclose(logits.grad.float(), ref.grad, atol=1e-2)
 
 
 def test_token_entropy():
     # uniform over 4 -> ln 4; one-hot-ish -> ~0
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
-    ent = token_entropy(logits)
+    logp, ent = token_logprobs_and_entropy(logits, torch.tensor([[2, 0]]))
     assert ent[0, 0].item() == pytest.approx(math.log(4))
     assert ent[0, 1].item() == pytest.approx(0.0, abs=1e-6)
-    logits = torch.randn(3, 4, 9)
+    assert logp.flatten().tolist() == pytest.approx([-math.log(4), 0.0], abs=1e-6)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 4, 9, generator=g)
+    ids = torch.randint(0, 9, (3, 4), generator=g)
     want = torch.distributions.Categorical(logits=logits / 0.7).entropy()
-    assert torch.allclose(token_entropy(logits, 0.7, chunk_rows=2), want, atol=1e-5)
+    logp, ent = token_logprobs_and_entropy(logits, ids, 0.7, chunk_positions=5)
+    assert torch.allclose(ent, want, atol=1e-5)
+    assert torch.allclose(logp, token_logprobs(logits, ids, 0.7), atol=1e-6)
+    assert not ent.requires_grad
 
 
 # ---------- group_advantages
