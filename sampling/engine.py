@@ -17,28 +17,61 @@ import torch
 from sampling.fast_qwen3 import FastQwen3, supports
 from sampling.generate import Completions, left_pad
 
+BLOCK = 1024  # entries per block of the two-level draw
+
+
+def _padded_width(V: int) -> int:
+    """Vocabulary width rounded up to whole blocks when the draw goes in two levels."""
+    return V if V <= 2 * BLOCK else -(-V // BLOCK) * BLOCK
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of `weights` [B, W] (>= 0, unnormalized), with probability proportional to
+    its weight, from one uniform per row (torch.multinomial draws one random number per entry on CPU).
+
+    Wide rows (W a multiple of BLOCK) go by inverse CDF in two levels: pick a block from the block
+    sums, then the entry inside it, so no cumulative sum runs over the whole 151,936-entry vocabulary."""
+    B, W = weights.shape
+    u = torch.rand((B, 1), device=weights.device, generator=generator, dtype=weights.dtype)
+    if W <= 2 * BLOCK:
+        cdf = weights.cumsum(-1)
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=W - 1)
+    blocks = weights.view(B, W // BLOCK, BLOCK)
+    sums = blocks.sum(-1)
+    cdf = sums.cumsum(-1)
+    u = u * cdf[:, -1:]
+    b = torch.searchsorted(cdf, u).clamp_(max=W // BLOCK - 1)  # [B, 1]
+    inner = blocks.gather(1, b[:, :, None].expand(B, 1, BLOCK)).squeeze(1).cumsum(-1)  # [B, BLOCK]
+    # what is left of u inside the block, kept within (0, block total] against rounding so the pick
+    # never lands on a zero-weight entry at either end
+    left = (u - (cdf.gather(1, b) - sums.gather(1, b))).clamp_(min=torch.finfo(weights.dtype).tiny)
+    j = torch.searchsorted(inner, torch.minimum(left, inner[:, -1:]))
+    return (b * BLOCK + j).squeeze(-1)
+
 
 def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0."""
-    logits = logits.float()
+    """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0.
+
+    The log-probability is under softmax(logits / temperature), before top-p, as the loss computes it."""
     if temperature <= 0:
-        logp = torch.log_softmax(logits, dim=-1)
-        token = logp.argmax(dim=-1)
-        return token, logp.gather(-1, token[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    probs = logp.exp()
+        logits = logits.float()
+        token = logits.argmax(dim=-1)
+        return token, logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    z = logits.float() / temperature
+    top = z.amax(dim=-1, keepdim=True)
+    B, V = z.shape
+    padded = torch.empty((B, _padded_width(V)), dtype=torch.float32, device=z.device)
+    padded[:, V:] = 0.0
+    weights = torch.sub(z, top, out=padded[:, :V]).exp_()  # softmax * total, never overflows
+    total = weights.sum(dim=-1, keepdim=True)
     if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # Inverse-CDF draw: one uniform per row instead of one random number per vocabulary entry
-    # (torch.multinomial's cost on CPU); the same categorical distribution.
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand((probs.shape[0], 1), device=probs.device, generator=generator) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        sorted_w, order = weights.sort(dim=-1, descending=True)
+        sorted_w.masked_fill_(sorted_w.cumsum(-1) - sorted_w >= top_p * total, 0.0)
+        weights.scatter_(-1, order, sorted_w)
+    token = _draw(padded, generator)
+    logp = (z.gather(-1, token[:, None]) - top - total.log()).squeeze(-1)
+    return token, logp
 
 
 class _HFDecoder:

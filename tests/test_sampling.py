@@ -8,7 +8,7 @@ from data.prompt import encode_prompt
 from grpo.batch import completion_logits, pack
 from grpo.loss import token_logprobs
 from sampling import rollout, sample, sample_with_generate
-from sampling.engine import _sample_token
+from sampling.engine import _draw, _sample_token
 from sampling.fast_qwen3 import supports
 
 
@@ -74,6 +74,38 @@ def test_sampling_follows_softmax_and_top_p():
     assert set(token.tolist()) == {0, 1}
     greedy, _ = _sample_token(logits[:2], 0.0, 1.0, None)
     assert greedy.tolist() == [0, 0]
+
+
+def test_two_level_draw_follows_the_weights_over_a_large_vocabulary():
+    # 3 blocks of 1,024 entries; mass spread over all three blocks, zero-weight
+    # entries on both sides of each block edge that must never be drawn
+    V, n = 3072, 40_000
+    weights = torch.zeros(V)
+    picks = {3: 1.0, 1023: 2.0, 1025: 1.0, 2047: 0.5, 2048: 3.0, 2999: 2.5}
+    for i, w in picks.items():
+        weights[i] = w
+    gen = torch.Generator().manual_seed(0)
+    drawn = _draw(weights.repeat(n, 1), gen)
+    freq = torch.bincount(drawn, minlength=V).float() / n
+    assert set(drawn.unique().tolist()) == set(picks)
+    for i, w in picks.items():
+        assert abs(freq[i].item() - w / 10.0) < 0.01, (i, freq[i].item(), w / 10.0)
+
+
+def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 5000, generator=g) * 3
+    logits[0, :6] = torch.tensor([9.0, 8.5, 8.0, 7.0, 6.0, 5.0])
+    n = 30_000
+    token, logp = _sample_token(logits.repeat(n, 1), 0.7, 1.0, torch.Generator().manual_seed(2))
+    want = torch.softmax(logits[0] / 0.7, -1)
+    freq = torch.bincount(token, minlength=5000).float() / n
+    assert torch.allclose(freq[:6], want[:6], atol=0.01), (freq[:6], want[:6])
+    assert torch.allclose(logp, torch.log(want)[token], atol=1e-5)
+    token, _ = _sample_token(logits.repeat(2000, 1), 0.7, 0.5, torch.Generator().manual_seed(3))
+    order = want.argsort(descending=True)
+    nucleus = order[: int((want[order].cumsum(0) - want[order] < 0.5).sum())]
+    assert set(token.tolist()) <= set(nucleus.tolist()) and len(set(token.tolist())) == len(nucleus)
 
 
 def test_sample_batches_prompts_and_restores_train_mode(tiny_model, tiny_tokenizer, prompts):
