@@ -41,6 +41,9 @@ QWEN3_SHAPES: dict[str, dict[str, Any]] = {
                             num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
     "Qwen/Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                           num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    # not a release: the 4-layer, 256-wide Qwen3 (full vocabulary) that CPU step timings are quoted for
+    "qwen3-4x256": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
 }
 QWEN3_COMMON = dict(vocab_size=151936, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
                     rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"})
@@ -105,7 +108,7 @@ def random_qwen3_config(hub_id: str, tokenizer: Any) -> Any:
         from common.errors import fail
 
         fail(f"random:{hub_id} is not a known Qwen3 shape; choose one of {', '.join(QWEN3_SHAPES)}")
-    return Qwen3Config(**QWEN3_SHAPES[hub_id], **QWEN3_COMMON, bos_token_id=None,
+    return Qwen3Config(**{**QWEN3_COMMON, **QWEN3_SHAPES[hub_id]}, bos_token_id=None,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 

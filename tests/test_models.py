@@ -75,6 +75,9 @@ def test_random_qwen3_shape_matches_the_release(tiny_tokenizer):
         model = Qwen3ForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == 596_049_920  # Qwen3-0.6B's published count
     assert set(QWEN3_SHAPES) >= {"Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B"} and QWEN3_COMMON["head_dim"] == 128
+    # the benchmark shape: 4 layers, 256 wide, its own head_dim over the common one, Qwen3's vocabulary
+    small = random_qwen3_config("qwen3-4x256", build_tiny_tokenizer())
+    assert (small.num_hidden_layers, small.hidden_size, small.head_dim, small.vocab_size) == (4, 256, 64, 151936)
 
 
 def test_random_model_loads_small(monkeypatch):
