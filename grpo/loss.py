@@ -12,8 +12,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 
 
-# Per-position chunk of the [N, V] logits: ~2M elements (8 MB in fp32) stays in cache across the passes.
-CHUNK_ELEMENTS = 1 << 21
+# Logits worked through per chunk of positions: on the CPU ~2M elements (8 MB in fp32), which stays in
+# cache across the passes; on GPUs 32M (128 MB), few enough chunks that kernel launches do not add up.
+CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS = 1 << 21, 1 << 25
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +27,7 @@ class _SelectedLogSoftmax(torch.autograd.Function):
 
     Autograd through log_softmax + gather would keep and re-create several [N, V] tensors (the scaled
     copy, the softmax, a zero-filled gather gradient); this keeps only the logits and one fp32 scalar
-    per position, and works through the vocabulary a cache-sized chunk of positions at a time.
+    per position, and works through the vocabulary a chunk of positions at a time.
     """
 
     @staticmethod
@@ -67,15 +68,16 @@ class _SelectedLogSoftmax(torch.autograd.Function):
 
 
 def _chunk(logits: torch.Tensor, chunk_positions: int | None) -> int:
-    return chunk_positions or max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    elements = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    return chunk_positions or max(1, elements // logits.shape[-1])
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
                    chunk_positions: int | None = None) -> torch.Tensor:
     """log softmax(logits / temperature) at `ids`: [B, T, V], [B, T] -> [B, T] in fp32 (differentiable).
 
-    Worked through `chunk_positions` positions at a time (default: ~8 MB of fp32 logits), so the fp32
-    [B, T, V] log-softmax (B*T*151,936*4 bytes for Qwen3) is never held at once."""
+    Worked through `chunk_positions` positions at a time (default: ~8 MB of fp32 logits on the CPU,
+    128 MB on GPUs), so the fp32 [B, T, V] log-softmax (B*T*151,936*4 bytes for Qwen3) is never held."""
     return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), False)[0]
 
 
