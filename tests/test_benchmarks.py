@@ -1,5 +1,6 @@
 """The benchmarks run and print their figures (the figures themselves are reported, not asserted)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -37,3 +38,13 @@ def test_step_benchmark():
         assert record[key] > 0, key
     assert record["processes"] == 1
     assert "forward+backward" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is not None,
+                    reason="TRL is installed here; this checks the message shown where it is not")
+def test_trl_step_benchmark_without_trl_says_how_to_get_it():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.trl_step", "--model", "tiny"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert "pip install trl" in result.stderr
