@@ -16,8 +16,17 @@ class RolloutBatch:
     completion_mask: torch.Tensor  # [B, C]: 1 on completion tokens (eos included)
 
     def rows(self, index: slice) -> RolloutBatch:
-        return RolloutBatch(*(t[index] for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                  self.completion_ids, self.completion_mask)))
+        """These rows, cut to the columns they use: the prompt padding all of them have on the left and
+        the completion padding all of them have on the right, so a micro-batch of short completions does
+        not pay for the batch's longest. Completion column j stays column j of the whole batch."""
+        mask, completion_mask = self.attention_mask[index], self.completion_mask[index]
+        P = mask.shape[1] - self.completion_width
+        first = int(mask[:, :P].any(0).int().argmax())  # every prompt has a token, so this is < P
+        used = completion_mask.any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+        cols = slice(first, P + width)
+        return RolloutBatch(self.input_ids[index, cols], mask[:, cols], self.position_ids[index, cols],
+                            self.completion_ids[index, :width], completion_mask[:, :width])
 
     @property
     def completion_width(self) -> int:

@@ -173,7 +173,8 @@ def _logprobs_no_grad(model, batch: RolloutBatch, micro: int, temperature: float
     for s in range(0, batch.input_ids.shape[0], micro):
         rows = batch.rows(slice(s, s + micro))
         with autocast():
-            out.append(token_logprobs(completion_logits(model, rows), rows.completion_ids, temperature))
+            logp = token_logprobs(completion_logits(model, rows), rows.completion_ids, temperature)
+        out.append(torch.nn.functional.pad(logp, (0, batch.completion_width - rows.completion_width)))
     return torch.cat(out)
 
 
@@ -334,7 +335,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
             with timer("backward"):
                 for s in range(0, B, cfg.micro_batch_size):
                     rows = slice(s, s + cfg.micro_batch_size)
-                    mb = batch.rows(rows)
+                    mb = batch.rows(rows)  # cut to its own widths: completion columns [:w] of the batch
+                    w = mb.completion_width
                     # dapo is normalized by the step's token count already; the per-batch means of the
                     # other types are weighted by their share of the step's rows so the step's loss is
                     # their mean. DDP averages gradients over ranks, so the backward is scaled by W.
@@ -344,8 +346,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                             logits = completion_logits(train_model, mb)
                             logp, entropy = token_logprobs_and_entropy(logits, mb.completion_ids, cfg.temperature)
                         loss, metrics = grpo_loss(
-                            logp, None if old_logprobs is None else old_logprobs[rows],
-                            None if ref_logprobs is None else ref_logprobs[rows], advantages[rows],
+                            logp, None if old_logprobs is None else old_logprobs[rows, :w],
+                            None if ref_logprobs is None else ref_logprobs[rows, :w], advantages[rows],
                             mb.completion_mask, beta=cfg.beta, epsilon_low=cfg.epsilon,
                             epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                             max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
