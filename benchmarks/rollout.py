@@ -19,7 +19,8 @@ from common.errors import run_cli
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, random:Qwen/Qwen3-0.6B, a folder or a hub id")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id")
     p.add_argument("--prompts", type=int, default=4, help="distinct prompts")
     p.add_argument("--num_generations", type=int, default=8, help="samples per prompt")
     p.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample (forced)")

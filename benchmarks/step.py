@@ -1,12 +1,13 @@
 """GRPO step cost at the seed settings: 4 prompts x 4 generations = 16 completions, micro-batches of 4.
 
     python -m benchmarks.step --model tiny --max_new_tokens 128
+    python -m benchmarks.step --model random:qwen3-4x256 --max_new_tokens 128   (4 layers, Qwen3's vocabulary)
     python -m benchmarks.step --model random:Qwen/Qwen3-0.6B --max_new_tokens 512 --device cuda
 
 Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) and
 prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
-rollout tokens/s and peak memory, and one JSON line. Any local model folder works, so the same model
-can be timed under TRL.
+rollout tokens/s and peak memory, and one JSON line. `benchmarks.trl_step` times the same step under
+TRL, on the same model names.
 
 Data-parallel: `OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m benchmarks.step ...` runs
 the same steps with the prompts split across processes (times are the slowest rank's, tokens summed).
@@ -22,7 +23,8 @@ from common.errors import run_cli
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, random:Qwen/Qwen3-0.6B, a folder or a hub id")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id")
     p.add_argument("--max_new_tokens", type=int, default=128, help="--max_completion_length of the steps")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
