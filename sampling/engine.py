@@ -33,6 +33,7 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     sums, then the entry inside it, so no cumulative sum runs over the whole 151,936-entry vocabulary."""
     B, W = weights.shape
     u = torch.rand((B, 1), device=weights.device, generator=generator, dtype=weights.dtype)
+    u.clamp_(min=torch.finfo(u.dtype).tiny)  # rand can return 0.0, which would pick a leading zero-weight entry
     if W <= 2 * BLOCK:
         cdf = weights.cumsum(-1)
         return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=W - 1)

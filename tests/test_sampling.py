@@ -92,6 +92,16 @@ def test_two_level_draw_follows_the_weights_over_a_large_vocabulary():
         assert abs(freq[i].item() - w / 10.0) < 0.01, (i, freq[i].item(), w / 10.0)
 
 
+def test_draw_never_picks_a_zero_weight_entry_when_rand_returns_zero(monkeypatch):
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: zeros(shape, dtype=kw.get("dtype")))
+    small = torch.tensor([[0.0, 0.0, 2.0, 1.0]])
+    large = torch.zeros(1, 3072)
+    large[0, 1500] = 1.0  # block 0 has no mass at all
+    assert _draw(small, None).tolist() == [2]
+    assert _draw(large, None).tolist() == [1500]
+
+
 def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 5000, generator=g) * 3
