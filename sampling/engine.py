@@ -2,7 +2,8 @@
 
 - Prefix sharing: each prompt is prefilled once, then its KV cache is repeated for its G samples.
 - A preallocated (static) KV cache of prompt + max_new_tokens slots, filled in place.
-- A lean decode step (`fast_qwen3`) on plain Qwen3 models; the model's own forward otherwise.
+- A lean decode step (`fast_qwen3`) on plain Qwen3 models, optionally replayed from CUDA graphs
+  (`cuda_graphs`); the model's own forward otherwise.
 - Sampling on the device (temperature, top-p), log-probabilities of the sampled tokens collected as
   it goes, an exit as soon as every row has finished, and finished rows dropped from the batch once
   at most half are still running (fewer rows through the model for the long tail).
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sampling.cuda_graphs import GraphedDecodeStep
 from sampling.fast_qwen3 import FastQwen3, supports
 from sampling.generate import Completions, left_pad
 
@@ -78,8 +80,10 @@ def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
 class _HFDecoder:
     """Decode through the model's own forward with a `transformers` StaticCache (LoRA, 4-bit...)."""
 
+    can_drop_rows = True
+
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 max_new_tokens: int, G: int):
+                 max_new_tokens: int, G: int, cuda_graphs: bool = False):
         from transformers import StaticCache
 
         self.model, self.L = model, ids.shape[1]
@@ -104,10 +108,11 @@ class _HFDecoder:
 
 
 class _FastDecoder:
-    """Decode through `FastQwen3` with our own preallocated cache; prefill still uses the model."""
+    """Decode through `FastQwen3` with our own preallocated cache; prefill still uses the model.
+    With `cuda_graphs` the step replays from CUDA graphs, and rows are never dropped (fixed shapes)."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 max_new_tokens: int, G: int):
+                 max_new_tokens: int, G: int, cuda_graphs: bool = False):
         from transformers import DynamicCache
 
         dtype = torch.bfloat16 if ids.device.type == "cuda" else next(model.parameters()).dtype
@@ -125,15 +130,24 @@ class _FastDecoder:
                 store.append(buf)
         ones = torch.ones(ids.shape[0], max_new_tokens, dtype=torch.bool, device=ids.device)
         self.slot_mask = torch.cat([mask.bool(), ones], dim=1).repeat_interleave(G, dim=0)
+        slots = self.L + max_new_tokens
+        self.slot_ids = torch.arange(slots, device=ids.device)  # slot i as a [1] view: no host copy per step
+        self.graphed = GraphedDecodeStep(self._step, ids.shape[0] * G, slots, ids.device) if cuda_graphs else None
+        self.can_drop_rows = not cuda_graphs
 
     def keep(self, rows: torch.Tensor) -> None:
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
         self.slot_mask = self.slot_mask[rows]
 
+    def _step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, width: int) -> torch.Tensor:
+        return self.fast.step(token, position, self.keys, self.values, slot, width, self.slot_mask)
+
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         slot = self.L + t
-        return self.fast.step(token, position, self.keys, self.values, slot, self.slot_mask[:, : slot + 1])
+        if self.graphed is not None:
+            return self.graphed(token, position, slot)
+        return self._step(token, position, self.slot_ids[slot: slot + 1], slot + 1)
 
 
 @torch.no_grad()
@@ -150,17 +164,20 @@ def rollout(
     ignore_eos: bool = False,
     generator: torch.Generator | None = None,
     fast: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> Completions:
     """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature.
 
-    `fast` picks the lean decode step (default: whenever the model supports it); `ignore_eos` forces
-    exactly max_new_tokens per row (for benchmarks)."""
+    `fast` picks the lean decode step (default: whenever the model supports it); `cuda_graphs` replays
+    that step from CUDA graphs (CUDA only; models without the lean step ignore it); `ignore_eos`
+    forces exactly max_new_tokens per row (for benchmarks)."""
     device = next(model.parameters()).device
     P, G = len(prompts), num_samples
     ids, mask = left_pad(prompts, pad_token_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     use_fast = supports(model) if fast is None else fast
-    decoder = (_FastDecoder if use_fast else _HFDecoder)(model, ids, mask, positions, max_new_tokens, G)
+    decoder = (_FastDecoder if use_fast else _HFDecoder)(model, ids, mask, positions, max_new_tokens, G,
+                                                         cuda_graphs=cuda_graphs)
     logits = decoder.first_logits
 
     B = P * G
@@ -184,7 +201,7 @@ def rollout(
             n_alive = int((~finished).sum())  # one sync per step: the price of stopping early
             if n_alive == 0:
                 break
-            if n_alive <= finished.numel() // 2 and finished.numel() >= 8:  # drop finished rows
+            if decoder.can_drop_rows and n_alive <= finished.numel() // 2 and finished.numel() >= 8:  # drop finished
                 keep = (~finished).nonzero().squeeze(-1)
                 decoder.keep(keep)
                 alive, finished, token, next_pos = alive[keep], finished[keep], token[keep], next_pos[keep]
@@ -213,6 +230,7 @@ def sample(
     top_p: float = 1.0,
     batch_size: int | None = None,
     progress: Any = None,
+    cuda_graphs: bool = False,
 ) -> Completions:
     """`num_samples` completions per prompt through `rollout`, `batch_size` prompts at a time
     (None: all at once); `progress` is an optional tqdm bar advanced by prompts done."""
@@ -223,7 +241,7 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         chunk = rollout(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p)
+                        temperature=temperature, top_p=top_p, cuda_graphs=cuda_graphs)
         out.prompt_index += [start + i for i in chunk.prompt_index]
         out.token_ids += chunk.token_ids
         out.truncated += chunk.truncated

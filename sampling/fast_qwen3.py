@@ -101,25 +101,28 @@ class FastQwen3:
             self.lm_head = model.lm_head.weight.to(dtype)
 
     def step(self, token: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor],
-             values: list[torch.Tensor], slot: int, slot_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per row, written into cache slot `slot`.
+             values: list[torch.Tensor], slot: torch.Tensor, width: int, slot_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for one new token per row, written into cache slot `slot` ([1] long tensor).
 
-        position [B]: RoPE positions; slot_mask [B, slot + 1]: True where a row may attend."""
+        position [B]: RoPE positions; slot_mask [B, slots]: True where a row may attend. Attention reads
+        the first `width` slots (> slot) and masks those after `slot`, so with a fixed width every shape
+        is fixed and nothing reads a tensor's value on the host: the step can be captured as a CUDA graph."""
         B, H, KV, D = token.shape[0], self.n_heads, self.n_kv, self.head_dim
         freqs = position[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(self.dtype)[:, None, :]  # [B, 1, D]
         sin = (emb.sin() * self.scaling).to(self.dtype)[:, None, :]
-        bias = torch.zeros(slot_mask.shape, dtype=torch.float32, device=token.device)
-        bias = bias.masked_fill_(~slot_mask, float("-inf"))[:, None, None, :]  # [B, 1, 1, S]
+        allowed = slot_mask[:, :width] & (torch.arange(width, device=token.device) <= slot)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=token.device)
+        bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # [B, 1, 1, width]
         h = self.embed[token]  # [B, hidden]
         for i, (ln1, wqkv, qk_norm, wo, ln2, wgu, wdown) in enumerate(self.layers):
             qkv = _rms(h, ln1, self.eps) @ wqkv.T
             qk = _rotate(_rms(qkv[:, : (H + KV) * D].view(B, H + KV, D), qk_norm, self.eps), cos, sin)
-            keys[i][:, :, slot] = qk[:, H:]
-            values[i][:, :, slot] = qkv[:, (H + KV) * D:].view(B, KV, D)
-            ks, vs = keys[i][:, :, : slot + 1], values[i][:, :, : slot + 1]  # [B, KV, S, D]
-            # one query per row: grouped heads as a [B, KV, H/KV, D] x [B, KV, D, S] product
+            keys[i].index_copy_(2, slot, qk[:, H:, None])
+            values[i].index_copy_(2, slot, qkv[:, (H + KV) * D:].view(B, KV, 1, D))
+            ks, vs = keys[i][:, :, :width], values[i][:, :, :width]  # [B, KV, width, D]
+            # one query per row: grouped heads as a [B, KV, H/KV, D] x [B, KV, D, width] product
             scores = (qk[:, :H].reshape(B, KV, H // KV, D) @ ks.transpose(-1, -2)) * self.head_dim**-0.5
             probs = torch.softmax(scores.float() + bias, dim=-1).to(vs.dtype)
             h = h + (probs @ vs).reshape(B, H * D) @ wo.T

@@ -1,0 +1,83 @@
+"""The decode step replayed from CUDA graphs: one kernel-launch sequence per step instead of hundreds
+of Python-issued launches, which is what a 0.6B model's decode step costs on a GPU.
+
+A graph freezes shapes and addresses, so the step reads its inputs from fixed tensors (token, position,
+cache slot) and attends over a fixed number of cache slots: the slots in use rounded up to `bucket`
+(later slots are masked). One graph per width, captured the first time a width is reached, all in one
+memory pool. The KV cache buffers must stay the same tensors for the graphs' life (no dropped rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from common.errors import fail
+
+BUCKET = 128  # attention width granularity: fewer graphs against less attention over masked slots
+
+
+def check_cuda_graphs(enabled: bool, device: str) -> None:
+    """One-line error for --cuda_graphs off a CUDA device."""
+    if enabled and not str(device).startswith("cuda"):
+        fail(f"--cuda_graphs needs a CUDA device, not {device}: drop it or run with --device cuda")
+
+
+class CapturedStep:
+    """What `capture` returns: `replay()` reruns the recorded kernels; `output` is where they write."""
+
+    def __init__(self, graph: Any, output: torch.Tensor):
+        self.graph, self.output = graph, output
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def capture(fn: Callable[[], torch.Tensor], pool: Any) -> tuple[CapturedStep, Any]:
+    """Record `fn` (no arguments: it reads only fixed tensors) as a CUDA graph in memory pool `pool`.
+
+    One eager run first, on a side stream as PyTorch asks, so lazy allocations and library handles
+    are made outside the capture; the decode step it runs writes the same cache slot the replay will."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # the step fixes its own dtypes; autocast's cast cache must stay out of a capture
+    with torch.autocast("cuda", enabled=False):
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = fn()
+    return CapturedStep(graph, output), graph.pool()
+
+
+class GraphedDecodeStep:
+    """`step(token, position, slot_index)` through CUDA graphs.
+
+    `step_fn(token, position, slot, width)` is the decode step (`FastQwen3.step` with its cache bound);
+    `slots` is the cache length."""
+
+    def __init__(self, step_fn: Callable[..., torch.Tensor], batch: int, slots: int, device: torch.device):
+        self.step_fn, self.slots, self.bucket = step_fn, slots, BUCKET
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, CapturedStep] = {}
+        self.pool = None
+
+    def width(self, slot: int) -> int:
+        return min(-(-(slot + 1) // self.bucket) * self.bucket, self.slots)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.slot.fill_(slot)
+        width = self.width(slot)
+        if width not in self.graphs:
+            self.graphs[width], self.pool = capture(
+                lambda: self.step_fn(self.token, self.position, self.slot, width), self.pool)
+        graph = self.graphs[width]
+        graph.replay()
+        return graph.output  # overwritten by the next replay: read it before the next step
