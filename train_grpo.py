@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="token limit per completion; untuned Qwen3-0.6B needs ~250 on GSM8K, so keep 512")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (also used in logprobs)")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="replay the decode step from CUDA graphs (CUDA only; see README, Speed)")
     g = p.add_argument_group("loss and optimizer")
     g.add_argument("--micro_batch_size", type=int, default=4, help="completions per forward/backward pass")
     g.add_argument("--learning_rate", type=float, default=1e-6, help="AdamW learning rate")

@@ -6,7 +6,9 @@
 
 Both are forced to exactly --max_new_tokens new tokens per sequence (no early stop), timed alternately
 over --repeats runs after a warm-up of each; prints tokens/s of each, the ratio, peak memory, and one
-JSON line. On CUDA it also gives the decode roofline: weight bytes per step over the GPU's bandwidth.
+JSON line. On CUDA it also times our engine with the decode step replayed from CUDA graphs (graphs
+captured anew in each run, as in training, so capture time is included), and gives the decode
+roofline: weight bytes per step over the GPU's bandwidth.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     G, N = args.num_generations, args.max_new_tokens
     tokens_per_run = len(prompts) * G * N
 
-    def ours() -> None:
+    def ours(cuda_graphs: bool = False) -> None:
         rollout(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                num_samples=G, max_new_tokens=N, temperature=args.temperature, top_p=args.top_p, ignore_eos=True)
+                num_samples=G, max_new_tokens=N, temperature=args.temperature, top_p=args.top_p, ignore_eos=True,
+                cuda_graphs=cuda_graphs)
 
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
 
@@ -72,14 +75,17 @@ def main(argv: list[str] | None = None) -> None:
                            top_p=args.top_p, top_k=0, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
-    times: dict[str, list[float]] = {"ours": [], "generate": []}
+    runs = {"ours": ours, "generate": generate}
+    if device.startswith("cuda"):
+        runs["ours_graphs"] = lambda: ours(cuda_graphs=True)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, float] = {}
-    for name, fn in (("ours", ours), ("generate", generate)):  # warm-up
+    for name, fn in runs.items():  # warm-up
         reset_peak(device)
         fn()
         peaks[name] = peak_memory_gb(device)
     for _ in range(args.repeats):
-        for name, fn in (("ours", ours), ("generate", generate)):
+        for name, fn in runs.items():
             times[name].append(timed(fn, device))
     tps = {name: tokens_per_run / median(t) for name, t in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
@@ -94,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         "generate_seconds": [round(t, 3) for t in times["generate"]],
         "ours_peak_memory_gb": round(peaks["ours"], 3), "generate_peak_memory_gb": round(peaks["generate"], 3),
     }
+    if "ours_graphs" in runs:
+        record.update(ours_graphs_tokens_per_s=round(tps["ours_graphs"], 1),
+                      speedup_graphs=round(tps["ours_graphs"] / tps["generate"], 2),
+                      ours_graphs_seconds=[round(t, 3) for t in times["ours_graphs"]],
+                      ours_graphs_peak_memory_gb=round(peaks["ours_graphs"], 3))
     if device.startswith("cuda"):
         bandwidth = gpu_bandwidth_gbs()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -102,14 +113,22 @@ def main(argv: list[str] | None = None) -> None:
             record.update(gpu=torch.cuda.get_device_name(), bandwidth_gbs=bandwidth,
                           roofline_tokens_per_s=round(steps_per_s_bound * len(prompts) * G, 1),
                           ours_share_of_roofline=round(tps["ours"] / (steps_per_s_bound * len(prompts) * G), 3))
+            if "ours_graphs" in runs:
+                record["ours_graphs_share_of_roofline"] = round(
+                    tps["ours_graphs"] / (steps_per_s_bound * len(prompts) * G), 3)
     print(f"{args.model}{' + LoRA' if args.lora else ''} on {device}: {len(prompts)} prompts x {G} samples x "
           f"{N} tokens = {tokens_per_run} tokens/run")
     print(f"  ours:     {tps['ours']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['ours']:.2f} GB)")
     print(f"  generate: {tps['generate']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['generate']:.2f} GB)")
     print(f"  speedup:  {record['speedup']:.2f}x")
+    if "ours_graphs" in runs:
+        print(f"  ours, CUDA graphs: {tps['ours_graphs']:10.1f} tokens/s (peak {peaks['ours_graphs']:.2f} GB): "
+              f"{record['speedup_graphs']:.2f}x generate")
     if "roofline_tokens_per_s" in record:
         print(f"  roofline: {record['roofline_tokens_per_s']:.0f} tokens/s from weight bytes / "
-              f"{record['bandwidth_gbs']} GB/s; ours reaches {100 * record['ours_share_of_roofline']:.0f}%")
+              f"{record['bandwidth_gbs']} GB/s; ours reaches {100 * record['ours_share_of_roofline']:.0f}%"
+              + (f", with CUDA graphs {100 * record['ours_graphs_share_of_roofline']:.0f}%"
+                 if "ours_graphs_share_of_roofline" in record else ""))
     print_json(record)
 
 

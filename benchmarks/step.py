@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step, over all processes")
     p.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cuda_graphs", action="store_true", help="rollouts replay the decode step from CUDA graphs")
     args = p.parse_args(argv)
 
     import json
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = GRPOConfig(model_name=args.model, dataset="synthetic", grpo_output=str(run),
                          max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
                          prompts_per_step=args.prompts_per_step, lora=args.lora, device=device,
-                         save_every=10**9, show_progress=False)
+                         cuda_graphs=args.cuda_graphs, save_every=10**9, show_progress=False)
         train_grpo(cfg)
         if not dist.is_main:
             return
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     phases = {"time_per_step_s": "total", "generation_time_s": "generation", "reference_time_s": "reference",
               "backward_time_s": "forward+backward", "optimizer_time_s": "optimizer"}
     record = {"benchmark": "step", "model": args.model, "device": timed[0]["device"], "lora": args.lora,
-              "processes": timed[0]["world_size"],
+              "cuda_graphs": args.cuda_graphs, "processes": timed[0]["world_size"],
               "completions_per_step": cfg.prompts_per_step * cfg.num_generations,
               "micro_batch_size": cfg.micro_batch_size, "max_new_tokens": args.max_new_tokens, "steps": len(timed),
               "completion_len_mean": round(sum(x["completion_len_mean"] for x in timed) / len(timed), 1),
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                                                            for x in timed]), 1)}
     for key in phases:
         record[f"median_{key}"] = round(median([x[key] for x in timed]), 4)
-    print(f"{args.model} on {record['device']} x {record['processes']} process(es): "
+    print(f"{args.model} on {record['device']}{' (CUDA graphs)' if args.cuda_graphs else ''} x "
+          f"{record['processes']} process(es): "
           f"{record['completions_per_step']} completions/step, "
           f"micro-batches of {cfg.micro_batch_size}, up to {args.max_new_tokens} new tokens "
           f"(mean {record['completion_len_mean']})")

@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--output", default=None, help="folder for eval_summary.json and eval_predictions.jsonl")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    p.add_argument("--cuda_graphs", action="store_true", help="replay the decode step from CUDA graphs (CUDA only)")
     add_backend_argument(p.add_argument)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -47,15 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     from data import load_records
     from eval.evaluate import evaluate, write_results
     from models import load_model_and_tokenizer
+    from sampling.cuda_graphs import check_cuda_graphs
 
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples)
     with distributed_run(args.device, args.dist_backend) as (dist, device):
+        check_cuda_graphs(args.cuda_graphs, device)
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
         torch.manual_seed(args.seed + dist.rank)
         summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                                         temperature=args.temperature, top_p=args.top_p,
-                                        show_progress=not args.no_progress)
+                                        show_progress=not args.no_progress, cuda_graphs=args.cuda_graphs)
     if not dist.is_main:
         return
     summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size)

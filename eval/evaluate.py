@@ -23,6 +23,7 @@ def evaluate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     show_progress: bool = True,
+    cuda_graphs: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
 
@@ -41,7 +42,7 @@ def evaluate(
     with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
         out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     batch_size=batch_size, progress=bar)
+                     batch_size=batch_size, progress=bar, cuda_graphs=cuda_graphs)
     wall = time.perf_counter() - start
     scored_here = []  # (record index, scored sample, completion text)
     for j, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):

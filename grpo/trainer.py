@@ -47,6 +47,7 @@ from common.runs import (
 )
 from grpo.batch import RolloutBatch, completion_logits, pack
 from grpo.loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
+from sampling.cuda_graphs import check_cuda_graphs
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning
@@ -69,6 +70,7 @@ class GRPOConfig:
     max_completion_length: int = 512
     temperature: float = 0.7
     top_p: float = 1.0
+    cuda_graphs: bool = False
     learning_rate: float = 1e-6
     lr_decay: str = "constant"
     warmup_ratio: float = 0.0
@@ -113,6 +115,7 @@ def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
         fail(f"--prompts_per_step {cfg.prompts_per_step} does not split across {dist.world_size} processes; "
              f"use a multiple of {dist.world_size} (a group of samples never spans processes)")
     check_4bit(cfg.use_4bit, dist, device)
+    check_cuda_graphs(cfg.cuda_graphs, device)
 
 
 def _start_model(cfg: GRPOConfig) -> str:
@@ -268,7 +271,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
     def run_eval() -> dict[str, float]:
         with autocast():
             summary, predictions = evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
-                                            max_new_tokens=eval_tokens, show_progress=cfg.show_progress)
+                                            max_new_tokens=eval_tokens, show_progress=cfg.show_progress,
+                                            cuda_graphs=cfg.cuda_graphs)
         if dist.is_main:
             write_results(out / "eval", summary, predictions)
         model.train()
@@ -301,7 +305,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
                     rollout = sample(model, prompts, eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id, num_samples=G,
                                      max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                     top_p=cfg.top_p)
+                                     top_p=cfg.top_p, cuda_graphs=cfg.cuda_graphs)
                 completions, truncated = rollout.token_ids, rollout.truncated
             else:
                 completions = fixed

@@ -197,6 +197,9 @@ def test_config_errors_are_one_line(tmp_path):
         train_grpo(quick(tmp_path / "b", model_name=None, sft_output=str(tmp_path / "missing")))
     with pytest.raises(UserError, match="at least 2"):
         train_grpo(quick(tmp_path / "c", num_generations=1))
+    with pytest.raises(UserError, match="--cuda_graphs needs a CUDA device, not cpu"):
+        train_grpo(quick(tmp_path / "d", cuda_graphs=True))
+    assert not (tmp_path / "d").exists()  # refused before anything is written
     result = subprocess.run([sys.executable, "train_grpo.py", "--sft_output", str(tmp_path / "none"),
                              "--grpo_output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
@@ -208,7 +211,8 @@ def test_help_explains_flags():
     for flag in ("--sft_output", "--grpo_output", "--model_name", "--data_dir", "--dataset", "--max_samples",
                  "--max_steps", "--num_epochs", "--temperature", "--top_p", "--max_completion_length", "--beta",
                  "--epsilon", "--num_generations", "--learning_rate", "--loss_type", "--scale_rewards", "--seed",
-                 "--save_every", "--eval_every", "--resume", "--num_iterations", "--lora", "--use_4bit"):
+                 "--save_every", "--eval_every", "--resume", "--num_iterations", "--lora", "--use_4bit",
+                 "--cuda_graphs"):
         assert flag in result.stdout, flag
 
 
