@@ -58,7 +58,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
 
     if name_or_path.startswith(RANDOM_PREFIX):
         try:  # the real tokenizer when it is cached; otherwise the tiny one (ids fit any Qwen3 vocab)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path[len(RANDOM_PREFIX):])
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path[len(RANDOM_PREFIX):], local_files_only=True)
         except Exception:  # noqa: BLE001
             tokenizer = AutoTokenizer.from_pretrained(tiny_dir())
     else:
