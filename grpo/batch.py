@@ -51,10 +51,52 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                         input_ids[:, P:].to(device), completion_mask.to(device))
 
 
-def completion_logits(model, batch: RolloutBatch) -> torch.Tensor:
+def completion_logits(model, batch: RolloutBatch, share_prompts: bool = True) -> torch.Tensor:
     """Logits that predict each completion token: [B, C, V]; the model projects only those C positions
-    onto the vocabulary (the last prompt token's and all but the last completion token's)."""
+    onto the vocabulary (the last prompt token's and all but the last completion token's).
+
+    Rows that share a prompt (a GRPO group) run it once: the prompt's KV cache is computed for one row
+    and repeated for the others, gradients included, so a group of G pays for its prompt once instead
+    of G times. Without such rows, or under gradient checkpointing (which drops the cache), it is one
+    plain forward over prompt + completion."""
     width, C = batch.input_ids.shape[1], batch.completion_width
-    keep = torch.arange(width - C - 1, width - 1, device=batch.input_ids.device)
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                 logits_to_keep=keep).logits
+    group = _prompt_groups(batch) if share_prompts and not _checkpointing(model) else None
+    if group is None:
+        keep = torch.arange(width - C - 1, width - 1, device=batch.input_ids.device)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, logits_to_keep=keep).logits
+    from transformers import DynamicCache
+
+    P = width - C  # the prompt's last token goes with the completion: its logits predict the first token
+    first = torch.ones_like(group, dtype=torch.bool)
+    first[1:] = group[1:] != group[:-1]
+    cache = DynamicCache(config=_config(model))
+    model(input_ids=batch.input_ids[first, : P - 1], attention_mask=batch.attention_mask[first, : P - 1],
+          position_ids=batch.position_ids[first, : P - 1], cache=cache, use_cache=True, logits_to_keep=1)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
+    return model(input_ids=batch.input_ids[:, P - 1: width - 1], attention_mask=batch.attention_mask[:, : width - 1],
+                 position_ids=batch.position_ids[:, P - 1: width - 1], cache=cache, use_cache=True).logits
+
+
+def _prompt_groups(batch: RolloutBatch) -> torch.Tensor | None:
+    """Index of each row's prompt among the batch's distinct consecutive prompts, or None when no two
+    neighbouring rows share one (or the prompt is a single token: nothing to share)."""
+    P = batch.input_ids.shape[1] - batch.completion_width
+    if batch.input_ids.shape[0] < 2 or P < 2:
+        return None
+    ids, mask = batch.input_ids[:, :P], batch.attention_mask[:, :P]
+    new = ((ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])).any(1)
+    if bool(new.all()):
+        return None
+    return torch.cat([new.new_zeros(1), new]).long().cumsum(0)
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _config(model):
+    while not hasattr(model, "config"):  # DDP keeps the model in .module
+        model = model.module
+    return model.config

@@ -1,5 +1,6 @@
 """Packing a rollout, and micro-batches cut to the columns they use without changing any log-prob."""
 
+import pytest
 import torch
 
 from grpo.batch import completion_logits, pack
@@ -50,3 +51,83 @@ def test_cut_micro_batches_give_the_same_logprobs(tiny_model, tiny_tokenizer):
             part = token_logprobs(completion_logits(tiny_model, mb), mb.completion_ids) * mb.completion_mask
             assert torch.allclose(part, full[rows, : mb.completion_width], atol=1e-5)
             assert not full[rows, mb.completion_width:].any()
+
+
+def _mixed_batch(tokenizer):
+    """Two groups of 3 with prompts of different lengths and ragged completions, and a lone prompt."""
+    from data.prompt import encode_prompt
+
+    questions = ("Tom has 14 apples, buys 6 more and eats 5. How many are left?", "What is 2 plus 3?", "And 7x8?")
+    long, short, lone = (encode_prompt(tokenizer, q) for q in questions)
+    prompts = [long] * 3 + [short] * 3 + [lone]
+    completions = [[30 + (i * 7 + j) % 50 for j in range(n)] for i, n in enumerate((9, 4, 2, 5, 1, 7, 3))]
+    return pack(prompts, completions, tokenizer.pad_token_id, "cpu")
+
+
+def _logprobs_and_grads(model, mb, share):
+    model.zero_grad()
+    logp = token_logprobs(completion_logits(model, mb, share_prompts=share), mb.completion_ids) * mb.completion_mask
+    (logp.sum() + (logp * torch.linspace(0, 1, logp.numel()).view_as(logp)).sum()).backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prompt_forward_matches_the_plain_forward(tiny_model, tiny_tokenizer):
+    """Each group's prompt runs once and its cache is repeated for the group: same log-probs and the same
+    gradients (through the shared prompt too) as one forward per row, for whole groups, a micro-batch
+    that cuts across groups, and rows of different prompts."""
+    import grpo.batch as gb
+
+    batch = _mixed_batch(tiny_tokenizer)
+    tiny_model.train()
+    calls = []
+    for rows in (slice(0, 7), slice(1, 5), slice(5, 7)):
+        mb = batch.rows(rows)
+        plain, plain_grads = _logprobs_and_grads(tiny_model, mb, share=False)
+        group = gb._prompt_groups(mb)
+        calls.append(None if group is None else group.tolist())
+        shared, shared_grads = _logprobs_and_grads(tiny_model, mb, share=True)
+        assert torch.allclose(shared, plain, atol=1e-5)
+        assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 0
+        for name, g in plain_grads.items():
+            assert (shared_grads[name] - g).norm() <= 1e-5 * g.norm(), name
+    assert calls == [[0, 0, 0, 1, 1, 1, 2], [0, 0, 1, 1], None]  # the last pair has two different prompts
+    tiny_model.zero_grad()
+
+
+def test_shared_prompt_forward_under_lora_and_without_grad(tiny_model, tiny_tokenizer):
+    from models.lora import add_lora
+
+    batch = _mixed_batch(tiny_tokenizer)
+    peft_model = add_lora(tiny_model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    plain, plain_grads = _logprobs_and_grads(peft_model, batch, share=False)
+    shared, shared_grads = _logprobs_and_grads(peft_model, batch, share=True)
+    assert torch.allclose(shared, plain, atol=1e-5) and all("lora" in n for n in shared_grads)
+    for name, g in plain_grads.items():
+        assert (shared_grads[name] - g).norm() <= 1e-5 * g.norm(), name
+    with torch.no_grad(), peft_model.disable_adapter():  # the reference pass
+        ref_plain = completion_logits(peft_model, batch, share_prompts=False)
+        ref_shared = completion_logits(peft_model, batch)
+    assert torch.allclose(ref_shared, ref_plain, atol=1e-5)
+
+
+def test_gradient_checkpointing_takes_the_plain_forward(tiny_model, tiny_tokenizer, monkeypatch):
+    """Checkpointed layers drop the KV cache, so such models never take the shared-prompt path."""
+    import copy
+
+    import grpo.batch as gb
+
+    model = copy.deepcopy(tiny_model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert gb._checkpointing(model) and not gb._checkpointing(tiny_model)
+    monkeypatch.setattr(gb, "_prompt_groups", lambda batch: (_ for _ in ()).throw(AssertionError("shared path")))
+    batch = _mixed_batch(tiny_tokenizer)
+    with pytest.raises(AssertionError, match="shared path"):
+        completion_logits(tiny_model, batch)
+    logp, _ = _logprobs_and_grads(model, batch, share=False)
+    assert torch.allclose(token_logprobs(completion_logits(model, batch), batch.completion_ids)
+                          * batch.completion_mask, logp, atol=1e-5)
