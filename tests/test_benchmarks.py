@@ -48,3 +48,11 @@ def test_trl_step_benchmark_without_trl_says_how_to_get_it():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
     assert "pip install trl" in result.stderr
+
+
+def test_prompt_sharing_benchmark():
+    out, record = run_json(["benchmarks.prompt_sharing", "--model", "tiny", "--prompts", "2", "--completion_tokens",
+                            "8", "--repeats", "1", "--device", "cpu"])
+    assert record["prompts"] == 2 and record["num_generations"] == 4 and len(record["prompt_tokens"]) == 2
+    assert record["plain_s"] > 0 and record["shared_s"] > 0 and "shared / plain" in out
+    assert abs(record["shared_over_plain"] - record["shared_s"] / record["plain_s"]) < 0.01
