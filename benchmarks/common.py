@@ -56,6 +56,22 @@ def gpu_bandwidth_gbs() -> float | None:
     return None
 
 
+def alternate(runs: dict[str, Callable[[], Any]], repeats: int, device: str,
+              ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """(seconds of each timed run, peak memory in GB) per name: one warm-up run of each (its peak is the
+    one reported), then `repeats` rounds that run each once in turn, so drift hits all alike."""
+    peaks: dict[str, float] = {}
+    for name, fn in runs.items():
+        reset_peak(device)
+        fn()
+        peaks[name] = peak_memory_gb(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    return times, peaks
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

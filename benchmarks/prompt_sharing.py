@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from benchmarks.common import median, peak_memory_gb, print_json, reset_peak, timed
+    from benchmarks.common import alternate, median, print_json
     from data import load_records
     from data.prompt import encode_prompt
     from grpo.batch import completion_logits, pack
@@ -63,15 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         model.zero_grad(set_to_none=True)
 
     runs = {"plain": lambda: forward_backward(False), "shared": lambda: forward_backward(True)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, float] = {}
-    for name, fn in runs.items():  # warm-up
-        reset_peak(device)
-        fn()
-        peaks[name] = peak_memory_gb(device)
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn, device))
+    times, peaks = alternate(runs, args.repeats, device)
     t = {name: median(v) for name, v in times.items()}
     record = {
         "benchmark": "prompt_sharing", "model": args.model, "device": device, "dataset": dataset,

@@ -35,15 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from benchmarks.common import (
-        gpu_bandwidth_gbs,
-        median,
-        peak_memory_gb,
-        print_json,
-        prompts_for,
-        reset_peak,
-        timed,
-    )
+    from benchmarks.common import alternate, gpu_bandwidth_gbs, median, print_json, prompts_for
     from models import default_device, load_model_and_tokenizer
     from sampling import rollout
     from sampling.generate import left_pad
@@ -78,15 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"ours": ours, "generate": generate}
     if device.startswith("cuda"):
         runs["ours_graphs"] = lambda: ours(cuda_graphs=True)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, float] = {}
-    for name, fn in runs.items():  # warm-up
-        reset_peak(device)
-        fn()
-        peaks[name] = peak_memory_gb(device)
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn, device))
+    times, peaks = alternate(runs, args.repeats, device)
     tps = {name: tokens_per_run / median(t) for name, t in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
     record = {

@@ -29,13 +29,18 @@ def test_greedy_equals_generate(tiny_model, tiny_tokenizer, prompts, fast):
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
 
 
+def _frequent_token(model, tokenizer, prompts) -> int:
+    """The token the random model emits most in greedy completions: an 'eos' that rows hit at different steps."""
+    first = sample_with_generate(model, prompts, **kwargs(tokenizer, max_new_tokens=12))
+    return torch.tensor([t for row in first.token_ids for t in row]).mode().values.item()
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_early_stop_and_dropped_rows_match_generate(tiny_model, tiny_tokenizer, prompts, fast):
     """Use a token the random model often emits as 'eos': rows stop at different steps, the engine
     drops finished rows from the batch, and every row still matches generate's."""
-    first = sample_with_generate(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=12))
-    common = torch.tensor([t for row in first.token_ids for t in row]).mode().values.item()
-    args = dict(eos_token_id=common, pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
+    args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
+                pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
     want = sample_with_generate(tiny_model, prompts, **args)
     got = rollout(tiny_model, prompts, **args, fast=fast)
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
@@ -179,9 +184,8 @@ def test_graphed_decode_step_matches_the_eager_step(tiny_model, tiny_tokenizer, 
     """The graphed path (fixed input tensors, attention over a bucketed width with later slots masked,
     no dropped rows) samples what the eager step samples: greedy tokens equal with an early-stopping
     eos, sampled logprobs equal under the same seed."""
-    first = sample_with_generate(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=12))
-    common = torch.tensor([t for row in first.token_ids for t in row]).mode().values.item()
-    args = dict(eos_token_id=common, pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=40)
+    args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
+                pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=40)
     eager = rollout(tiny_model, prompts, **args)
     graphed = rollout(tiny_model, prompts, **args, cuda_graphs=True)
     assert graphed.token_ids == eager.token_ids and graphed.truncated == eager.truncated
