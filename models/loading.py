@@ -125,11 +125,25 @@ def load_model(
             _not_found(name_or_path, exc)
         if not load_in_4bit:
             model = model.to(device)
+        else:
+            keep_4bit_trainable(model)
     for cfg in (model.config, model.generation_config):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.bos_token_id = None
     return model
+
+
+def keep_4bit_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight the first time it runs
+    in eval mode without grad (a rollout, an eval) and from then on uses a kernel with no backward,
+    even in train mode: every later QLoRA step would get wrong LoRA gradients (seen here: off by more
+    than 100%). GPUs never take that path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **kwargs: Any) -> tuple[Any, Any]:

@@ -111,6 +111,36 @@ def test_4bit_tiny_loads_and_runs(tiny_tokenizer):
         assert torch.isfinite(model(ids).logits).all()
 
 
+def test_qlora_gradients_survive_an_eval_pass(tiny_tokenizer):
+    """A rollout or eval (eval mode, no grad) between QLoRA steps must not change the next step's LoRA
+    gradients: bitsandbytes would otherwise repack the 4-bit weights on an AVX512-BF16 CPU and switch
+    to a kernel with no backward."""
+    from models.lora import add_lora
+
+    model = add_lora(load_model("tiny", device="cpu", load_in_4bit=True, tokenizer=tiny_tokenizer), r=4, alpha=8,
+                     dropout=0.0)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter; peft starts B at zero
+            p.data.normal_(0, 0.2)
+    ids = torch.tensor([encode_prompt(tiny_tokenizer, "How many apples are left?")] * 2)
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(ids).logits.float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    after = lora_grads()
+    assert before.keys() == after.keys() and len(before) > 0
+    for name, g in before.items():
+        assert torch.equal(after[name], g), name
+
+
 def test_4bit_without_bitsandbytes_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
