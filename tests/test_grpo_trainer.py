@@ -126,6 +126,21 @@ def test_lora_run_saves_merged_model(tmp_path):
     assert len(read_log(out)) == 2
 
 
+def test_qlora_steps_are_the_same_with_or_without_evals(tmp_path, tiny_tokenizer):
+    """4-bit base + LoRA on the CPU: held-out evals (eval mode, no grad) between steps leave the training
+    steps exactly as they are without them."""
+    logs = []
+    for every in (0, 1):
+        out = tmp_path / f"qlora{every}"
+        train_grpo(quick(out, lora=True, use_4bit=True, max_steps=3, eval_every=every, eval_samples=2,
+                         eval_max_new_tokens=4, beta=0.0, learning_rate=0.05),
+                   rollout_hook=_fixed_rollouts(tiny_tokenizer))
+        logs.append(read_log(out))
+    assert sum("eval_accuracy" in x for x in logs[1]) == 4 and not any("eval_accuracy" in x for x in logs[0])
+    steps = [[x["grad_norm"] for x in log if x["step"] > 0] for log in logs]
+    assert steps[1] == steps[0] and len(steps[0]) == 3 and all(g > 0 for g in steps[0])
+
+
 def _random_rollouts(tokenizer):
     """Right or wrong answers drawn from torch's global RNG, so resuming must restore it."""
     def hook(step, prompts, answers):
