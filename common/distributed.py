@@ -158,6 +158,9 @@ def distributed_run(device: str | None = None, backend: str = "auto") -> Iterato
     td.init_process_group(backend=backend, rank=rank, world_size=world)
     try:
         yield Dist(rank, world, local), device
+        # every rank done with every collective before any tears its connections down: a rank leaving
+        # early was seen (once, gloo) to abort at exit with "terminate called without an active exception"
+        td.barrier()
     finally:
         td.destroy_process_group()
 
