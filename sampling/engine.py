@@ -83,7 +83,7 @@ class _HFDecoder:
     can_drop_rows = True
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 max_new_tokens: int, G: int, cuda_graphs: bool = False):
+                 max_new_tokens: int, G: int):
         from transformers import StaticCache
 
         self.model, self.L = model, ids.shape[1]
@@ -176,8 +176,8 @@ def rollout(
     ids, mask = left_pad(prompts, pad_token_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     use_fast = supports(model) if fast is None else fast
-    decoder = (_FastDecoder if use_fast else _HFDecoder)(model, ids, mask, positions, max_new_tokens, G,
-                                                         cuda_graphs=cuda_graphs)
+    decoder = (_FastDecoder(model, ids, mask, positions, max_new_tokens, G, cuda_graphs=cuda_graphs) if use_fast
+               else _HFDecoder(model, ids, mask, positions, max_new_tokens, G))
     logits = decoder.first_logits
 
     B = P * G
