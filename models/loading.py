@@ -14,6 +14,9 @@ from common.errors import fail
 from models.tiny import PAD, random_model, tiny_dir
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+# Rollouts and the training forward pass their KV cache as `cache=`; releases before 5.24 call it
+# `past_key_values=` and silently drop `cache=` (every decode step would then run without its prompt).
+MIN_TRANSFORMERS = "5.24"
 TINY = "tiny"
 RANDOM_PREFIX = "random:"
 
@@ -87,6 +90,18 @@ def require_4bit(device: str) -> None:
         fail(f"bitsandbytes cannot run 4-bit NF4 on {device} here ({type(exc).__name__}: {exc}); drop --use_4bit")
 
 
+def require_transformers(found: str | None = None) -> None:
+    """Fail in one line when the installed transformers (or `found`) is older than MIN_TRANSFORMERS."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found = found or version("transformers")
+    if Version(found) < Version(MIN_TRANSFORMERS):
+        fail(f"transformers {found} is too old: this project needs {MIN_TRANSFORMERS} or newer (older releases "
+             f"ignore the KV cache it passes as `cache=`): pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -99,6 +114,7 @@ def load_model(
     `load_in_4bit` quantizes the linear layers to NF4 (bitsandbytes), compute in `dtype`. The model's
     pad/eos ids are aligned with the tokenizer's so generation stops at the end-of-turn token.
     """
+    require_transformers()
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -149,6 +149,25 @@ def test_4bit_without_bitsandbytes_is_one_line(monkeypatch):
     assert "\n" not in str(info.value)
 
 
+def test_old_transformers_is_refused_in_one_line(monkeypatch):
+    import importlib.metadata
+
+    from models.loading import MIN_TRANSFORMERS, require_transformers
+
+    require_transformers()  # the installed one
+    require_transformers(MIN_TRANSFORMERS)
+    with pytest.raises(UserError, match=r"transformers 5\.17\.0 is too old.*pip install -U") as info:
+        require_transformers("5.17.0")
+    assert "\n" not in str(info.value)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.23.0" if name == "transformers" else real(name))
+    with pytest.raises(UserError, match="5.23.0 is too old"):
+        load_model("tiny")
+    floor = [line.split(">=")[1].split()[0] for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.startswith("transformers>=")]
+    assert floor == [MIN_TRANSFORMERS], "requirements.txt and MIN_TRANSFORMERS must agree"
+
+
 def test_cli_errors_are_one_line():
     code = "from common.errors import run_cli; from models import load_model; run_cli(lambda: load_model('x/y'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
