@@ -31,7 +31,9 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -
         if not (out / CHECKPOINT / "trainer_state.json").is_file():
             fail(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
         return
-    if out.exists() and any(out.iterdir()):
+    # a run_config.json alone is a run that stopped before its first output (bad data dir, unknown
+    # model...): nothing to lose, so the corrected command may reuse the folder
+    if out.exists() and any(p.name != RUN_CONFIG for p in out.iterdir()):
         if not overwrite:
             what = "another run" if has_run else "other files"
             fail(f"{flag} {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
