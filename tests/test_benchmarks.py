@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -56,3 +57,12 @@ def test_prompt_sharing_benchmark():
     assert record["prompts"] == 2 and record["num_generations"] == 4 and len(record["prompt_tokens"]) == 2
     assert record["plain_s"] > 0 and record["shared_s"] > 0 and "shared / plain" in out
     assert abs(record["shared_over_plain"] - record["shared_s"] / record["plain_s"]) < 0.01
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the script would run its full checks")
+def test_cuda_checks_without_a_gpu_is_one_line(tmp_path):
+    result = subprocess.run(["bash", "scripts/cuda_checks.sh", str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no CUDA GPU" in result.stderr
+    assert not (tmp_path / "out").exists()
