@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Make ./.venv and install the project into it. Idempotent: a second run with unchanged
 # requirements only checks a stamp and returns.
-#   - CUDA machine (nvidia-smi sees a GPU): torch comes from requirements.txt (torch>=2.4, CUDA build).
+#   - CUDA machine (nvidia-smi sees a GPU): torch comes from requirements.txt (torch>=2.6, CUDA build).
 #   - CPU machine: the CPU build $TORCH_CPU_SPEC (default torch==2.13.0) is installed first, so the
-#     loose `torch>=2.4` in requirements.txt is already satisfied and no multi-GB CUDA build is pulled.
+#     loose `torch>=2.6` in requirements.txt is already satisfied and no multi-GB CUDA build is pulled.
 # Env: PYTHON (interpreter, default python3), VENV (default .venv), TORCH_CPU_SPEC, DEV=0 to skip
 # pytest/hypothesis/ruff.
 set -euo pipefail
