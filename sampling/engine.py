@@ -107,6 +107,12 @@ class _HFDecoder:
                           cache=self.cache, use_cache=True).logits[:, -1]
 
 
+def decode_dtype(model: Any, device: torch.device) -> torch.dtype:
+    """The lean decode step's dtype: bf16 on CUDA, where decoding is bound by reading the weights (a
+    full fine-tune's fp32 master weights stay fp32 in the model), else the model's own dtype."""
+    return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+
+
 class _FastDecoder:
     """Decode through `FastQwen3` with our own preallocated cache; prefill still uses the model.
     With `cuda_graphs` the step replays from CUDA graphs, and rows are never dropped (fixed shapes)."""
@@ -115,7 +121,7 @@ class _FastDecoder:
                  max_new_tokens: int, G: int, cuda_graphs: bool = False):
         from transformers import DynamicCache
 
-        dtype = torch.bfloat16 if ids.device.type == "cuda" else next(model.parameters()).dtype
+        dtype = decode_dtype(model, ids.device)
         self.fast, self.L = FastQwen3(model, dtype), ids.shape[1]
         cache = DynamicCache(config=model.config)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,

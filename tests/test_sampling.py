@@ -202,6 +202,26 @@ def test_graphed_decode_step_matches_the_eager_step(tiny_model, tiny_tokenizer, 
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_bf16_decode_of_an_fp32_model(tiny_model, tiny_tokenizer, prompts, monkeypatch, request, graphs):
+    """What CUDA runs, on the CPU: fp32 weights (a full fine-tune's masters), the decode step and its KV
+    cache in bf16, eager or graphed. Sampled logprobs stay within the CUDA test's tolerance of an fp32
+    forward pass, and differ from it: the bf16 path did run."""
+    import sampling.engine as engine
+
+    if graphs:
+        request.getfixturevalue("graphs_on_cpu")
+    monkeypatch.setattr(engine, "decode_dtype", lambda model, device: torch.bfloat16)
+    out = rollout(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=48, num_samples=4, temperature=0.7),
+                  cuda_graphs=graphs, generator=torch.Generator().manual_seed(0))
+    batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        want = token_logprobs(completion_logits(tiny_model, batch), batch.completion_ids, temperature=0.7)
+    err = torch.cat([(torch.tensor(lp) - want[row, : len(lp)]).abs() for row, lp in enumerate(out.logprobs)])
+    assert err.max() < 0.05 and err.mean() < 0.005  # seen: 0.0093 and 0.0015
+    assert err.max() > 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real graph capture)")
 def test_cuda_graph_rollout_equals_eager_on_cuda(tiny_model, tiny_tokenizer, prompts, monkeypatch):
     """Real CUDA graphs: with one graph per width (bucket 1) the replayed kernels are the eager ones, so
