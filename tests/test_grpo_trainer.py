@@ -90,6 +90,28 @@ def test_on_policy_ratio_is_one_and_beta_zero_skips_reference(tmp_path, monkeypa
     assert read_log(tmp_path / "beta")[1]["kl"] > 0  # the policy moved away from the reference
 
 
+def test_steps_under_the_cuda_compute_policy_on_the_cpu(tmp_path, monkeypatch, tiny_tokenizer):
+    """CUDA's policy on the CPU: bf16 autocast over fp32 weights, the decode step in bf16 (the evals'
+    rollouts). Every logged value is finite, the policy equals the reference at step 1 (kl 0), and the
+    update moves it away (kl > 0 at step 2)."""
+    import models
+    import sampling.engine as engine
+
+    autocasts = []
+    monkeypatch.setattr(models, "autocast",
+                        lambda device: autocasts.append(1) or torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(engine, "decode_dtype", lambda model, device: torch.bfloat16)
+    out = tmp_path / "bf16"
+    train_grpo(quick(out, beta=0.1, max_steps=2, learning_rate=0.05, eval_every=1),
+               rollout_hook=_fixed_rollouts(tiny_tokenizer))
+    baseline, *lines = read_log(out)
+    assert autocasts and 0 <= baseline["eval_accuracy"] <= 1
+    for line in lines:
+        for key in LOGGED_FIELDS:
+            assert not isinstance(line[key], float) or math.isfinite(line[key]), key
+    assert lines[0]["kl"] == 0.0 and lines[1]["kl"] > 0 and lines[0]["grad_norm"] > 0
+
+
 def test_num_iterations_reuses_the_rollout_with_old_logprobs(tmp_path, tiny_tokenizer):
     out = tmp_path / "mu"
     train_grpo(quick(out, beta=0.0, max_steps=2, num_iterations=3, learning_rate=0.05),
