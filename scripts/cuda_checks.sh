@@ -9,6 +9,7 @@
 #
 #   scripts/cuda_checks.sh [OUT_DIR]               (default OUT_DIR: cuda_checks)
 #   PYTHON=python3 scripts/cuda_checks.sh OUT_DIR  (use an existing environment instead of .venv)
+#   PART_TIMEOUT=300 scripts/cuda_checks.sh         (seconds each part may run; default 1800)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-cuda_checks}
@@ -27,7 +28,7 @@ part() {  # part NAME COMMAND...: run it, keep its log and JSON line, remember a
   local name=$1
   shift
   echo "== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log"
+  timeout "${PART_TIMEOUT:-1800}" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "== $name FAILED (exit $rc)"; status=1; }
   grep '^JSON ' "$out/$name.log" | cut -c6- >>"$out/results.jsonl"
