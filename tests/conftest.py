@@ -24,6 +24,17 @@ needs_gsm8k = pytest.mark.skipif(
 )
 
 
+def give_lora_b_weights(model, std: float) -> None:
+    """peft starts every lora_B at zero (a no-op adapter); draw it from N(0, std) as a trained adapter
+    would have it, so merging, disabling and gradients through the adapter all show."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from models import load_tokenizer

@@ -5,6 +5,7 @@ import torch
 
 from grpo.batch import completion_logits, pack
 from grpo.loss import token_logprobs
+from tests.conftest import give_lora_b_weights
 
 PAD = 0
 
@@ -100,9 +101,7 @@ def test_shared_prompt_forward_under_lora_and_without_grad(tiny_model, tiny_toke
     batch = _mixed_batch(tiny_tokenizer)
     peft_model = add_lora(tiny_model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
+    give_lora_b_weights(peft_model, 0.2)
     plain, plain_grads = _logprobs_and_grads(peft_model, batch, share=False)
     shared, shared_grads = _logprobs_and_grads(peft_model, batch, share=True)
     assert torch.allclose(shared, plain, atol=1e-5) and all("lora" in n for n in shared_grads)

@@ -11,7 +11,7 @@ from common.errors import UserError
 from grpo.batch import pack
 from grpo.trainer import LOG_NAME, GRPOConfig, reference_logprobs, train_grpo
 from models.tiny import tiny_dir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, give_lora_b_weights
 
 LOGGED_FIELDS = [
     "timestamp_iso", "step", "epoch", "device", "seed", "grpo_loss", "policy_loss", "kl_loss", "reward_mean",
@@ -126,10 +126,7 @@ def test_lora_reference_is_the_base_model(tiny_tokenizer):
 
     base = load_model("tiny", device="cpu", tokenizer=tiny_tokenizer)
     peft_model = add_lora(load_model("tiny", device="cpu", tokenizer=tiny_tokenizer), r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # an adapter that changes the outputs
+    give_lora_b_weights(peft_model, 0.5)  # an adapter that changes the outputs
     prompts = [tiny_tokenizer("q1?")["input_ids"], tiny_tokenizer("a longer question?")["input_ids"]]
     batch = pack(prompts, [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "cpu")
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731

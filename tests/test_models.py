@@ -9,7 +9,7 @@ from common.errors import UserError
 from data.prompt import encode_prompt
 from models import load_model, load_tokenizer, require_4bit
 from models.tiny import QWEN3_COMMON, QWEN3_SHAPES, build_tiny_tokenizer, random_qwen3_config, tiny_dir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, give_lora_b_weights
 
 
 def test_tiny_builds_deterministically(tmp_path, monkeypatch, tiny_tokenizer):
@@ -120,9 +120,7 @@ def test_qlora_gradients_survive_an_eval_pass(tiny_tokenizer):
     model = add_lora(load_model("tiny", device="cpu", load_in_4bit=True, tokenizer=tiny_tokenizer), r=4, alpha=8,
                      dropout=0.0)
     torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # a trained adapter; peft starts B at zero
-            p.data.normal_(0, 0.2)
+    give_lora_b_weights(model, 0.2)
     ids = torch.tensor([encode_prompt(tiny_tokenizer, "How many apples are left?")] * 2)
 
     def lora_grads():

@@ -10,6 +10,7 @@ from grpo.loss import token_logprobs
 from sampling import rollout, sample, sample_with_generate
 from sampling.engine import _draw, _sample_token
 from sampling.fast_qwen3 import supports
+from tests.conftest import give_lora_b_weights
 
 
 @pytest.fixture()
@@ -139,9 +140,7 @@ def test_lora_rollout_merges_the_adapter_into_the_fast_step(tiny_model, tiny_tok
     bare = rollout(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
     peft_model = add_lora(tiny_model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero (a no-op adapter); give it something to merge
-            p.data.normal_(0, 0.2)
+    give_lora_b_weights(peft_model, 0.2)  # something to merge
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     assert supports(peft_model)
     out = rollout(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12))
