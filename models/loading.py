@@ -167,6 +167,22 @@ def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **kwargs: Any) -
     return load_model(name_or_path, tokenizer=tokenizer, **kwargs), tokenizer
 
 
+def frozen_copy(model: Any, dtype: Any) -> Any:
+    """A frozen, eval-mode copy of `model` (GRPO's reference) with its parameters in `dtype` and its
+    buffers as they are. `copy.deepcopy(model).to(bf16)` would also cast the rotary `inv_freq`
+    buffers (a phase error of ~0.6 rad by position 660): a reference that is not the policy, with KL
+    above 0 at step 0. `from_pretrained(dtype=...)` keeps those buffers in fp32 too."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.data = p.data.to(dtype)
+    return ref.eval().requires_grad_(False)
+
+
 def autocast(device: str) -> Any:
     """The compute policy of every stage: bf16 autocast on CUDA, plain fp32 elsewhere."""
     import torch
