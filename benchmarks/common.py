@@ -72,6 +72,23 @@ def alternate(runs: dict[str, Callable[[], Any]], repeats: int, device: str,
     return times, peaks
 
 
+def kernel_launches(fn: Callable[[], Any], device: str) -> int:
+    """What `fn` asks of the device, counted with torch.profiler: on CUDA the kernel launches (a CUDA
+    graph replay is one launch); on the CPU the aten ops it runs, the same Python-issued work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    names = [e.name for e in prof.events()]
+    if cuda:
+        launch = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+        return sum(n in launch for n in names)
+    return sum(n.startswith("aten::") for n in names)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

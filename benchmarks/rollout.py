@@ -6,9 +6,10 @@
 
 Both are forced to exactly --max_new_tokens new tokens per sequence (no early stop), timed alternately
 over --repeats runs after a warm-up of each; prints tokens/s of each, the ratio, peak memory, and one
-JSON line. On CUDA it also times our engine with the decode step replayed from CUDA graphs (graphs
-captured anew in each run, as in training, so capture time is included), and gives the decode
-roofline: weight bytes per step over the GPU's bandwidth.
+JSON line. On CUDA it also times our engine with the decode step replayed from CUDA graphs (kept across
+runs as GRPO keeps them across steps: the warm-up run captures them), and gives the decode roofline:
+weight bytes per step over the GPU's bandwidth. `--count_launches` adds the kernel launches per decode
+step (on the CPU: aten ops per step), eager and graphed, from a profiled rollout of 16 and of 32 tokens.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternated")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--lora", action="store_true", help="wrap the model in rank-16 LoRA adapters (non-zero B)")
+    p.add_argument("--count_launches", action="store_true",
+                   help="also count kernel launches per decode step (CPU: aten ops per step) with torch.profiler")
     args = p.parse_args(argv)
 
     import torch
 
-    from benchmarks.common import alternate, gpu_bandwidth_gbs, median, print_json, prompts_for
+    from benchmarks.common import alternate, gpu_bandwidth_gbs, kernel_launches, median, print_json, prompts_for
     from models import default_device, load_model_and_tokenizer
-    from sampling import rollout
-    from sampling.generate import left_pad
+    from sampling import DecodeGraphs, rollout
+    from sampling.engine import left_pad
 
     device = args.device or default_device()
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)
@@ -54,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     G, N = args.num_generations, args.max_new_tokens
     tokens_per_run = len(prompts) * G * N
 
-    def ours(cuda_graphs: bool = False) -> None:
+    graphs = DecodeGraphs()
+
+    def ours(cuda_graphs: bool = False, new_tokens: int = N) -> None:
         rollout(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                num_samples=G, max_new_tokens=N, temperature=args.temperature, top_p=args.top_p, ignore_eos=True,
-                cuda_graphs=cuda_graphs)
+                num_samples=G, max_new_tokens=new_tokens, temperature=args.temperature, top_p=args.top_p,
+                ignore_eos=True, cuda_graphs=graphs if cuda_graphs else False)
 
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
 
@@ -89,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
                       speedup_graphs=round(tps["ours_graphs"] / tps["generate"], 2),
                       ours_graphs_seconds=[round(t, 3) for t in times["ours_graphs"]],
                       ours_graphs_peak_memory_gb=round(peaks["ours_graphs"], 3))
+    if args.count_launches:  # per decode step: the difference between 32 and 16 tokens, over 16 steps
+        for name, graphed in (("eager", False), ("graphs", True)) if device.startswith("cuda") else (("eager", False),):
+            short, long = (kernel_launches(lambda n=n, g=graphed: ours(g, n), device) for n in (16, 32))
+            record[f"launches_per_step_{name}"] = round((long - short) / 16, 1)
     if device.startswith("cuda"):
         bandwidth = gpu_bandwidth_gbs()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -112,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{record['bandwidth_gbs']} GB/s; ours reaches {100 * record['ours_share_of_roofline']:.0f}%"
               + (f", with CUDA graphs {100 * record['ours_graphs_share_of_roofline']:.0f}%"
                  if "ours_graphs_share_of_roofline" in record else ""))
+    for name in ("eager", "graphs"):
+        if f"launches_per_step_{name}" in record:
+            what = "kernel launches" if device.startswith("cuda") else "aten ops"
+            print(f"  {what} per decode step, {name}: {record[f'launches_per_step_{name}']}")
     print_json(record)
 
 

@@ -5,16 +5,21 @@ A graph freezes shapes and addresses, so the step reads its inputs from fixed te
 cache slot) and attends over a fixed number of cache slots: the slots in use rounded up to `bucket`
 (later slots are masked). One graph per width, captured the first time a width is reached, all in one
 memory pool. The KV cache buffers must stay the same tensors for the graphs' life (no dropped rows).
+
+`DecodeGraphs` keeps one decode state (weight copies, KV cache) and its graphs across rollouts: a GRPO
+run captures each width once, not once per step, and refreshes the weights in place before each rollout.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from common.errors import fail
+from sampling.fast_qwen3 import DecodeState, _base
 
 BUCKET = 128  # attention width granularity: fewer graphs against less attention over masked slots
 
@@ -56,8 +61,9 @@ def capture(fn: Callable[[], torch.Tensor], pool: Any) -> tuple[CapturedStep, An
 class GraphedDecodeStep:
     """`step(token, position, slot_index)` through CUDA graphs.
 
-    `step_fn(token, position, slot, width)` is the decode step (`FastQwen3.step` with its cache bound);
-    `slots` is the cache length."""
+    `step_fn(token, position, slot, width)` is the decode step (`DecodeState.step`); `slots` is the
+    cache length. Nothing here refers back to the rollout that uses it, so a rollout's decoder is freed
+    as soon as the rollout returns (no reference cycle waiting for Python's cyclic collector)."""
 
     def __init__(self, step_fn: Callable[..., torch.Tensor], batch: int, slots: int, device: torch.device):
         self.step_fn, self.slots, self.bucket = step_fn, slots, BUCKET
@@ -76,8 +82,44 @@ class GraphedDecodeStep:
         self.slot.fill_(slot)
         width = self.width(slot)
         if width not in self.graphs:
-            self.graphs[width], self.pool = capture(
-                lambda: self.step_fn(self.token, self.position, self.slot, width), self.pool)
+            step_fn, inputs = self.step_fn, (self.token, self.position, self.slot)
+            self.graphs[width], self.pool = capture(lambda: step_fn(*inputs, width), self.pool)
         graph = self.graphs[width]
         graph.replay()
         return graph.output  # overwritten by the next replay: read it before the next step
+
+
+class DecodeGraphs:
+    """One decode state and its CUDA graphs, kept across rollouts (pass it as `cuda_graphs=`).
+
+    A rollout of the same model, dtype and rows that needs at most the state's cache slots reuses it:
+    weights refreshed in place (training updates and LoRA merges follow), the cache refilled, every
+    graph already captured replayed as it is. Otherwise the old state is dropped and a new one, with
+    room for at least as many slots as before, is built. The state's memory (bf16 weight copies, the KV
+    cache, the graph pool) stays held between rollouts, backward passes included: `release()` frees it."""
+
+    def __init__(self) -> None:
+        self.state: DecodeState | None = None
+        self.graphed: GraphedDecodeStep | None = None
+        self._model: Any = None
+        self.builds = 0
+
+    def prepare(self, model: Any, dtype: torch.dtype, rows: int, slots: int,
+                device: torch.device) -> tuple[DecodeState, GraphedDecodeStep]:
+        base = _base(model)
+        same = (self.state is not None and self._model() is base and self.state.dtype == dtype
+                and self.state.rows == rows)
+        if same and slots <= self.state.slots:
+            self.state.weights.load(model)
+        else:
+            room = max(slots, self.state.slots if same else 0)
+            room = -(-room // BUCKET) * BUCKET  # whole graph widths, so a slightly longer prompt fits later
+            self.release()  # before allocating the new one: never two states at once
+            self.state = DecodeState(model, dtype, rows, room, device)
+            self.graphed = GraphedDecodeStep(self.state.step, rows, room, device)
+            self._model = weakref.ref(base)
+            self.builds += 1
+        return self.state, self.graphed
+
+    def release(self) -> None:
+        self.state = self.graphed = None

@@ -7,19 +7,47 @@
 - Sampling on the device (temperature, top-p), log-probabilities of the sampled tokens collected as
   it goes, an exit as soon as every row has finished, and finished rows dropped from the batch once
   at most half are still running (fewer rows through the model for the long tail).
+- On CUDA the host looks at which rows finished only every `SYNC_EVERY` steps: each look stalls the
+  launch queue until the GPU catches up. Rows that finish in between decode on as padding.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sampling.cuda_graphs import GraphedDecodeStep
-from sampling.fast_qwen3 import FastQwen3, supports
-from sampling.generate import Completions, left_pad
+from sampling.cuda_graphs import DecodeGraphs
+from sampling.fast_qwen3 import DecodeState, supports
 
 BLOCK = 1024  # entries per block of the two-level draw
+SYNC_EVERY = 8  # CUDA: decode steps between looks at which rows finished (on the CPU: every step)
+
+
+@dataclass
+class Completions:
+    """Row i is a completion of prompt `prompt_index[i]`; a prompt's samples are contiguous."""
+
+    prompt_index: list[int]
+    token_ids: list[list[int]]  # up to and including the first eos (none when truncated)
+    truncated: list[bool]  # True when max_new_tokens was reached before eos
+    logprobs: list[list[float]] | None = None  # per sampled token, at the sampling temperature
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [len(rows), longest]: each row's tokens at the right end."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _padded_width(V: int) -> int:
@@ -77,8 +105,18 @@ def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
     return token, logp
 
 
+def _prefill_autocast(device: torch.device) -> Any:
+    """The caller's autocast for the prefill, without its weight cache. A cached bf16 cast of every
+    fp32 weight would otherwise stay held until the caller's autocast ends, i.e. for the whole rollout,
+    while the decode step runs on its own copies."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+
+
 class _HFDecoder:
-    """Decode through the model's own forward with a `transformers` StaticCache (LoRA, 4-bit...)."""
+    """Decode through the model's own forward with a `transformers` StaticCache (LoRA, 4-bit...).
+    Its decode steps keep the caller's autocast cache: recasting fp32 weights at every token costs more."""
 
     can_drop_rows = True
 
@@ -88,8 +126,10 @@ class _HFDecoder:
 
         self.model, self.L = model, ids.shape[1]
         self.cache = StaticCache(config=model.config, max_cache_len=self.L + max_new_tokens)
-        self.first_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-                                  use_cache=True, logits_to_keep=1).logits[:, -1].repeat_interleave(G, dim=0)
+        with _prefill_autocast(ids.device):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.first_logits = logits.repeat_interleave(G, dim=0)
         if G > 1:
             self.keep(torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G))
         ones = torch.ones(ids.shape[0], max_new_tokens, dtype=mask.dtype, device=mask.device)
@@ -114,46 +154,44 @@ def decode_dtype(model: Any, device: torch.device) -> torch.dtype:
 
 
 class _FastDecoder:
-    """Decode through `FastQwen3` with our own preallocated cache; prefill still uses the model.
-    With `cuda_graphs` the step replays from CUDA graphs, and rows are never dropped (fixed shapes)."""
+    """Decode through the lean step (`DecodeState`: fused weight copies and our own preallocated
+    cache); prefill still uses the model. With `graphs` (a `DecodeGraphs`) the step replays from CUDA
+    graphs on a state kept across rollouts, and rows are never dropped (fixed shapes)."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 max_new_tokens: int, G: int, cuda_graphs: bool = False):
+                 max_new_tokens: int, G: int, graphs: DecodeGraphs | None = None):
         from transformers import DynamicCache
 
         dtype = decode_dtype(model, ids.device)
-        self.fast, self.L = FastQwen3(model, dtype), ids.shape[1]
+        self.L = ids.shape[1]
+        rows, slots = ids.shape[0] * G, self.L + max_new_tokens
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
+        with _prefill_autocast(ids.device):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
         self.first_logits = logits.repeat_interleave(G, dim=0)
-        self.keys, self.values = [], []
-        for layer in cache.layers:
-            for store, prefix in ((self.keys, layer.keys), (self.values, layer.values)):
-                buf = torch.zeros((ids.shape[0] * G, prefix.shape[1], self.L + max_new_tokens, prefix.shape[3]),
-                                  dtype=dtype, device=ids.device)
-                buf[:, :, : self.L] = prefix.to(dtype).repeat_interleave(G, dim=0)
-                store.append(buf)
-        ones = torch.ones(ids.shape[0], max_new_tokens, dtype=torch.bool, device=ids.device)
-        self.slot_mask = torch.cat([mask.bool(), ones], dim=1).repeat_interleave(G, dim=0)
-        slots = self.L + max_new_tokens
+        if graphs is None:
+            self.state, self.graphed = DecodeState(model, dtype, rows, slots, ids.device), None
+        else:
+            self.state, self.graphed = graphs.prepare(model, dtype, rows, slots, ids.device)
+        self.state.load([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask, G)
         self.slot_ids = torch.arange(slots, device=ids.device)  # slot i as a [1] view: no host copy per step
-        self.graphed = GraphedDecodeStep(self._step, ids.shape[0] * G, slots, ids.device) if cuda_graphs else None
-        self.can_drop_rows = not cuda_graphs
+        self.can_drop_rows = graphs is None
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.slot_mask = self.slot_mask[rows]
-
-    def _step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, width: int) -> torch.Tensor:
-        return self.fast.step(token, position, self.keys, self.values, slot, width, self.slot_mask)
+        self.state.keep(rows)
 
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         slot = self.L + t
         if self.graphed is not None:
             return self.graphed(token, position, slot)
-        return self._step(token, position, self.slot_ids[slot: slot + 1], slot + 1)
+        with torch.autocast(token.device.type, enabled=False):  # the step fixes its own dtypes
+            return self.state.step(token, position, self.slot_ids[slot: slot + 1], slot + 1)
+
+
+def _rows_alive(finished: torch.Tensor) -> int:
+    """How many rows are still decoding: a host read, so a device sync (counted by the tests)."""
+    return int((~finished).sum())
 
 
 @torch.no_grad()
@@ -170,21 +208,28 @@ def rollout(
     ignore_eos: bool = False,
     generator: torch.Generator | None = None,
     fast: bool | None = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | DecodeGraphs = False,
+    sync_every: int | None = None,
 ) -> Completions:
     """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature.
 
     `fast` picks the lean decode step (default: whenever the model supports it); `cuda_graphs` replays
-    that step from CUDA graphs (CUDA only; models without the lean step ignore it); `ignore_eos`
-    forces exactly max_new_tokens per row (for benchmarks)."""
+    that step from CUDA graphs (CUDA only; models without the lean step ignore it): True for graphs of
+    this rollout alone, or a `DecodeGraphs` kept by the caller to reuse them across rollouts;
+    `sync_every` is how many steps pass between looks at which rows finished (default 1 on the CPU,
+    `SYNC_EVERY` on CUDA); `ignore_eos` forces exactly max_new_tokens per row (for benchmarks)."""
     device = next(model.parameters()).device
     P, G = len(prompts), num_samples
     ids, mask = left_pad(prompts, pad_token_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     use_fast = supports(model) if fast is None else fast
-    decoder = (_FastDecoder(model, ids, mask, positions, max_new_tokens, G, cuda_graphs=cuda_graphs) if use_fast
-               else _HFDecoder(model, ids, mask, positions, max_new_tokens, G))
+    if use_fast:
+        graphs = DecodeGraphs() if cuda_graphs is True else (cuda_graphs or None)
+        decoder = _FastDecoder(model, ids, mask, positions, max_new_tokens, G, graphs)
+    else:
+        decoder = _HFDecoder(model, ids, mask, positions, max_new_tokens, G)
     logits = decoder.first_logits
+    sync_every = sync_every or (SYNC_EVERY if device.type == "cuda" else 1)
 
     B = P * G
     next_pos = (positions[:, -1] + 1).repeat_interleave(G)
@@ -194,7 +239,8 @@ def rollout(
     alive = torch.arange(B, device=device)  # original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # sample, record, stop rows at eos, feed the token back
+    # sample, record, stop rows at eos, feed the token back; the host looks at `finished` only every
+    # `sync_every` steps (rows finished in between decode on, their tokens recorded as padding)
     for t in range(max_new_tokens):
         token, logp = _sample_token(logits, temperature, top_p, generator)
         token = token.masked_fill(finished, pad_token_id)
@@ -202,15 +248,16 @@ def rollout(
         logprobs[alive, t] = logp.masked_fill(finished, 0.0)
         if not ignore_eos:
             just_done = (token == eos_token_id) & ~finished
-            lengths[alive[just_done]] = t + 1
+            lengths[alive] = torch.where(just_done, t + 1, lengths[alive])
             finished |= just_done
-            n_alive = int((~finished).sum())  # one sync per step: the price of stopping early
-            if n_alive == 0:
-                break
-            if decoder.can_drop_rows and n_alive <= finished.numel() // 2 and finished.numel() >= 8:  # drop finished
-                keep = (~finished).nonzero().squeeze(-1)
-                decoder.keep(keep)
-                alive, finished, token, next_pos = alive[keep], finished[keep], token[keep], next_pos[keep]
+            if (t + 1) % sync_every == 0:
+                n_alive = _rows_alive(finished)
+                if n_alive == 0:
+                    break
+                if decoder.can_drop_rows and n_alive <= finished.numel() // 2 and finished.numel() >= 8:
+                    keep = (~finished).nonzero().squeeze(-1)  # drop finished rows
+                    decoder.keep(keep)
+                    alive, finished, token, next_pos = alive[keep], finished[keep], token[keep], next_pos[keep]
         if t + 1 == max_new_tokens:
             break
         logits = decoder.step(token, next_pos + t, t)
@@ -224,6 +271,7 @@ def rollout(
         logprobs=[out_logprobs[i][: n[i]] for i in range(B)],
     )
 
+
 def sample(
     model: Any,
     prompts: list[list[int]],
@@ -236,11 +284,14 @@ def sample(
     top_p: float = 1.0,
     batch_size: int | None = None,
     progress: Any = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | DecodeGraphs = False,
 ) -> Completions:
     """`num_samples` completions per prompt through `rollout`, `batch_size` prompts at a time
-    (None: all at once); `progress` is an optional tqdm bar advanced by prompts done."""
+    (None: all at once); `progress` is an optional tqdm bar advanced by prompts done. With
+    `cuda_graphs` True the chunks share one `DecodeGraphs` (freed on return)."""
     batch_size = batch_size or len(prompts)
+    if cuda_graphs is True:
+        cuda_graphs = DecodeGraphs()
     out = Completions([], [], [], [])
     was_training = model.training
     model.eval()

@@ -6,10 +6,12 @@ written so far. Used for full-precision Qwen3 models, with or without LoRA adapt
 models take the `transformers` forward. Weights are gathered once per rollout, so they follow training
 updates. LoRA adapters are merged into these rollout copies (W + scale * B @ A), never into the model's
 own weights: no merge/unmerge round trip that would drift bf16 weights, and no per-token adapter cost.
+A tied embedding (Qwen3-0.6B's) is copied once and serves as the output head too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,8 +73,37 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def _tied(model: Any) -> bool:
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def _sources(model: Any) -> Iterator[torch.Tensor]:
+    """The decode step's weights in a fixed order, one at a time (a fused one is built only when asked
+    for), as the model holds them: per layer ln1, wqkv, qk_norm, wo, ln2, wgate_up, wdown; then the
+    embedding, the final norm and (untied models only) the head."""
+    cfg = model.config
+    w = effective_weight
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield layer.input_layernorm.weight
+        yield torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)])
+        # q_norm and k_norm as one [H + KV, D] weight, so q and k are normed and rotated together
+        yield torch.cat([a.q_norm.weight.expand(cfg.num_attention_heads, -1),
+                         a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
+        yield w(a.o_proj)
+        yield layer.post_attention_layernorm.weight
+        yield torch.cat([w(m.gate_proj), w(m.up_proj)])
+        yield w(m.down_proj)
+    yield model.model.embed_tokens.weight
+    yield model.model.norm.weight
+    if not _tied(model):
+        yield model.lm_head.weight
+
+
 class FastQwen3:
     """Decode-step weights of `model` in `dtype` (fused copies) and the shapes they need."""
+
+    PER_LAYER = 7
 
     def __init__(self, model: Any, dtype: torch.dtype):
         model = _base(model)
@@ -83,22 +114,24 @@ class FastQwen3:
         self.inv_freq = model.model.rotary_emb.inv_freq.float()
         self.scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
         with torch.no_grad():
-            self.layers = []
-            for layer in model.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                # q_norm and k_norm as one [H + KV, D] weight, so q and k are normed and rotated together
-                qk_norm = torch.cat([a.q_norm.weight.expand(self.n_heads, -1), a.k_norm.weight.expand(self.n_kv, -1)])
-                w = effective_weight
-                self.layers.append((
-                    layer.input_layernorm.weight.to(dtype),
-                    torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)]).to(dtype),
-                    qk_norm.to(dtype), w(a.o_proj).to(dtype),
-                    layer.post_attention_layernorm.weight.to(dtype),
-                    torch.cat([w(m.gate_proj), w(m.up_proj)]).to(dtype), w(m.down_proj).to(dtype),
-                ))
-            self.embed = model.model.embed_tokens.weight.to(dtype)
-            self.norm = model.model.norm.weight.to(dtype)
-            self.lm_head = model.lm_head.weight.to(dtype)
+            flat = [t.to(dtype) for t in _sources(model)]
+        n = len(model.model.layers) * self.PER_LAYER
+        self.layers = [tuple(flat[i: i + self.PER_LAYER]) for i in range(0, n, self.PER_LAYER)]
+        self.embed, self.norm = flat[n], flat[n + 1]
+        self.lm_head = flat[n + 2] if len(flat) > n + 2 else self.embed  # tied: one copy serves both
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight the step reads, each once, in `_sources`' order."""
+        out = [t for layer in self.layers for t in layer] + [self.embed, self.norm]
+        return out if self.lm_head is self.embed else out + [self.lm_head]
+
+    @torch.no_grad()
+    def load(self, model: Any) -> None:
+        """Copy `model`'s current weights (adapters merged) into these tensors in place: the same
+        addresses, so CUDA graphs captured on them stay valid, and no second set is ever held."""
+        for dst, src in zip(self.tensors(), _sources(_base(model)), strict=True):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
 
     def step(self, token: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor],
              values: list[torch.Tensor], slot: torch.Tensor, width: int, slot_mask: torch.Tensor) -> torch.Tensor:
@@ -129,3 +162,44 @@ class FastQwen3:
             gate, up = (_rms(h, ln2, self.eps) @ wgu.T).chunk(2, dim=-1)
             h = h + (F.silu(gate) * up) @ wdown.T
         return _rms(h, self.norm, self.eps) @ self.lm_head.T
+
+
+class DecodeState:
+    """Everything the fast decode step reads: the weights (`FastQwen3`), the KV cache (per layer a
+    [rows, kv_heads, slots, head_dim] buffer) and which slots each row may attend. `load` refills it
+    for a new rollout in place, so a state kept across rollouts (CUDA graphs read by address) keeps
+    every tensor where it was."""
+
+    def __init__(self, model: Any, dtype: torch.dtype, rows: int, slots: int, device: torch.device):
+        self.weights = FastQwen3(model, dtype)
+        cfg = _base(model).config
+        shape = (rows, cfg.num_key_value_heads, slots, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.slot_mask = torch.zeros((rows, slots), dtype=torch.bool, device=device)
+        self.rows, self.slots, self.dtype = rows, slots, dtype
+
+    @torch.no_grad()
+    def load(self, prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], mask: torch.Tensor,
+             G: int) -> None:
+        """Each prompt's prefilled keys/values ([P, KV, L, D] per layer) into slots [0, L) of its G rows,
+        every later slot zeroed (a stale value, even a NaN, must not meet a zero attention weight);
+        slot_mask: the prompt's real tokens, then every generated slot."""
+        L = mask.shape[1]
+        for store, prefix in ((self.keys, prefix_keys), (self.values, prefix_values)):
+            for buf, p in zip(store, prefix, strict=True):
+                buf[:, :, :L].copy_(p.repeat_interleave(G, dim=0))
+                buf[:, :, L:].zero_()
+        self.slot_mask[:, :L].copy_(mask.bool().repeat_interleave(G, dim=0))
+        self.slot_mask[:, L:] = True
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (new, smaller buffers: for eager decoding, never under CUDA graphs)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.slot_mask = self.slot_mask[rows]
+        self.rows = rows.numel()
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, width: int) -> torch.Tensor:
+        return self.weights.step(token, position, self.keys, self.values, slot, width, self.slot_mask)

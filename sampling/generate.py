@@ -3,33 +3,9 @@ benchmarked against (`sampling.engine` is what GRPO and eval use)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass
-class Completions:
-    """Row i is a completion of prompt `prompt_index[i]`; a prompt's samples are contiguous."""
-
-    prompt_index: list[int]
-    token_ids: list[list[int]]  # up to and including the first eos (none when truncated)
-    truncated: list[bool]  # True when max_new_tokens was reached before eos
-    logprobs: list[list[float]] | None = None  # per sampled token, at the sampling temperature
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
+from sampling.engine import Completions, left_pad
 
 
 def _cut_at_eos(row: list[int], eos_id: int) -> tuple[list[int], bool]:

@@ -243,3 +243,135 @@ def test_cuda_graph_rollout_equals_eager_on_cuda(tiny_model, tiny_tokenizer, pro
         want = token_logprobs(completion_logits(model, batch), batch.completion_ids, temperature=0.7)
     for row, logps in enumerate(out.logprobs):  # bf16 decode against an fp32 forward
         assert torch.allclose(torch.tensor(logps), want[row, : len(logps)].cpu(), atol=0.1)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_rollout_frees_its_decoder_when_it_returns(tiny_model, tiny_tokenizer, prompts, monkeypatch, request, graphs):
+    """No reference cycle keeps a finished rollout's decoder (weight copies, KV cache, graphs) alive
+    until Python's cyclic collector happens to run: with the collector off, it is gone on return."""
+    import gc
+    import weakref
+
+    import sampling.engine as engine
+
+    if graphs:
+        request.getfixturevalue("graphs_on_cpu")
+    made = []
+
+    class Recorded(engine._FastDecoder):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(engine, "_FastDecoder", Recorded)
+    gc.collect()
+    gc.disable()
+    try:
+        rollout(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=20), cuda_graphs=graphs)
+        assert len(made) == 1 and made[0]() is None
+    finally:
+        gc.enable()
+
+
+def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prompts, graphs_on_cpu):
+    """A `DecodeGraphs` passed to successive rollouts captures each width once: the second rollout
+    replays the first one's graphs on the same tensors (same addresses), with the weights refreshed in
+    place after a training update, and samples what an eager rollout of the updated model samples. A
+    rollout that needs more cache slots rebuilds it, and still matches."""
+    from sampling import DecodeGraphs
+
+    args = kwargs(tiny_tokenizer, max_new_tokens=40)
+    graphs = DecodeGraphs()
+    first = rollout(tiny_model, prompts, **args, cuda_graphs=graphs)
+    captured = graphs_on_cpu.captures
+    state = graphs.state
+
+    def addresses():
+        return [t.data_ptr() for t in [*state.keys, *state.values, state.slot_mask, *state.weights.tensors()]]
+
+    before = addresses()
+    with torch.no_grad():  # an optimizer step, in place as AdamW does it
+        torch.manual_seed(0)
+        for p in tiny_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    second = rollout(tiny_model, prompts, **args, cuda_graphs=graphs)
+    assert graphs.state is state and addresses() == before and graphs.builds == 1
+    assert graphs_on_cpu.captures == captured
+    assert second.token_ids == rollout(tiny_model, prompts, **args).token_ids != first.token_ids
+
+    longer = [p + p for p in prompts]  # more slots than the state has: one rebuild
+    third = rollout(tiny_model, longer, **args, cuda_graphs=graphs)
+    assert graphs.builds == 2 and graphs.state.slots >= len(max(longer, key=len)) + 40
+    assert third.token_ids == rollout(tiny_model, longer, **args).token_ids
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the distinct storages among `obj`'s tensor attributes (and tensors in its lists/tuples)."""
+    seen = {}
+    stack = list(vars(obj).values())
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return sum(seen.values())
+
+
+def test_decode_weights_copy_a_tied_embedding_once(tiny_model):
+    """bf16 decode weights of an fp32 model: one copy of each weight, the tied embedding serving as the
+    output head too (Qwen3-0.6B: ~300 MB saved), q/k norms expanded to one [H + KV, D] weight a layer."""
+    from sampling.fast_qwen3 import FastQwen3
+
+    cfg = tiny_model.config
+    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
+    fast = FastQwen3(tiny_model, torch.bfloat16)
+    n_params = sum(p.numel() for p in tiny_model.parameters())  # counts the tied weight once
+    norms = cfg.num_hidden_layers * cfg.head_dim * (cfg.num_attention_heads + cfg.num_key_value_heads - 2)
+    assert _tensor_bytes(fast) == 2 * (n_params + norms) + 4 * fast.inv_freq.numel()
+    assert fast.lm_head.data_ptr() == fast.embed.data_ptr()
+
+
+def test_prefill_leaves_no_autocast_weight_copies_behind(tiny_model, tiny_tokenizer, prompts):
+    """Under the trainer's bf16 autocast (CUDA's policy, forced on the CPU) the prefill casts every fp32
+    weight to bf16; autocast would keep those casts cached until the trainer's autocast ends, i.e. through
+    the whole rollout. Counted with a dispatch mode that sees each weight cast: none is alive on return."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.nn.Parameter):
+                self.casts.append(weakref.ref(out))
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with WeightCasts() as mode:
+            rollout(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=4))
+        held = sum(t.nbytes for t in (ref() for ref in mode.casts) if t is not None)
+        assert mode.casts and held == 0  # today's code held every weight's bf16 cast (~1.7 MB on tiny)
+
+
+def test_finished_rows_are_read_on_the_host_only_every_sync_every_steps(tiny_model, tiny_tokenizer, prompts,
+                                                                        monkeypatch):
+    """CUDA's default: the host looks at which rows finished every 8th step (each look is a device
+    sync). Rows finishing in between decode on as padding: same completions as looking every step."""
+    import sampling.engine as engine
+
+    args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
+                pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
+    every_step = rollout(tiny_model, prompts, **args)
+    reads = []
+    real = engine._rows_alive
+    monkeypatch.setattr(engine, "_rows_alive", lambda finished: reads.append(1) or real(finished))
+    sparse = rollout(tiny_model, prompts, **args, sync_every=8)
+    assert sparse.token_ids == every_step.token_ids and sparse.truncated == every_step.truncated
+    assert sparse.logprobs == every_step.logprobs
+    assert len({len(r) for r in sparse.token_ids}) > 1
+    assert 1 <= len(reads) <= 30 // 8
