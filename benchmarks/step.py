@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
               "micro_batch_size": cfg.micro_batch_size, "max_new_tokens": args.max_new_tokens, "steps": len(timed),
               "completion_len_mean": round(sum(x["completion_len_mean"] for x in timed) / len(timed), 1),
               "peak_memory_gb": round(max(x["peak_memory_gb"] for x in timed), 3),
+              "peak_memory_reserved_gb": round(max(x["peak_memory_reserved_gb"] for x in timed), 3),
               "median_rollout_tokens_per_s": round(median([x["tokens_generated"] / x["generation_time_s"]
                                                            for x in timed]), 1)}
     for key in phases:
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     for key, name in phases.items():
         print(f"  {name:<17} {record[f'median_{key}']:8.3f} s  (median of {len(timed)})")
     print(f"  rollout           {record['median_rollout_tokens_per_s']:8.0f} tokens/s (median)")
-    print(f"  peak memory       {record['peak_memory_gb']:8.3f} GB")
+    print(f"  peak memory       {record['peak_memory_gb']:8.3f} GB "
+          f"(reserved {record['peak_memory_reserved_gb']:.3f} GB)")
     print_json(record)
 
 

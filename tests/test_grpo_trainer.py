@@ -70,11 +70,11 @@ def test_on_policy_ratio_is_one_and_beta_zero_skips_reference(tmp_path, monkeypa
     calls = []
     real = trainer._logprobs_no_grad
     monkeypatch.setattr(trainer, "_logprobs_no_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import models
+
     copies = []
-    real_deepcopy = trainer.copy.deepcopy
-    monkeypatch.setattr(trainer.copy, "deepcopy",
-                        lambda x, *a: (copies.append(1) if isinstance(x, torch.nn.Module) else None) or
-                        real_deepcopy(x, *a))
+    real_copy = models.frozen_copy
+    monkeypatch.setattr(models, "frozen_copy", lambda *a: copies.append(1) or real_copy(*a))
     out = tmp_path / "beta0"
     train_grpo(quick(out, beta=0.0, max_steps=3, learning_rate=0.05), rollout_hook=_fixed_rollouts(tiny_tokenizer))
     lines = read_log(out)
@@ -268,3 +268,28 @@ def test_grpo_raises_held_out_accuracy(sft_tiny, tmp_path):
     assert after > before + 0.05, (before, after)
     rewards = [x["reward_mean"] for x in log[1:]]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5, rewards  # training reward rises too
+
+
+def test_training_logits_are_freed_before_the_model_backward(tiny_model, tiny_tokenizer, monkeypatch):
+    """The [rows, C, V] logits of a micro-batch are needed only by the log-prob pass's backward: by
+    the time gradients reach the first layer they must be gone (Qwen3-0.6B: 0.6 GB at 4 x 512 tokens)."""
+    import weakref
+
+    made, freed = [], []
+    real = trainer.completion_logits
+
+    def recorded(*args, **kw):
+        logits = real(*args, **kw)
+        made.append(weakref.ref(logits))
+        return logits
+
+    monkeypatch.setattr(trainer, "completion_logits", recorded)
+    tiny_model.model.layers[0].self_attn.q_proj.weight.register_hook(
+        lambda grad: freed.append(made[-1]() is None))
+    prompts = [tiny_tokenizer("q1?")["input_ids"], tiny_tokenizer("a longer question?")["input_ids"]]
+    mb = pack(prompts, [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "cpu")
+    cfg = quick("unused", beta=0.0)
+    metrics, entropy = trainer.micro_batch_backward(
+        tiny_model, mb, None, None, torch.tensor([1.0, -1.0]), cfg, num_items=5.0, scale=1.0, sync=True,
+        autocast=lambda: torch.autocast("cpu", enabled=False))
+    assert made and freed == [True] and entropy > 0 and math.isfinite(metrics["grpo_loss"])
