@@ -12,20 +12,25 @@ import argparse
 from pathlib import Path
 
 from common.errors import fail, run_cli
+from data import DATASETS
 
 
 def main(argv: list[str] | None = None) -> None:
+    from common.flags import add_flag_of
+    from grpo.config import GRPOConfig
+    from sft.config import SFTConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", required=True, choices=["sft", "grpo", "both", "eval"], help="which stage(s) to run")
-    p.add_argument("--model_name", default=None, help="SFT base model (default Qwen/Qwen3-0.6B); GRPO/eval: override")
-    p.add_argument("--sft_output", default="./qwen_gsm8k_sft", help="SFT output; GRPO starts from it")
-    p.add_argument("--grpo_output", default="./qwen_gsm8k_grpo", help="GRPO output")
-    p.add_argument("--num_epochs", type=int, default=None, help="epochs (SFT; GRPO: passes over the prompts)")
-    p.add_argument("--batch_size", type=int, default=None, help="SFT batch size / GRPO micro-batch size")
-    p.add_argument("--use_4bit", action="store_true", help="4-bit NF4 base: QLoRA SFT, LoRA GRPO")
-    p.add_argument("--max_samples", type=int, default=None, help="first N training examples (eval: problems)")
-    p.add_argument("--dataset", default=None, choices=["gsm8k", "synthetic"], help="data for every stage")
-    p.add_argument("--data_dir", default=None, help="GSM8K folder for every stage")
+    add_flag_of(p, SFTConfig, "model_name", "SFT base model (default Qwen/Qwen3-0.6B); GRPO/eval: override")
+    add_flag_of(p, SFTConfig, "sft_output", "SFT output; GRPO starts from it (default ./qwen_gsm8k_sft)")
+    add_flag_of(p, GRPOConfig, "grpo_output", "GRPO output (default ./qwen_gsm8k_grpo)")
+    add_flag_of(p, SFTConfig, "num_epochs", "epochs (SFT; GRPO: passes over the prompts)")
+    add_flag_of(p, SFTConfig, "batch_size", "SFT batch size / GRPO micro-batch size")
+    add_flag_of(p, SFTConfig, "use_4bit", "4-bit NF4 base: QLoRA SFT, LoRA GRPO")
+    add_flag_of(p, SFTConfig, "max_samples", "first N training examples (eval: problems)")
+    add_flag_of(p, SFTConfig, "dataset", "data for every stage: " + ", ".join(DATASETS))
+    add_flag_of(p, SFTConfig, "data_dir", "GSM8K folder for every stage")
     args, rest = p.parse_known_args(argv)
     if rest and args.mode == "both":
         fail(f"--mode both does not take {' '.join(rest)}; run --mode sft and --mode grpo separately for those")
@@ -37,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode in ("sft", "both"):
         import train_sft
 
-        train_sft.main([*opt("--model_name", args.model_name), "--sft_output", args.sft_output, *data,
+        train_sft.main([*opt("--model_name", args.model_name), *opt("--sft_output", args.sft_output), *data,
                         *opt("--num_epochs", args.num_epochs), *opt("--max_samples", args.max_samples),
                         *opt("--batch_size", args.batch_size), *(["--use_4bit"] if args.use_4bit else []), *rest])
     if args.mode in ("grpo", "both"):
         import train_grpo
 
-        train_grpo.main(["--sft_output", args.sft_output, "--grpo_output", args.grpo_output, *data,
+        train_grpo.main([*opt("--sft_output", args.sft_output), *opt("--grpo_output", args.grpo_output), *data,
                          *opt("--model_name", args.model_name if args.mode == "grpo" else None),
                          *opt("--num_epochs", args.num_epochs), *opt("--max_samples", args.max_samples),
                          *opt("--micro_batch_size", args.batch_size),
@@ -51,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "eval":
         from eval.__main__ import main as eval_main
 
-        model = args.model_name or (args.grpo_output if (Path(args.grpo_output) / "config.json").is_file()
-                                    else args.sft_output)
+        grpo_output, sft_output = args.grpo_output or GRPOConfig.grpo_output, args.sft_output or SFTConfig.sft_output
+        model = args.model_name or (grpo_output if (Path(grpo_output) / "config.json").is_file() else sft_output)
         eval_main(["--model", model, *data, *opt("--max_samples", args.max_samples), *rest])
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+LR_DECAYS = ("constant", "cosine", "linear")
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str = "cosine") -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based)."""

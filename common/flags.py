@@ -1,0 +1,145 @@
+"""Each flag declared once, on its config field: default, help, and the range or choices it allows.
+
+    @dataclass
+    class GRPOConfig:
+        beta: float = flag(0.01, "KL coefficient; 0 skips the reference model", low=0.0)
+
+`add_flags(parser, GRPOConfig)` builds the CLI from those declarations, `config_from_args` makes the
+config back from the parsed flags, and `check(cfg)` stops a value outside its range with one line,
+`error: --flag must be ... (got X)`, before any model loads (also for configs built in Python).
+NaN and inf are out of range everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from typing import Any
+
+from common.errors import fail
+
+
+def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # noqa: A002
+         above: float | None = None, choices: tuple[str, ...] | None = None, group: str | None = None,
+         name: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field that is also a CLI flag. `low`/`high`: inclusive bounds; `above`: exclusive
+    lower bound; `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default
+    turns the field off); `cli=False`: a field with no flag (set by the code that calls the trainer)."""
+    meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli)
+    return dataclasses.field(default=default, metadata={"flag": meta})
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, dict[str, Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, f.metadata["flag"], hints[f.name]) for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+
+def _base_type(hint: Any) -> type:
+    """int for `int | None`, and so on."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def flag_name(field_name: str, meta: dict[str, Any]) -> str:
+    return meta["name"] or f"--{field_name}"
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """What a flag allows, in words: 'one of a, b', '>= 1', '> 0 and <= 1'."""
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    parts = []
+    if meta["above"] is not None:
+        parts.append(f"> {meta['above']:g}")
+    if meta["low"] is not None:
+        parts.append(f">= {meta['low']:g}")
+    if meta["high"] is not None:
+        parts.append(f"<= {meta['high']:g}")
+    return " and ".join(parts) or "a finite number"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One argparse argument per declared field of `cls` (in declaration order, grouped by `group`)."""
+    groups: dict[str | None, Any] = {None: parser}
+    for f, meta, hint in _fields(cls):
+        if not meta["cli"] or f.name in skip:
+            continue
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        add = groups[meta["group"]].add_argument
+        base, help_text = _base_type(hint), meta["help"]
+        if base is bool:
+            add(flag_name(f.name, meta), dest=f.name, action="store_false" if f.default else "store_true",
+                help=help_text)
+            continue
+        shown = "" if f.default is None else f" (default: {f.default})"
+        add(flag_name(f.name, meta), dest=f.name, type=_parser_type(base), default=f.default,
+            help=help_text + shown, metavar=None if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}")
+
+
+def add_flag_of(parser: argparse.ArgumentParser, cls: type, field_name: str, help: str | None = None) -> None:  # noqa: A002
+    """`--<field_name>` as `cls` declares it (type, help), default None: a front end such as train.py
+    forwards it to the stage only when given, and the stage checks its range."""
+    f, meta, hint = next(x for x in _fields(cls) if x[0].name == field_name)
+    base = _base_type(hint)
+    if base is bool:
+        parser.add_argument(flag_name(f.name, meta), dest=f.name, action="store_true", help=help or meta["help"])
+    else:
+        parser.add_argument(flag_name(f.name, meta), dest=f.name, type=base, default=None, help=help or meta["help"])
+
+
+def _parser_type(base: type) -> Any:
+    """argparse's type: a value that does not parse is left as text, so `check` reports it in our
+    one-line form (argparse's own error would print the usage block too)."""
+    def convert(text: str) -> Any:
+        try:
+            return base(text)
+        except ValueError:
+            return _Unparsed(text)
+    convert.__name__ = base.__name__
+    return convert
+
+
+class _Unparsed(str):
+    """A flag value that is not of the flag's type."""
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """`cls` from the parsed flags (fields without a flag keep their defaults), checked."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Any) -> None:
+    """Stop at the first field outside its declared range or choices, naming its flag."""
+    for f, meta, hint in _fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        if value is None or _base_type(hint) is bool:
+            continue
+        name = flag_name(f.name, meta)
+        if isinstance(value, _Unparsed):
+            fail(f"{name} must be {_kind(_base_type(hint))} {describe(meta)} (got {value})")
+        if meta["choices"]:
+            if value not in meta["choices"]:
+                fail(f"{name} must be {describe(meta)} (got {value})")
+            continue
+        if isinstance(value, (int, float)) and not _in_range(value, meta):
+            fail(f"{name} must be {describe(meta)} (got {value})")
+
+
+def _kind(base: type) -> str:
+    return {int: "a whole number", float: "a number"}.get(base, "text:")
+
+
+def _in_range(value: float, meta: dict[str, Any]) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if meta["above"] is not None and not value > meta["above"]:
+        return False
+    if meta["low"] is not None and value < meta["low"]:
+        return False
+    return meta["high"] is None or value <= meta["high"]

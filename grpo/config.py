@@ -1,0 +1,66 @@
+"""GRPO's settings: each one a CLI flag of train_grpo.py, declared once here (default, help, range)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.flags import flag
+from common.schedule import LR_DECAYS
+from data import DATASETS
+from grpo.loss import LOSS_TYPES, SCALES
+
+DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
+                                            "memory", "run")
+
+
+@dataclass
+class GRPOConfig:
+    sft_output: str = flag("./qwen_gsm8k_sft", "SFT model folder to start from", group=DATA)
+    model_name: str | None = flag(None, "start from this instead: hub id, folder, or `tiny`", group=DATA)
+    grpo_output: str = flag("./qwen_gsm8k_grpo", "output folder: model, checkpoint, logs", group=DATA)
+    dataset: str = flag("gsm8k", "prompts (synthetic: offline)", choices=DATASETS, group=DATA)
+    data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
+                                group=DATA)
+    max_samples: int | None = flag(None, "use only the first N training prompts", low=1, group=DATA)
+    max_steps: int | None = flag(None, "optimizer steps (rollouts); overrides --num_epochs", low=1, group=LENGTH)
+    num_epochs: float = flag(1.0, "passes over the prompts when --max_steps is unset", above=0, group=LENGTH)
+    prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1, group=ROLLOUT)
+    num_generations: int = flag(4, "G: samples per prompt (a group; advantages compare them)", low=2,
+                                group=ROLLOUT)
+    max_completion_length: int = flag(512, "token limit per completion; untuned Qwen3-0.6B needs ~250 on GSM8K, "
+                                           "so keep 512", low=1, group=ROLLOUT)
+    temperature: float = flag(0.7, "sampling temperature (also used in the logprobs)", above=0, group=ROLLOUT)
+    top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1, group=ROLLOUT)
+    cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only; see README, Speed)",
+                             group=ROLLOUT)
+    micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1, group=LOSS)
+    learning_rate: float = flag(1e-6, "AdamW learning rate", low=0, group=LOSS)
+    lr_decay: str = flag("constant", "after warmup", choices=LR_DECAYS, group=LOSS)
+    warmup_ratio: float = flag(0.0, "share of updates with linear LR warmup", low=0, high=1, group=LOSS)
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0, group=LOSS)
+    adam_beta2: float = flag(0.999, "AdamW's second-moment decay", above=0, high=1, group=LOSS)
+    max_grad_norm: float = flag(1.0, "clip the gradient norm to this", above=0, group=LOSS)
+    beta: float = flag(0.01, "KL coefficient; 0 skips the reference model", low=0, group=LOSS)
+    epsilon: float = flag(0.2, "clip range: ratio in [1 - eps, 1 + eps_high]", above=0, high=1, group=LOSS)
+    epsilon_high: float | None = flag(None, "upper clip (default: --epsilon)", above=0, group=LOSS)
+    loss_type: str = flag("dapo", "token aggregation (see README)", choices=LOSS_TYPES, group=LOSS)
+    scale_rewards: str = flag("group", "divide advantages by the group's std, the batch's, or not",
+                              choices=SCALES, group=LOSS)
+    num_iterations: int = flag(1, "mu: updates per rollout (old logprobs kept)", low=1, group=LOSS)
+    lora: bool = flag(False, "train LoRA adapters (reference = adapter disabled)", group=MEMORY)
+    lora_r: int = flag(16, "LoRA rank", low=1, group=MEMORY)
+    lora_alpha: int = flag(32, "LoRA alpha", low=1, group=MEMORY)
+    use_4bit: bool = flag(False, "4-bit NF4 base (with --lora), e.g. Qwen3-4B on 24 GB", group=MEMORY)
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward", group=MEMORY)
+    seed: int = flag(42, "seed for prompt order and sampling", low=0, group=RUN)
+    save_every: int = flag(50, "checkpoint every N steps (and at the end)", low=1, group=RUN)
+    eval_every: int = flag(0, "held-out greedy accuracy every N steps and before the first (0: never)", low=0,
+                           group=RUN)
+    eval_samples: int = flag(100, "held-out problems (test split) per eval", low=1, group=RUN)
+    eval_max_new_tokens: int | None = flag(None, "eval token limit (default: --max_completion_length)", low=1,
+                                           group=RUN)
+    eval_batch_size: int = flag(32, "prompts per eval batch", low=1, group=RUN)
+    resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint", group=RUN)
+    overwrite: bool = flag(False, "replace whatever --grpo_output holds", group=RUN)
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN)
+    show_progress: bool = flag(True, "no progress bar (the log is still written)", name="--no_progress", group=RUN)

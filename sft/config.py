@@ -1,0 +1,45 @@
+"""SFT's settings: each one a CLI flag of train_sft.py, declared once here (default, help, range)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.flags import flag
+from common.schedule import LR_DECAYS
+from data import DATASETS
+
+
+@dataclass
+class SFTConfig:
+    model_name: str = flag("Qwen/Qwen3-0.6B", "hub id, local folder, or `tiny` (built-in, offline)")
+    sft_output: str = flag("./qwen_gsm8k_sft", "output folder: merged model + tokenizer, adapter/, logs")
+    dataset: str = flag("gsm8k", "training data (synthetic: offline)", choices=DATASETS)
+    data_dir: str | None = flag(None, "folder with GSM8K's train.jsonl/test.jsonl (default: $GSM8K_DIR, else hub)")
+    max_samples: int | None = flag(None, "use only the first N training examples", low=1)
+    num_epochs: int = flag(3, "passes over the training set", low=1)
+    max_steps: int | None = flag(None, "stop after N optimizer steps (overrides epochs when fewer)", low=1)
+    batch_size: int = flag(4, "examples per micro-batch", low=1)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", low=1)
+    learning_rate: float = flag(2e-4, "peak AdamW learning rate", low=0)
+    lr_decay: str = flag("cosine", "decay after warmup", choices=LR_DECAYS)
+    warmup_ratio: float = flag(0.03, "share of steps with linear LR warmup", low=0, high=1)
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
+    max_grad_norm: float = flag(1.0, "clip the gradient norm to this", above=0)
+    full_finetune: bool = flag(False, "train all weights instead of LoRA adapters")
+    lora_r: int = flag(16, "LoRA rank", low=1)
+    lora_alpha: int = flag(32, "LoRA scaling alpha", low=1)
+    lora_dropout: float = flag(0.05, "dropout on the LoRA input", low=0, high=0.99)
+    max_length: int = flag(512, "truncate prompt+target to this many tokens", low=2)
+    keep_calculator: bool = flag(False, "keep GSM8K's <<a*b=c>> annotations in the target")
+    use_4bit: bool = flag(False, "QLoRA: load the base model in 4-bit NF4 (bitsandbytes)")
+    gradient_checkpointing: bool = flag(False, "recompute activations to save memory")
+    seed: int = flag(42, "seed for data order, dropout and sampling", low=0)
+    eval_every: int = flag(0, "held-out eval every N steps and before training (0: end only)", low=0)
+    eval_samples: int = flag(100, "held-out problems (test split) for the eval", low=1)
+    eval_max_new_tokens: int = flag(256, "token limit of eval completions", low=1)
+    eval_batch_size: int = flag(32, "prompts per eval batch", low=1)
+    save_every: int = flag(100, "checkpoint every N optimizer steps (and at the end)", low=1)
+    resume: bool = flag(False, "continue the run in --sft_output from its last checkpoint")
+    overwrite: bool = flag(False, "replace whatever --sft_output holds")
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
+    show_progress: bool = flag(True, "no progress bars (logs still written)", name="--no_progress")

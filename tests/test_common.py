@@ -1,0 +1,91 @@
+"""common/: the LR schedule at its boundaries, and flags declared once on the configs."""
+
+import argparse
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.errors import UserError
+from common.flags import add_flags, check, config_from_args
+from common.schedule import LR_DECAYS, lr_factor, make_scheduler
+from grpo.config import GRPOConfig
+from sft.config import SFTConfig
+from tests.conftest import ROOT
+
+
+def test_warmup_then_each_decay_at_its_boundaries():
+    total, warm = 10, 4
+    # warmup: 1/4, 2/4, 3/4, 4/4 of the peak over steps 0..3, the peak reached on the last warmup step
+    for decay in LR_DECAYS:
+        assert [lr_factor(s, total, warm, decay) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # the first step after warmup starts the decay at the peak; the schedule ends at 0 at step `total`
+    assert lr_factor(4, total, warm, "cosine") == 1.0 and lr_factor(4, total, warm, "linear") == 1.0
+    assert lr_factor(7, total, warm, "linear") == pytest.approx(0.5)
+    assert lr_factor(7, total, warm, "cosine") == pytest.approx(0.5)
+    assert lr_factor(9, total, warm, "linear") == pytest.approx(1 / 6)
+    assert lr_factor(9, total, warm, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert lr_factor(10, total, warm, "cosine") == pytest.approx(0.0) and lr_factor(10, total, warm, "linear") == 0
+    assert lr_factor(50, total, warm, "cosine") == pytest.approx(0.0)  # past the end: stays at 0
+    assert all(lr_factor(s, total, warm, "constant") == 1.0 for s in range(4, 20))
+    assert lr_factor(0, total, 0, "cosine") == 1.0 and lr_factor(0, 1, 0, "linear") == 1.0  # no warmup
+    assert lr_factor(3, 4, 4, "cosine") == 1.0 and lr_factor(4, 4, 4, "cosine") == 1.0  # all warmup, no decay
+    with pytest.raises(ValueError):
+        lr_factor(5, total, warm, "step")
+
+
+def test_scheduler_applies_the_factors_step_by_step():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=2.0)
+    sched = make_scheduler(opt, 6, 2, "linear")
+    seen = []
+    for _ in range(6):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1.0, 2.0, 2.0, 1.5, 1.0, 0.5])
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig])
+def test_every_config_field_is_a_flag_with_its_default_and_help(cls):
+    p = argparse.ArgumentParser()
+    add_flags(p, cls)
+    args = p.parse_args([])
+    assert config_from_args(cls, args) == cls()  # the parser's defaults are the config's
+    names = {a.dest: a for a in p._actions if a.dest != "help"}
+    assert set(names) == {f.name for f in dataclasses.fields(cls)}
+    assert all(a.help for a in names.values())
+    assert "--no_progress" in names["show_progress"].option_strings
+
+
+def test_values_outside_their_range_are_one_line_errors():
+    with pytest.raises(UserError, match=r"^--top_p must be > 0 and <= 1 \(got 1.5\)$"):
+        check(GRPOConfig(top_p=1.5))
+    with pytest.raises(UserError, match=r"^--learning_rate must be >= 0 \(got nan\)$"):
+        check(GRPOConfig(learning_rate=float("nan")))
+    with pytest.raises(UserError, match=r"^--loss_type must be one of grpo, bnpo, dr_grpo, dapo \(got ppo\)$"):
+        check(GRPOConfig(loss_type="ppo"))
+    with pytest.raises(UserError, match=r"^--batch_size must be >= 1 \(got 0\)$"):
+        check(SFTConfig(batch_size=0))
+    check(GRPOConfig())
+    check(SFTConfig())
+
+
+@pytest.mark.parametrize("script,flag,value,says", [
+    ("train_grpo.py", "--prompts_per_step", "0", "--prompts_per_step must be >= 1 (got 0)"),
+    ("train_grpo.py", "--max_steps", "-3", "--max_steps must be >= 1 (got -3)"),
+    ("train_grpo.py", "--temperature", "inf", "--temperature must be > 0 (got inf)"),
+    ("train_grpo.py", "--lr_decay", "step", "--lr_decay must be one of constant, cosine, linear (got step)"),
+    ("train_grpo.py", "--micro_batch_size", "two", "--micro_batch_size must be a whole number >= 1 (got two)"),
+    ("train_sft.py", "--batch_size", "0", "--batch_size must be >= 1 (got 0)"),
+])
+def test_training_clis_stop_on_a_value_out_of_range(tmp_path, script, flag, value, says):
+    result = subprocess.run([sys.executable, script, flag, value, "--sft_output", str(tmp_path / "s"),
+                             "--grpo_output", str(tmp_path / "g")] if script == "train_grpo.py" else
+                            [sys.executable, script, flag, value, "--sft_output", str(tmp_path / "s")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == f"error: {says}\n"
+    assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
