@@ -19,6 +19,29 @@ import argparse
 from common.errors import run_cli
 
 
+def report(record: dict, tokens_per_run: int, peaks: dict[str, float]) -> None:
+    """The human-readable lines of a rollout benchmark record."""
+    r = record
+    print(f"{r['model']}{' + LoRA' if r['lora'] else ''} on {r['device']}: {r['prompts']} prompts x "
+          f"{r['num_generations']} samples x {r['max_new_tokens']} tokens = {tokens_per_run} tokens/run")
+    for name in ("ours", "generate"):
+        print(f"  {name + ':':<9} {r[f'{name}_tokens_per_s']:10.1f} tokens/s  (median of {r['repeats']}; "
+              f"peak {peaks[name]:.2f} GB)")
+    print(f"  speedup:  {r['speedup']:.2f}x")
+    if "ours_graphs_tokens_per_s" in r:
+        print(f"  ours, CUDA graphs: {r['ours_graphs_tokens_per_s']:10.1f} tokens/s (peak {peaks['ours_graphs']:.2f} "
+              f"GB): {r['speedup_graphs']:.2f}x generate")
+    if "roofline_tokens_per_s" in r:
+        print(f"  roofline: {r['roofline_tokens_per_s']:.0f} tokens/s from weight bytes / {r['bandwidth_gbs']} GB/s; "
+              f"ours reaches {100 * r['ours_share_of_roofline']:.0f}%"
+              + (f", with CUDA graphs {100 * r['ours_graphs_share_of_roofline']:.0f}%"
+                 if "ours_graphs_share_of_roofline" in r else ""))
+    for name in ("eager", "graphs"):
+        if f"launches_per_step_{name}" in r:
+            what = "kernel launches" if r["device"].startswith("cuda") else "aten ops"
+            print(f"  {what} per decode step, {name}: {r[f'launches_per_step_{name}']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,23 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                           ours_share_of_roofline=round(tps["ours"] / roofline, 3))
             if "ours_graphs" in runs:
                 record["ours_graphs_share_of_roofline"] = round(tps["ours_graphs"] / roofline, 3)
-    print(f"{args.model}{' + LoRA' if args.lora else ''} on {device}: {len(prompts)} prompts x {G} samples x "
-          f"{N} tokens = {tokens_per_run} tokens/run")
-    print(f"  ours:     {tps['ours']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['ours']:.2f} GB)")
-    print(f"  generate: {tps['generate']:10.1f} tokens/s  (median of {args.repeats}; peak {peaks['generate']:.2f} GB)")
-    print(f"  speedup:  {record['speedup']:.2f}x")
-    if "ours_graphs" in runs:
-        print(f"  ours, CUDA graphs: {tps['ours_graphs']:10.1f} tokens/s (peak {peaks['ours_graphs']:.2f} GB): "
-              f"{record['speedup_graphs']:.2f}x generate")
-    if "roofline_tokens_per_s" in record:
-        print(f"  roofline: {record['roofline_tokens_per_s']:.0f} tokens/s from weight bytes / "
-              f"{record['bandwidth_gbs']} GB/s; ours reaches {100 * record['ours_share_of_roofline']:.0f}%"
-              + (f", with CUDA graphs {100 * record['ours_graphs_share_of_roofline']:.0f}%"
-                 if "ours_graphs_share_of_roofline" in record else ""))
-    for name in ("eager", "graphs"):
-        if f"launches_per_step_{name}" in record:
-            what = "kernel launches" if device.startswith("cuda") else "aten ops"
-            print(f"  {what} per decode step, {name}: {record[f'launches_per_step_{name}']}")
+    report(record, tokens_per_run, peaks)
     print_json(record)
 
 

@@ -6,10 +6,12 @@ import sys
 import pytest
 import torch
 
-import grpo.trainer as trainer
+import grpo.step as grpo_step
 from common.errors import UserError
+from common.runs import JsonlLog
 from grpo.batch import pack
-from grpo.trainer import LOG_NAME, GRPOConfig, reference_logprobs, train_grpo
+from grpo.step import reference_logprobs
+from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 from models.tiny import tiny_dir
 from tests.conftest import ROOT, give_lora_b_weights
 
@@ -68,8 +70,8 @@ def _fixed_rollouts(tokenizer):
 
 def test_on_policy_ratio_is_one_and_beta_zero_skips_reference(tmp_path, monkeypatch, tiny_tokenizer):
     calls = []
-    real = trainer._logprobs_no_grad
-    monkeypatch.setattr(trainer, "_logprobs_no_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = grpo_step.logprobs_no_grad
+    monkeypatch.setattr(grpo_step, "logprobs_no_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     import models
 
     copies = []
@@ -132,7 +134,7 @@ def test_lora_reference_is_the_base_model(tiny_tokenizer):
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     ref = reference_logprobs(peft_model, None, batch, 1, 0.7, no_autocast)
     want = reference_logprobs(None, base, batch, 2, 0.7, no_autocast)
-    policy = trainer._logprobs_no_grad(peft_model, batch, 2, 0.7, no_autocast)
+    policy = grpo_step.logprobs_no_grad(peft_model, batch, 2, 0.7, no_autocast)
     mask = batch.completion_mask.bool()
     assert torch.allclose(ref[mask], want[mask], atol=1e-5)
     assert not torch.allclose(policy[mask], want[mask], atol=1e-3)
@@ -178,17 +180,17 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_tokenizer):
     common = dict(max_steps=4, save_every=2, beta=0.04, learning_rate=5e-3)
     hook = _random_rollouts(tiny_tokenizer)
     train_grpo(quick(tmp_path / "straight", **common), rollout_hook=hook)
-    real_write = trainer.JsonlLog.write
+    real_write = JsonlLog.write
 
     def crash_at_step_4(self, record):
         if record["step"] == 4:
             raise KeyboardInterrupt
         real_write(self, record)
 
-    monkeypatch.setattr(trainer.JsonlLog, "write", crash_at_step_4)
+    monkeypatch.setattr(JsonlLog, "write", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_grpo(quick(tmp_path / "resumed", **common), rollout_hook=hook)
-    monkeypatch.setattr(trainer.JsonlLog, "write", real_write)
+    monkeypatch.setattr(JsonlLog, "write", real_write)
     train_grpo(quick(tmp_path / "resumed", resume=True, **common), rollout_hook=hook)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
@@ -201,13 +203,13 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_tokenizer):
 
 
 def test_non_finite_loss_skips_and_stops_after_three(tmp_path, monkeypatch):
-    real = trainer.grpo_loss
+    real = grpo_step.grpo_loss
 
     def nan_loss(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         return loss * float("nan"), {**metrics, "grpo_loss": float("nan")}
 
-    monkeypatch.setattr(trainer, "grpo_loss", nan_loss)
+    monkeypatch.setattr(grpo_step, "grpo_loss", nan_loss)
     out = tmp_path / "nan"
     with pytest.raises(UserError, match="3 steps in a row") as info:
         train_grpo(quick(out, max_steps=10, save_every=1))
@@ -229,7 +231,7 @@ def test_config_errors_are_one_line(tmp_path):
         train_grpo(quick(tmp_path / "a", use_4bit=True))
     with pytest.raises(UserError, match="run train_sft.py first"):
         train_grpo(quick(tmp_path / "b", model_name=None, sft_output=str(tmp_path / "missing")))
-    with pytest.raises(UserError, match="at least 2"):
+    with pytest.raises(UserError, match="--num_generations must be >= 2 \\(got 1\\)"):
         train_grpo(quick(tmp_path / "c", num_generations=1))
     with pytest.raises(UserError, match="--cuda_graphs needs a CUDA device, not cpu"):
         train_grpo(quick(tmp_path / "d", cuda_graphs=True))
@@ -276,20 +278,20 @@ def test_training_logits_are_freed_before_the_model_backward(tiny_model, tiny_to
     import weakref
 
     made, freed = [], []
-    real = trainer.completion_logits
+    real = grpo_step.completion_logits
 
     def recorded(*args, **kw):
         logits = real(*args, **kw)
         made.append(weakref.ref(logits))
         return logits
 
-    monkeypatch.setattr(trainer, "completion_logits", recorded)
+    monkeypatch.setattr(grpo_step, "completion_logits", recorded)
     tiny_model.model.layers[0].self_attn.q_proj.weight.register_hook(
         lambda grad: freed.append(made[-1]() is None))
     prompts = [tiny_tokenizer("q1?")["input_ids"], tiny_tokenizer("a longer question?")["input_ids"]]
     mb = pack(prompts, [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "cpu")
     cfg = quick("unused", beta=0.0)
-    metrics, entropy = trainer.micro_batch_backward(
+    metrics, entropy = grpo_step.micro_batch_backward(
         tiny_model, mb, None, None, torch.tensor([1.0, -1.0]), cfg, num_items=5.0, scale=1.0, sync=True,
         autocast=lambda: torch.autocast("cpu", enabled=False))
     assert made and freed == [True] and entropy > 0 and math.isfinite(metrics["grpo_loss"])

@@ -1,0 +1,99 @@
+"""What SFT and GRPO both do around their loop, in one place: the output folder and its
+run_config.json, resuming, the JSONL log, held-out evals, checkpoints with every rank's RNG state, and
+the final save (LoRA adapter, merged model + tokenizer in HF format). Rank 0 alone writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from common.distributed import Dist
+from common.runs import (
+    RUN_CONFIG,
+    JsonlLog,
+    atomic_dir,
+    atomic_files_into,
+    load_checkpoint,
+    prepare_output_dir,
+    rng_state,
+    save_checkpoint,
+    write_json,
+)
+
+
+class Run:
+    """One training run's folder. `cfg` needs `resume`, `overwrite`, `save_every`, `show_progress`."""
+
+    def __init__(self, cfg: Any, dist: Dist, *, out: str, flag: str, stage: str, log_name: str,
+                 **config_extra: Any):
+        self.cfg, self.dist, self.out, self.log_name = cfg, dist, Path(out), log_name
+        self.log: JsonlLog | None = None
+
+        def prepare() -> None:
+            prepare_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite, flag=flag)
+            if not cfg.resume:
+                write_json(self.out / RUN_CONFIG, {"stage": stage, **config_extra, **dataclasses.asdict(cfg),
+                                                   "world_size": dist.world_size})
+
+        dist.on_main(prepare)
+
+    def start(self, model: Any, optimizer: Any, scheduler: Any, lora: bool, device: str, total_steps: int) -> int:
+        """The step to start from (the checkpoint's with --resume, else 0); opens the log (cut back to it)."""
+        step = 0
+        if self.cfg.resume:
+            step = load_checkpoint(self.out, model, optimizer, scheduler, lora, device, self.dist.rank,
+                                   self.dist.world_size)
+            if self.dist.is_main:
+                print(f"resuming {self.out} at step {step}/{total_steps}")
+        if self.dist.is_main:
+            self.log = JsonlLog(self.out / self.log_name, resume_step=step if self.cfg.resume else None)
+        return step
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.log:
+            self.log.write(record)
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[Any], **kwargs: Any) -> dict[str, Any]:
+        """Held-out eval (every rank takes its share), written to <out>/eval; the model is left in train mode."""
+        from eval.evaluate import evaluate, write_results
+
+        summary, predictions = evaluate(model, tokenizer, records, show_progress=self.cfg.show_progress, **kwargs)
+        if self.dist.is_main:
+            write_results(self.out / "eval", summary, predictions)
+        model.train()
+        return summary
+
+    def checkpoint(self, step: int, total_steps: int, model: Any, optimizer: Any, scheduler: Any,
+                   lora: bool) -> None:
+        """Every `save_every` steps and at the last: everything --resume needs, atomically."""
+        if step % self.cfg.save_every == 0 or step == total_steps:
+            rng_states = self.dist.gather_objects(rng_state())
+            if self.dist.is_main:
+                save_checkpoint(self.out, model, optimizer, scheduler, step, total_steps, lora, rng_states)
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+            self.log = None
+
+    def save_final(self, model: Any, tokenizer: Any, *, lora: bool, base_model: str, dtype: Any,
+                   message: str) -> None:
+        """The trained model where `from_pretrained(<out>)` finds it (LoRA merged into a fresh base, the
+        adapter also in <out>/adapter), then `message`. Other ranks wait for it, so the job ends complete."""
+        from models.lora import merged_copy_for_saving
+
+        self.close()
+        if self.dist.is_main:
+            if lora:
+                atomic_dir(self.out / "adapter", model.save_pretrained)
+
+            def write(tmp: Path) -> None:
+                final = (merged_copy_for_saving(model, base_model, str(self.out / "adapter"), dtype) if lora
+                         else model)
+                final.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+
+            atomic_files_into(self.out, write)
+            print(message)
+        self.dist.barrier()

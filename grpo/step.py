@@ -1,0 +1,299 @@
+"""One GRPO step, as the algorithm box reads (`grpo_step`), and its log record (`step_record`).
+
+    prompts <- this rank's share of the step's questions
+    1. rollout: G = num_generations completions per prompt (temperature, top_p, stop at end-of-turn)
+    2. rewards r <- numeric_reward(completions, answers); A <- group_advantages(r of every rank, G)
+    3. old logprobs (only when num_iterations > 1) and reference logprobs (only when beta > 0), no grad
+    4. num_iterations times: per micro-batch, loss <- grpo_loss(logp, old, ref, A); backward (gradients
+       accumulate); clip the gradient norm (logged before clipping); AdamW step; LR schedule
+
+Where we depart from the paper's GRPO (Shao et al., 2024, DeepSeekMath), and why:
+- Loss aggregation `dapo` by default: the token sum over the completion tokens of the whole step
+  (DAPO, Yu et al., 2025). The paper's mean of per-sequence means (`--loss_type grpo`) gives a token of
+  a short completion more weight than one of a long completion, so long wrong answers are punished
+  less per token; `dapo` weighs every token alike and accumulates exactly over micro-batches and ranks.
+- KL by the k3 estimator exp(ref - logp) - (ref - logp) - 1, per token, as the paper, but on the
+  tokens' own log-probs (no full-vocabulary KL), with beta 0.01 by default (the paper: 0.04); `--beta 0`
+  drops the reference model and its pass (as DAPO and Dr. GRPO do).
+- Advantages (r - mean) / (std + 1e-4) within each group: the epsilon keeps an all-equal group at
+  exactly 0 instead of 0/0; `--scale_rewards none` is Dr. GRPO's unscaled version.
+- Log-probs at the sampling temperature (log softmax(logits / T)), as TRL: the ratio and the KL are
+  those of the distribution the completions were drawn from.
+- One update per rollout by default (`num_iterations` 1, so the ratio is exactly 1 and the clip never
+  binds); the paper's several updates per batch are `--num_iterations`.
+
+Under torchrun each rank takes prompts_per_step / W prompts (a group never spans ranks); rewards are
+gathered so advantages and metrics are the whole batch's, and each micro-batch's loss is scaled so
+DDP's averaged gradient equals the single-process gradient on the same completions.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.distributed import Dist, no_sync_unless
+from grpo.batch import RolloutBatch, completion_logits, pack
+from grpo.config import GRPOConfig
+from grpo.loss import group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
+
+LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss")  # summed with the loss weights; others by tokens
+
+
+@dataclass
+class Policy:
+    """What a step reads and trains: the model (sampling, saving), the module backward passes go
+    through (DDP's wrapper, or the model), the frozen reference (None: LoRA's disabled adapter, or
+    beta 0), the optimizer and schedule, and the CUDA-graph decode state kept across rollouts."""
+
+    model: Any
+    train_model: Any
+    ref_model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    device: str
+    graphs: Any = False
+
+    def autocast(self) -> Any:
+        from models import autocast
+
+        return autocast(self.device)
+
+
+@dataclass
+class StepStats:
+    """One rank's step: metric sums (each its share of the step's value), all ranks' rewards and
+    advantages, its completions' lengths, and the phases' seconds."""
+
+    sums: dict[str, float]
+    entropy_sum: float
+    num_items: float  # completion tokens of the whole step, all ranks
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    lengths: list[int]
+    truncated: list[bool]
+    grad_norm: float
+    skipped: int
+    learning_rate: float
+    times: dict[str, float]
+
+
+class Timer:
+    """Wall-clock phases of a step; synchronizes CUDA before each reading so the split is honest."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> Any:
+        timer = self
+
+        class _Phase:
+            def __enter__(self) -> None:
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc: Any) -> None:
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                timer.totals[phase] = timer.totals.get(phase, 0.0) + time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def step_prompts(step: int, n: int, per_step: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> tuple[list[int], float]:
+    """This rank's dataset indices of step `step` (0-based) and the epoch the step reaches: one seeded
+    global order per epoch (a step may run across the boundary into the next epoch's order), each
+    step's prompts cut into world_size contiguous shards."""
+    start = step * per_step
+    orders: dict[int, list[int]] = {}
+    indices = []
+    for k in range(start, start + per_step):
+        epoch = k // n
+        if epoch not in orders:
+            orders[epoch] = _epoch_order(n, seed, epoch)
+        indices.append(orders[epoch][k % n])
+    share = per_step // world_size
+    return indices[rank * share: (rank + 1) * share], (start + per_step) / n
+
+
+@torch.no_grad()
+def logprobs_no_grad(model: Any, batch: RolloutBatch, micro: int, temperature: float, autocast: Any) -> torch.Tensor:
+    out = []
+    for s in range(0, batch.input_ids.shape[0], micro):
+        rows = batch.rows(slice(s, s + micro))
+        with autocast():
+            logp = token_logprobs(completion_logits(model, rows), rows.completion_ids, temperature)
+        out.append(torch.nn.functional.pad(logp, (0, batch.completion_width - rows.completion_width)))
+    return torch.cat(out)
+
+
+def reference_logprobs(model: Any, ref_model: Any, batch: RolloutBatch, micro: int, temperature: float,
+                       autocast: Any) -> torch.Tensor:
+    """Logprobs under the frozen reference: `ref_model`, or with LoRA (ref_model None) the same model
+    with its adapter switched off, so no second copy of the weights is held."""
+    if ref_model is None:
+        with model.disable_adapter():
+            return logprobs_no_grad(model, batch, micro, temperature, autocast)
+    return logprobs_no_grad(ref_model, batch, micro, temperature, autocast)
+
+
+def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch.Tensor | None,
+                         ref_logprobs: torch.Tensor | None, advantages: torch.Tensor, cfg: GRPOConfig,
+                         num_items: float, scale: float, sync: bool, autocast: Any) -> tuple[dict[str, float], float]:
+    """Loss of one micro-batch and its backward (gradients accumulate; DDP all-reduces only when `sync`);
+    returns (grpo_loss's metrics, the summed entropy of its completion tokens). The [rows, C, V] logits
+    are never bound to a name: they are freed once the log-prob pass's backward has used them, not held
+    through the model's whole backward (on Qwen3-0.6B at 4 x 512 tokens, 0.6 GB in bf16)."""
+    with no_sync_unless(train_model, sync=sync):
+        with autocast():
+            logp, entropy = token_logprobs_and_entropy(completion_logits(train_model, mb), mb.completion_ids,
+                                                       cfg.temperature)
+        loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mb.completion_mask, beta=cfg.beta,
+                                  epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                  max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
+        (loss * scale).backward()
+    return metrics, (entropy * mb.completion_mask).sum().item()
+
+
+def loss_weight(loss_type: str, rows: int, step_rows: int) -> float:
+    """What a micro-batch's loss is multiplied by so the micro-batches add up to the step's loss.
+
+    dapo is normalized by the step's completion tokens already (weight 1), exactly. grpo (mean of
+    sequence means) and dr_grpo (sum / (rows * max length)) take the micro-batch's share of the step's
+    rows, exactly as well. bnpo's token mean is over the micro-batch's own tokens (TRL's per-device
+    batch): weighted by its share of rows, the step's loss is the row-weighted mean of the micro-batches'
+    token means, which depends on --micro_batch_size (dapo is its exact step-wide version)."""
+    return 1.0 if loss_type == "dapo" else rows / step_rows
+
+
+def _rollout(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers: list[str], step: int,
+             rollout_hook: Any) -> tuple[list[list[int]], list[bool]]:
+    from sampling import sample
+
+    fixed = rollout_hook(step, prompts, answers) if rollout_hook else None
+    if fixed is not None:
+        return fixed, [policy.tokenizer.eos_token_id not in c for c in fixed]
+    tok = policy.tokenizer
+    with policy.autocast():
+        out = sample(policy.model, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     num_samples=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
+                     temperature=cfg.temperature, top_p=cfg.top_p, cuda_graphs=policy.graphs)
+    return out.token_ids, out.truncated
+
+
+def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) -> tuple[float, bool, float]:
+    """Clip, step (every rank, or none when any rank's loss or norm is not finite), schedule:
+    (grad norm before clipping, whether the update was skipped, the learning rate it used)."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+    finite = torch.tensor(float(math.isfinite(grad_norm) and math.isfinite(loss)), device=policy.device)
+    skipped = dist.all_reduce(finite, "min").item() != 1.0
+    if not skipped:
+        policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    lr = policy.scheduler.get_last_lr()[0]
+    policy.scheduler.step()
+    return grad_norm, skipped, lr
+
+
+def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], step: int,
+              rollout_hook: Any = None) -> StepStats:
+    """One step on this rank's `records` (its share of the step's prompts); see the module docstring."""
+    from data.prompt import encode_prompt
+    from rewards import numeric_reward
+
+    timer, G, device = Timer(policy.device), cfg.num_generations, policy.device
+    prompts = [encode_prompt(policy.tokenizer, r["question"]) for r in records]
+    with timer("generation"):  # 1. rollout
+        completions, truncated = _rollout(policy, cfg, prompts, [r["answer"] for r in records], step, rollout_hook)
+    policy.model.train()
+
+    # 2. rewards and group-relative advantages over the whole step's batch (all ranks' rewards)
+    texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
+    local = torch.tensor(numeric_reward(texts, [r["answer"] for r in records for _ in range(G)]), device=device)
+    rewards = dist.all_gather(local.float()).cpu()  # [W * B]: rank 0's rows first
+    all_advantages = group_advantages(rewards, G, cfg.scale_rewards)
+    B, W = len(completions), dist.world_size
+    advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
+    batch = pack([p for p in prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
+    num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()  # dapo's normalizer
+
+    with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
+        micro, T = cfg.micro_batch_size, cfg.temperature
+        old = logprobs_no_grad(policy.model, batch, micro, T, policy.autocast) if cfg.num_iterations > 1 else None
+        ref = (reference_logprobs(policy.model, policy.ref_model, batch, micro, T, policy.autocast)
+               if cfg.beta != 0.0 else None)
+
+    sums: dict[str, float] = {}
+    entropy_sum, skipped = 0.0, 0
+    for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched
+        with timer("backward"):
+            for s in range(0, B, micro):
+                rows = slice(s, s + micro)
+                mb = batch.rows(rows)  # cut to its own widths: completion columns [:w] of the batch
+                w, weight = mb.completion_width, loss_weight(cfg.loss_type, mb.input_ids.shape[0], B * W)
+                metrics, entropy = micro_batch_backward(
+                    policy.train_model, mb, None if old is None else old[rows, :w],
+                    None if ref is None else ref[rows, :w], advantages[rows], cfg, num_items, weight * W,
+                    sync=s + micro >= B, autocast=policy.autocast)
+                tokens = mb.completion_mask.sum().item() / num_items
+                for k, v in metrics.items():  # this rank's share; summed over ranks at log time
+                    sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens)
+                entropy_sum += entropy
+        with timer("optimizer"):
+            grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
+            skipped += was_skipped
+    return StepStats(sums, entropy_sum, num_items, rewards, all_advantages, [len(c) for c in completions],
+                     truncated, grad_norm, skipped, lr, timer.totals)
+
+
+def peak_memory_gb(device: str) -> tuple[float, float]:
+    """(peak allocated, peak reserved by the caching allocator) on CUDA; the peak RSS twice on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return rss, rss
+
+
+def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time_per_step: float) -> dict[str, Any]:
+    """The log line's step metrics over all ranks' completions; times and memory of the slowest rank."""
+    phases = ("generation", "backward", "reference", "optimizer")
+    slowest = dist.all_reduce(torch.tensor([time_per_step, *(stats.times.get(p, 0.0) for p in phases),
+                                            *peak_memory_gb(device)], device=device, dtype=torch.float64), "max")
+    time_per_step, *phase_times, peak, reserved = slowest.tolist()
+    times = dict(zip(phases, phase_times))
+    keys = sorted(stats.sums)
+    summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum], device=device,
+                                          dtype=torch.float64)).tolist()
+    per_completion = torch.tensor([[n, t] for n, t in zip(stats.lengths, stats.truncated)], device=device)
+    lengths, truncated = dist.all_gather(per_completion).cpu().T.tolist()
+    n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
+    return {
+        **{k: v / n_iter for k, v in zip(keys, summed[:-1])},
+        "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+        "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
+        "grad_norm": stats.grad_norm, "learning_rate": stats.learning_rate,
+        "time_per_step_s": time_per_step, "generation_time_s": times["generation"],
+        "backward_time_s": times["backward"],
+        "other_time_s": time_per_step - times["generation"] - times["backward"],
+        "reference_time_s": times["reference"], "optimizer_time_s": times["optimizer"],
+        "tokens_generated": sum(lengths), "entropy": summed[-1] / (stats.num_items * n_iter),
+        "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
+        "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
+        "frac_reward_zero_std": (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean().item(),
+        "peak_memory_gb": peak, "peak_memory_reserved_gb": reserved, "skipped_updates": stats.skipped,
+        "world_size": dist.world_size,
+    }

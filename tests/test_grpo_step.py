@@ -1,0 +1,102 @@
+"""One GRPO step (grpo/step.py): micro-batching, the prompt order across epochs, the phase timings."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from grpo.step import _epoch_order, loss_weight, step_prompts
+from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
+
+
+def _varied_rollouts(tokenizer):
+    """Fixed completions of different lengths, right and wrong in every group."""
+    def hook(step, prompts, answers):
+        rows = []
+        for answer in answers:
+            for k in range(4):
+                text = (f"#### {answer}" if k % 2 == 0 else "#### 0") + " and more" * (3 * k)
+                rows.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        return rows
+    return hook
+
+
+def _one_step(out, tiny_tokenizer, **overrides):
+    cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=4,
+               num_generations=4, max_completion_length=64, device="cpu", learning_rate=1e-3, beta=0.04,
+               show_progress=False, seed=3, save_every=10)
+    train_grpo(GRPOConfig(**{**cfg, **overrides}), rollout_hook=_varied_rollouts(tiny_tokenizer))
+    from safetensors.torch import load_file
+
+    return json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_micro_batch_size_does_not_change_the_update(tmp_path, tiny_tokenizer, loss_type):
+    """16 completions in micro-batches of 2 or of 16: the same loss, gradient norm and weights for grpo,
+    dr_grpo and dapo. bnpo normalizes each micro-batch by its own tokens (TRL's per-device batch), so it
+    differs with the micro-batch size; in one micro-batch it is dapo."""
+    small, w_small = _one_step(tmp_path / "2", tiny_tokenizer, micro_batch_size=2, loss_type=loss_type)
+    whole, w_whole = _one_step(tmp_path / "16", tiny_tokenizer, micro_batch_size=16, loss_type=loss_type)
+    same = (small["grpo_loss"] == pytest.approx(whole["grpo_loss"], rel=1e-5, abs=1e-7)
+            and small["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+            and all(torch.allclose(w_small[k], w_whole[k], atol=5e-5) for k in w_small))  # lr 1e-3; seen 1.6e-5
+    if loss_type != "bnpo":
+        assert same, (small["grad_norm"], whole["grad_norm"])
+        return
+    assert not same and small["grad_norm"] != pytest.approx(whole["grad_norm"], rel=1e-3)
+    dapo, _ = _one_step(tmp_path / "dapo", tiny_tokenizer, micro_batch_size=16, loss_type="dapo")
+    assert whole["grad_norm"] == pytest.approx(dapo["grad_norm"], rel=1e-5)
+
+
+def test_loss_weights_add_up_to_one_step():
+    assert loss_weight("dapo", 2, 16) == 1.0
+    assert sum(loss_weight("grpo", r, 10) for r in (4, 4, 2)) == pytest.approx(1.0)
+
+
+def test_a_step_crosses_the_epoch_boundary_into_the_next_order():
+    """10 prompts, 4 a step: step 2 takes the last two of epoch 0's order, then the first two of
+    epoch 1's; every prompt comes once per epoch."""
+    first, second = _epoch_order(10, 7, 0), _epoch_order(10, 7, 1)
+    assert first != second
+    steps = [step_prompts(s, 10, 4, seed=7) for s in range(5)]
+    assert steps[2][0] == first[8:] + second[:2] and steps[2][1] == pytest.approx(1.2)
+    seen = [i for indices, _ in steps for i in indices]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_training_takes_the_prompts_across_the_epoch_boundary(tmp_path, tiny_tokenizer):
+    taken = []
+    hook = _varied_rollouts(tiny_tokenizer)
+    out = tmp_path / "epochs"
+    train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_samples=6, max_steps=2,
+                          prompts_per_step=4, num_generations=4, max_completion_length=32, device="cpu",
+                          beta=0.0, show_progress=False, seed=3),
+               rollout_hook=lambda step, prompts, answers: taken.append(answers) or hook(step, prompts, answers))
+    from data import make_synthetic
+
+    answers = [r["answer"] for r in make_synthetic("train", max_samples=6, seed=3)]
+    order0, order1 = _epoch_order(6, 3, 0), _epoch_order(6, 3, 1)
+    assert taken == [[answers[i] for i in order0[:4]], [answers[i] for i in order0[4:] + order1[:2]]]
+    epochs = [json.loads(x)["epoch"] for x in (out / LOG_NAME).read_text().splitlines()]
+    assert epochs == [pytest.approx(4 / 6, abs=1e-4), pytest.approx(8 / 6, abs=1e-4)]
+
+
+def test_each_phase_time_lands_in_its_own_field(tmp_path, tiny_tokenizer, monkeypatch):
+    """A rollout that takes 0.3 s shows in generation_time_s and not in other_time_s; rewards that take
+    0.2 s show in other_time_s and not in generation_time_s."""
+    import rewards
+
+    hook = _varied_rollouts(tiny_tokenizer)
+    real_reward = rewards.numeric_reward
+    monkeypatch.setattr(rewards, "numeric_reward", lambda *a: time.sleep(0.2) or real_reward(*a))
+    out = tmp_path / "times"
+    train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1,
+                          prompts_per_step=2, num_generations=4, max_completion_length=32, device="cpu",
+                          beta=0.04, show_progress=False),
+               rollout_hook=lambda *a: time.sleep(0.3) or hook(*a))
+    line = json.loads((out / LOG_NAME).read_text())
+    assert 0.3 <= line["generation_time_s"] < 0.5
+    assert 0.2 <= line["other_time_s"] < 0.3 + line["reference_time_s"] + line["optimizer_time_s"]
+    assert 0 < line["reference_time_s"] < line["other_time_s"] and line["backward_time_s"] > 0
