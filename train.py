@@ -16,11 +16,11 @@ from data import DATASETS
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.flags import add_flag_of
+    from common.flags import OneLineParser, add_flag_of
     from grpo.config import GRPOConfig
     from sft.config import SFTConfig
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", required=True, choices=["sft", "grpo", "both", "eval"], help="which stage(s) to run")
     add_flag_of(p, SFTConfig, "model_name", "SFT base model (default Qwen/Qwen3-0.6B); GRPO/eval: override")
     add_flag_of(p, SFTConfig, "sft_output", "SFT output; GRPO starts from it (default ./qwen_gsm8k_sft)")

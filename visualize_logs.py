@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 
 from common.errors import run_cli
+from common.flags import OneLineParser
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log_file", default="./qwen_gsm8k_grpo/grpo_training_logs.jsonl", help="a training JSONL log")
     p.add_argument("--output", default="./plots", help="folder for the four PNGs")
     args = p.parse_args(argv)

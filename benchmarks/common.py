@@ -7,9 +7,22 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from common.flags import flag
+
+MODELS_HELP = "tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id"
+
+
+@dataclass
+class BenchArgs:
+    """The flags every benchmark takes; each benchmark adds its own in a subclass."""
+
+    model: str = flag("tiny", MODELS_HELP)
+    device: str | None = flag(None, "cpu or cuda (default: cuda when available)")
 
 # Peak memory bandwidth (GB/s) by GPU name, for the decode roofline.
 GPU_BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100": 2039, "A10G": 600,

@@ -11,25 +11,28 @@ median seconds of each, the ratio, peak memory, and one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass
 
+from benchmarks.common import BenchArgs
 from common.errors import run_cli
+from common.flags import flag
+
+
+@dataclass
+class SharingArgs(BenchArgs):
+    data_dir: str | None = flag(None, "GSM8K folder (default: $GSM8K_DIR; synthetic without)")
+    prompts: int = flag(4, "distinct prompts", low=1)
+    num_generations: int = flag(4, "G: rows per prompt", low=1)
+    micro_batch_size: int = flag(4, "rows per forward/backward", low=1)
+    completion_tokens: int = flag(200, "longest completion", low=2)
+    repeats: int = flag(3, "timed runs of each, alternated", low=1)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.prompt_sharing", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id")
-    p.add_argument("--data_dir", default=None, help="GSM8K folder (default: $GSM8K_DIR; synthetic without)")
-    p.add_argument("--prompts", type=int, default=4, help="distinct prompts")
-    p.add_argument("--num_generations", type=int, default=4, help="G: rows per prompt")
-    p.add_argument("--micro_batch_size", type=int, default=4, help="rows per forward/backward")
-    p.add_argument("--completion_tokens", type=int, default=200, help="longest completion")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternated")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = p.parse_args(argv)
+    from common.flags import parse_flags
+
+    args, _ = parse_flags(SharingArgs, argv, __doc__, prog="python -m benchmarks.prompt_sharing")
 
     import torch
 

@@ -14,9 +14,11 @@ step (on the CPU: aten ops per step), eager and graphed, from a profiled rollout
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
+from benchmarks.common import BenchArgs
 from common.errors import run_cli
+from common.flags import flag
 
 
 def report(record: dict, tokens_per_run: int, peaks: dict[str, float]) -> None:
@@ -42,22 +44,24 @@ def report(record: dict, tokens_per_run: int, peaks: dict[str, float]) -> None:
             print(f"  {what} per decode step, {name}: {r[f'launches_per_step_{name}']}")
 
 
+
+@dataclass
+class RolloutArgs(BenchArgs):
+    prompts: int = flag(4, "distinct prompts", low=1)
+    num_generations: int = flag(8, "samples per prompt", low=1)
+    max_new_tokens: int = flag(128, "new tokens per sample (forced)", low=1)
+    temperature: float = flag(0.7, "sampling temperature (0: greedy)", low=0)
+    top_p: float = flag(1.0, "nucleus threshold", above=0, high=1)
+    repeats: int = flag(3, "timed runs of each, alternated", low=1)
+    lora: bool = flag(False, "wrap the model in rank-16 LoRA adapters (non-zero B)")
+    count_launches: bool = flag(False, "also count kernel launches per decode step (CPU: aten ops per step) with "
+                                       "torch.profiler")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.rollout", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id")
-    p.add_argument("--prompts", type=int, default=4, help="distinct prompts")
-    p.add_argument("--num_generations", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample (forced)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus threshold")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternated")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--lora", action="store_true", help="wrap the model in rank-16 LoRA adapters (non-zero B)")
-    p.add_argument("--count_launches", action="store_true",
-                   help="also count kernel launches per decode step (CPU: aten ops per step) with torch.profiler")
-    args = p.parse_args(argv)
+    from common.flags import parse_flags
+
+    args, _ = parse_flags(RolloutArgs, argv, __doc__, prog="python -m benchmarks.rollout")
 
     import torch
 

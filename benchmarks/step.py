@@ -15,24 +15,27 @@ the same steps with the prompts split across processes (times are the slowest ra
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
+from benchmarks.common import BenchArgs
 from common.errors import run_cli
+from common.flags import flag
+
+
+@dataclass
+class StepArgs(BenchArgs):
+    max_new_tokens: int = flag(128, "--max_completion_length of the steps", low=1)
+    steps: int = flag(5, "timed steps", low=1)
+    warmup: int = flag(2, "untimed steps first", low=0)
+    prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1)
+    lora: bool = flag(False, "LoRA instead of full fine-tuning")
+    cuda_graphs: bool = flag(False, "rollouts replay the decode step from CUDA graphs")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="--max_completion_length of the steps")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step, over all processes")
-    p.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--cuda_graphs", action="store_true", help="rollouts replay the decode step from CUDA graphs")
-    args = p.parse_args(argv)
+    from common.flags import parse_flags
+
+    args, _ = parse_flags(StepArgs, argv, __doc__, prog="python -m benchmarks.step")
 
     import json
     import tempfile

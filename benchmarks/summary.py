@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from common.errors import fail, run_cli
+from common.flags import OneLineParser
 
 FIGURES = {  # JSON key -> label, in the order shown
     "ours_tokens_per_s": "ours tok/s", "ours_graphs_tokens_per_s": "graphed tok/s",
@@ -40,8 +41,8 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m benchmarks.summary", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="the folder scripts/cuda_checks.sh wrote")
     table = rows(Path(p.parse_args(argv).out_dir))
     widths = [max(len(r[i]) for r in [("part", "status", "s", "figures"), *table]) for i in range(3)]

@@ -12,20 +12,24 @@ median step time over --steps after --warmup steps, and one JSON line.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
+from benchmarks.common import BenchArgs
 from common.errors import fail, run_cli
+from common.flags import flag
+
+
+@dataclass
+class TRLStepArgs(BenchArgs):
+    max_new_tokens: int = flag(128, "max_completion_length", low=1)
+    steps: int = flag(5, "timed steps", low=1)
+    warmup: int = flag(2, "untimed steps first", low=0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, random:qwen3-4x256, a folder or a hub id")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="max_completion_length")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = p.parse_args(argv)
+    from common.flags import parse_flags
+
+    args, _ = parse_flags(TRLStepArgs, argv, __doc__, prog="python -m benchmarks.trl_step")
 
     try:
         import trl

@@ -16,18 +16,20 @@ import argparse
 import dataclasses
 import math
 import typing
-from typing import Any
+from typing import Any, NoReturn
 
 from common.errors import fail
 
 
 def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # noqa: A002
          above: float | None = None, choices: tuple[str, ...] | None = None, group: str | None = None,
-         name: str | None = None, cli: bool = True) -> Any:
+         name: str | None = None, cli: bool = True, required: bool = False) -> Any:
     """A dataclass field that is also a CLI flag. `low`/`high`: inclusive bounds; `above`: exclusive
     lower bound; `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default
-    turns the field off); `cli=False`: a field with no flag (set by the code that calls the trainer)."""
-    meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli)
+    turns the field off); `cli=False`: a field with no flag (set by the code that calls the trainer);
+    `required`: the CLI needs it (the field's default is then only the Python API's)."""
+    meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli,
+                required=required)
     return dataclasses.field(default=default, metadata={"flag": meta})
 
 
@@ -74,9 +76,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             add(flag_name(f.name, meta), dest=f.name, action="store_false" if f.default else "store_true",
                 help=help_text)
             continue
-        shown = "" if f.default is None else f" (default: {f.default})"
+        shown = "" if f.default is None or meta["required"] else f" (default: {f.default})"
         add(flag_name(f.name, meta), dest=f.name, type=_parser_type(base), default=f.default,
-            help=help_text + shown, metavar=None if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}")
+            required=meta["required"], help=help_text + shown,
+            metavar=None if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}")
 
 
 def add_flag_of(parser: argparse.ArgumentParser, cls: type, field_name: str, help: str | None = None) -> None:  # noqa: A002
@@ -104,6 +107,26 @@ def _parser_type(base: type) -> Any:
 
 class _Unparsed(str):
     """A flag value that is not of the flag's type."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose own errors (a missing required flag, an unknown one) are our one-line errors
+    instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def parse_flags(cls: type, argv: list[str] | None, doc: str | None, prog: str | None = None,
+                extra: Any = None) -> tuple[Any, argparse.Namespace]:
+    """(checked `cls`, the parsed namespace) from `argv`; `extra(parser)` may add flags that are not
+    fields of `cls` (they stay in the namespace)."""
+    p = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, cls)
+    if extra:
+        extra(p)
+    args = p.parse_args(argv)
+    return config_from_args(cls, args), args
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from common.errors import fail
 
@@ -27,6 +27,7 @@ CHECKPOINT = "checkpoint"
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -> None:
     """Make `out` ready for a new run, or check it holds one to resume; one-line errors otherwise."""
     has_run = (out / RUN_CONFIG).exists()
+    recover_dir(out / CHECKPOINT)
     if resume:
         if not (out / CHECKPOINT / "trainer_state.json").is_file():
             fail(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
@@ -42,18 +43,60 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _old(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def recover_dir(target: Path) -> None:
+    """Undo a crash between `atomic_dir`'s two renames: the previous copy, moved aside as
+    .<name>.old, goes back to `target` (the new one never arrived)."""
+    old = _old(target)
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask_says(root: Path) -> None:
+    """Give `root` and everything in it the modes the user's umask gives new files and folders:
+    temporary folders are made 0700 and some writers make 0600 files, which a teammate or a serving
+    container running as another user could not read."""
+    mask = _umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _write_failed(target: Path, exc: OSError) -> NoReturn:
+    fail(f"cannot write {target} ({exc.strerror or exc}): free some space or make the folder writable; what was "
+         f"there before is intact")
+
+
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a fresh temporary folder, then swap it in for `target` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = target.parent / f".{target.name}.old"
+    """Call `write(tmp)` on a fresh temporary folder, then swap it in for `target` by two renames
+    (target -> .<name>.old, tmp -> target). A crash between them is undone by `recover_dir`; a write
+    that fails (disk full, no permission) leaves `target` as it was and stops with one line."""
+    recover_dir(target)  # never delete the only good copy below
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        _write_failed(target, exc)
+    old = _old(target)
     try:
         write(tmp)
+        readable_as_umask_says(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        _write_failed(target, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -64,14 +107,20 @@ def atomic_files_into(target: Path, write: Callable[[Path], None]) -> None:
     For a model saved at the root of a run folder (so `from_pretrained(<run folder>)` loads it): an old
     config.json is removed first, so whenever config.json exists, the files beside it are complete.
     """
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=target))
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=target))
+    except OSError as exc:
+        _write_failed(target, exc)
     try:
         write(tmp)
+        readable_as_umask_says(tmp)
         (target / "config.json").unlink(missing_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         for name in [n for n in names if n != "config.json"] + [n for n in names if n == "config.json"]:
             os.replace(tmp / name, target / name)
+    except OSError as exc:
+        _write_failed(target, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -100,8 +149,11 @@ class JsonlLog:
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            _write_failed(self.path, exc)
 
     def close(self) -> None:
         self._file.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+MAX_PROMPT_LENGTH = 512  # tokens; GSM8K's longest prompt is ~250 with Qwen3's tokenizer
 INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
@@ -36,14 +37,29 @@ def encode_prompt(tokenizer: Any, question: str) -> list[int]:
     return tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
 
 
+def prompts_within(tokenizer: Any, records: list[Any], max_length: int) -> tuple[list[Any], list[list[int]], int]:
+    """(records whose prompt fits in `max_length` tokens, their encoded prompts, how many were left out).
+
+    The one policy for over-long prompts (GRPO and eval): skip and count them. Cutting a question's
+    start would pose another problem, and a 40,000-token prompt fed whole is an out-of-memory crash."""
+    kept, prompts = [], []
+    for r in records:
+        ids = encode_prompt(tokenizer, r["question"])
+        if len(ids) <= max_length:
+            kept.append(r)
+            prompts.append(ids)
+    return kept, prompts, len(records) - len(kept)
+
+
 def encode_sft_example(
     tokenizer: Any,
     question: str,
     solution: str,
     max_length: int | None = None,
     strip_calculator: bool = True,
-) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one SFT example: labels are -100 on the prompt, the target elsewhere.
+) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) for one SFT example: labels are -100 on the prompt, the target elsewhere;
+    None when prompt + target is longer than `max_length` (never cut mid-answer: the caller counts it).
 
     The mask is built from the prompt's length, never from the pad id: with pad == eos the end-of-turn
     token would otherwise vanish from the target and the model would never learn to stop.
@@ -53,6 +69,6 @@ def encode_sft_example(
     target_ids = tokenizer(target_text, add_special_tokens=False)["input_ids"]
     input_ids = prompt_ids + target_ids
     labels = [-100] * len(prompt_ids) + target_ids
-    if max_length is not None:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if max_length is not None and len(input_ids) > max_length:
+        return None
     return input_ids, labels

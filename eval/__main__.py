@@ -9,37 +9,40 @@ writes one summary and one predictions file.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.distributed import add_backend_argument
 from common.errors import fail, run_cli
+from common.flags import flag, parse_flags
+from data import DATASETS
+from data.prompt import MAX_PROMPT_LENGTH
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (SFT/GRPO output), hub id, or `tiny`")
-    p.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "synthetic"], help="problems to solve")
-    p.add_argument("--data_dir", default=None, help="folder with GSM8K's jsonl files (default: $GSM8K_DIR, else hub)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="which split")
-    p.add_argument("--max_samples", type=int, default=None, help="only the first N problems")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts per generation batch")
-    p.add_argument("--max_new_tokens", type=int, default=512, help="token limit per completion")
-    p.add_argument("--num_samples", type=int, default=1, help="k completions per problem (needs --temperature > 0)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--output", default=None, help="folder for eval_summary.json and eval_predictions.jsonl")
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-    p.add_argument("--cuda_graphs", action="store_true", help="replay the decode step from CUDA graphs (CUDA only)")
-    add_backend_argument(p.add_argument)
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+@dataclass
+class EvalArgs:
+    model: str = flag("tiny", "model folder (SFT/GRPO output), hub id, or `tiny`", required=True)
+    dataset: str = flag("gsm8k", "problems to solve", choices=DATASETS)
+    data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else hub)")
+    split: str = flag("test", "which split", choices=("train", "test"))
+    max_samples: int | None = flag(None, "only the first N problems", low=1)
+    batch_size: int = flag(32, "prompts per generation batch", low=1)
+    max_new_tokens: int = flag(512, "token limit per completion", low=1)
+    max_prompt_length: int = flag(MAX_PROMPT_LENGTH, "longer prompts are skipped and counted (prompts_skipped)",
+                                  low=1)
+    num_samples: int = flag(1, "k completions per problem (needs --temperature > 0)", low=1)
+    temperature: float = flag(0.0, "0: greedy", low=0)
+    top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1)
+    seed: int = flag(0, "sampling seed", low=0)
+    output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
+    device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)")
+    cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only)")
+    show_progress: bool = flag(True, "no progress bar", name="--no_progress")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, parsed = parse_flags(EvalArgs, argv, __doc__, prog="python -m eval",
+                               extra=lambda p: add_backend_argument(p.add_argument))
     if args.num_samples > 1 and args.temperature <= 0:
         fail("--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     import torch
@@ -51,14 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     from sampling.cuda_graphs import check_cuda_graphs
 
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples)
-    with distributed_run(args.device, args.dist_backend) as (dist, device):
+    with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         check_cuda_graphs(args.cuda_graphs, device)
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
         torch.manual_seed(args.seed + dist.rank)
         summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                                         temperature=args.temperature, top_p=args.top_p,
-                                        show_progress=not args.no_progress, cuda_graphs=args.cuda_graphs)
+                                        show_progress=args.show_progress, cuda_graphs=args.cuda_graphs,
+                                        max_prompt_length=args.max_prompt_length)
     if not dist.is_main:
         return
     summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size)

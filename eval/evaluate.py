@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from common.errors import fail
 from data import Record
-from data.prompt import encode_prompt
+from data.prompt import MAX_PROMPT_LENGTH, prompts_within
 from eval.metrics import summarize
 from rewards import answers_match, extract_answer
 from sampling import sample
@@ -24,8 +25,11 @@ def evaluate(
     top_p: float = 1.0,
     show_progress: bool = True,
     cuda_graphs: bool = False,
+    max_prompt_length: int = MAX_PROMPT_LENGTH,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
+    Problems whose prompt is longer than `max_prompt_length` tokens are skipped and counted in the
+    summary's `prompts_skipped` (the scores are over the others).
 
     Under torchrun each rank answers every world_size-th record; the scored answers are gathered so every
     rank returns the same summary and the predictions in record order (rank 0 writes them).
@@ -35,8 +39,13 @@ def evaluate(
     from common.distributed import current
 
     dist = current()
+    asked = len(records)
+    records, all_prompts, skipped = prompts_within(tokenizer, records, max_prompt_length)
+    if not records:
+        fail(f"every one of the {asked} problems has a prompt longer than --max_prompt_length {max_prompt_length} "
+             f"tokens; raise --max_prompt_length")
     mine = list(range(dist.rank, len(records), dist.world_size))
-    prompts = [encode_prompt(tokenizer, records[i]["question"]) for i in mine]
+    prompts = [all_prompts[i] for i in mine]
     start = time.perf_counter()
     show = show_progress and dist.is_main
     with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
@@ -65,7 +74,7 @@ def evaluate(
     summary = summarize(groups, [r["answer"] for r in records])
     total_tokens = sum(s["num_tokens"] for g in groups for s in g)
     summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
-                   max_new_tokens=max_new_tokens)
+                   max_new_tokens=max_new_tokens, prompts_skipped=skipped)
     return summary, predictions
 
 

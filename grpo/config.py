@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from common.flags import flag
 from common.schedule import LR_DECAYS
 from data import DATASETS
+from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import LOSS_TYPES, SCALES
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
@@ -27,6 +28,8 @@ class GRPOConfig:
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1, group=ROLLOUT)
     num_generations: int = flag(4, "G: samples per prompt (a group; advantages compare them)", low=2,
                                 group=ROLLOUT)
+    max_prompt_length: int = flag(MAX_PROMPT_LENGTH, "longer prompts are skipped and counted (prompts_skipped "
+                                                     "in the log, the eval summary)", low=1, group=ROLLOUT)
     max_completion_length: int = flag(512, "token limit per completion; untuned Qwen3-0.6B needs ~250 on GSM8K, "
                                            "so keep 512", low=1, group=ROLLOUT)
     temperature: float = flag(0.7, "sampling temperature (also used in the logprobs)", above=0, group=ROLLOUT)

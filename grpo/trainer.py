@@ -80,6 +80,19 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
                   DecodeGraphs() if cfg.cuda_graphs else False)  # graphs captured once, replayed every step
 
 
+def _fitting_prompts(cfg: GRPOConfig, tokenizer: Any, records: list[Any], dist: Dist) -> tuple[list[Any], int]:
+    """The training records whose prompt fits --max_prompt_length, and how many were skipped (said once)."""
+    from data.prompt import prompts_within
+
+    kept, _, skipped = prompts_within(tokenizer, records, cfg.max_prompt_length)
+    if not kept:
+        fail(f"every training prompt is longer than --max_prompt_length {cfg.max_prompt_length} tokens; raise it")
+    if skipped and dist.is_main:
+        print(f"skipped {skipped} of {len(records)} training prompts longer than --max_prompt_length "
+              f"{cfg.max_prompt_length} tokens (logged as prompts_skipped)")
+    return kept, skipped
+
+
 def _warning(record: dict[str, Any]) -> str:
     return (f"warning: for {WARN_AFTER} steps clipped_ratio was {record['clipped_ratio']:.2f} (> 0.5 means "
             f"completions are cut at --max_completion_length) or every group had equal rewards "
@@ -108,9 +121,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)
-    steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)
+    steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # before skipping long prompts: cheap
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     policy = _policy(cfg, start_model, dist, device, total_steps)
+    train_records, skipped = _fitting_prompts(cfg, policy.tokenizer, train_records, dist)
     if dist.rank > 0:
         seed_everything(cfg.seed + dist.rank)  # each rank samples its own completions
     step = run.start(policy.model, policy.optimizer, policy.scheduler, cfg.lora, device, total_steps)
@@ -119,6 +133,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         with policy.autocast():
             return eval_fields(run.evaluate(policy.model, policy.tokenizer, eval_records,
                                             batch_size=cfg.eval_batch_size, cuda_graphs=cfg.cuda_graphs,
+                                            max_prompt_length=cfg.max_prompt_length,
                                             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length))
 
     if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
@@ -136,7 +151,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         stats = grpo_step(policy, cfg, dist, [train_records[i] for i in indices], step, rollout_hook)
         step += 1
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device,
-                  "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start)}
+                  "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start),
+                  "prompts_skipped": skipped}
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             record.update(evaluate())
         run.write(record)

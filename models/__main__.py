@@ -5,18 +5,23 @@ A quick offline check that data, prompt format, model loading and reward fit tog
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 from common.errors import run_cli
+from common.flags import flag, parse_flags
+from data import DATASETS
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="hub id, local folder, `tiny` or `random:<hub id>`")
-    parser.add_argument("--dataset", default="synthetic", choices=["gsm8k", "synthetic"])
-    parser.add_argument("--data_dir", default=None, help="folder with GSM8K's {train,test}.jsonl")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    args = parser.parse_args()
+@dataclass
+class ModelCheckArgs:
+    model: str = flag("tiny", "hub id, local folder, `tiny` or `random:<hub id>`")
+    dataset: str = flag("synthetic", "where the one problem comes from", choices=DATASETS)
+    data_dir: str | None = flag(None, "folder with GSM8K's {train,test}.jsonl")
+    max_new_tokens: int = flag(64, "token limit of the sampled answer", low=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = parse_flags(ModelCheckArgs, argv, __doc__, prog="python -m models")
 
     import torch
 

@@ -8,7 +8,7 @@ Offline and not found locally, loading fails with one line that names the fix.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from common.errors import fail
 from models.tiny import PAD, random_model, tiny_dir
@@ -42,10 +42,41 @@ def _source(name_or_path: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             fail(f"{path} is not a model folder (no config.json); pass the folder an SFT/GRPO run saved")
+        check_model_folder(path)
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         fail(f"model folder {name_or_path} does not exist; check the path (or run SFT first)")
     return name_or_path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_folder(path: Path) -> None:
+    """One line naming the folder and what it lacks, before transformers meets it (it would raise a
+    traceback about sentencepiece/tiktoken for a missing tokenizer)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        fail(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it beside the "
+             f"model with tokenizer.save_pretrained('{path}')")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        fail(f"model folder {path} has no weights (none of {', '.join(WEIGHT_FILES)}); the run that wrote it may "
+             f"have stopped before its final save")
+
+
+def _unloadable(path: str, exc: Exception) -> NoReturn:
+    """One line for a local folder transformers cannot load: unknown architecture, corrupt weights..."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "does not recognize this architecture" in text:
+        from importlib.metadata import version
+
+        fail(f"model folder {path}: its config.json names an architecture transformers {version('transformers')} "
+             f"does not know ({text.split('model type')[-1].split(' but')[0].strip()}); upgrade transformers or "
+             f"fix config.json")
+    if type(exc).__name__ == "SafetensorError":
+        fail(f"model folder {path}: a weights file is corrupt or truncated ({text}); save or copy the model again")
+    fail(f"model folder {path} cannot be loaded: {type(exc).__name__}: {text}")
 
 
 def _not_found(name: str, exc: Exception) -> None:
@@ -68,8 +99,12 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
         source = _source(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-        except OSError as exc:
-            _not_found(name_or_path, exc)
+        except Exception as exc:  # noqa: BLE001
+            if Path(source).is_dir():
+                _unloadable(source, exc)
+            if isinstance(exc, OSError):
+                _not_found(name_or_path, exc)
+            raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD if PAD in tokenizer.get_vocab() else tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -135,10 +170,15 @@ def load_model(
             )
             kwargs["device_map"] = {"": torch.device(device)}
         source = _source(name_or_path)
+        local = Path(source).is_dir()
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except OSError as exc:
-            _not_found(name_or_path, exc)
+        except Exception as exc:  # noqa: BLE001 - each case becomes one line naming the folder
+            if local:
+                _unloadable(source, exc)
+            if isinstance(exc, OSError):
+                _not_found(name_or_path, exc)
+            raise
         if not load_in_4bit:
             model = model.to(device)
         else:

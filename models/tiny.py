@@ -136,6 +136,9 @@ def tiny_dir() -> Path:
         model = _init_model(tiny_config(tokenizer), seed=0)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from common.runs import readable_as_umask_says
+
+        readable_as_umask_says(tmp)  # a shared cache: mkdtemp made it 0700
         try:
             tmp.rename(final)
         except OSError:  # another process won the race; its copy is identical

@@ -9,9 +9,12 @@ from data.prompt import encode_sft_example
 
 
 def encode_records(tokenizer: Any, records: list[Record], max_length: int,
-                   strip_calculator: bool = True) -> list[tuple[list[int], list[int]]]:
-    return [encode_sft_example(tokenizer, r["question"], r["solution"], max_length, strip_calculator)
-            for r in records]
+                   strip_calculator: bool = True) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(the examples that fit in `max_length` tokens, how many did not: skipped, never cut mid-answer)."""
+    encoded = [encode_sft_example(tokenizer, r["question"], r["solution"], max_length, strip_calculator)
+               for r in records]
+    kept = [e for e in encoded if e is not None]
+    return kept, len(encoded) - len(kept)
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:

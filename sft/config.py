@@ -29,7 +29,7 @@ class SFTConfig:
     lora_r: int = flag(16, "LoRA rank", low=1)
     lora_alpha: int = flag(32, "LoRA scaling alpha", low=1)
     lora_dropout: float = flag(0.05, "dropout on the LoRA input", low=0, high=0.99)
-    max_length: int = flag(512, "truncate prompt+target to this many tokens", low=2)
+    max_length: int = flag(512, "longest prompt+target in tokens; longer examples are skipped and counted", low=2)
     keep_calculator: bool = flag(False, "keep GSM8K's <<a*b=c>> annotations in the target")
     use_4bit: bool = flag(False, "QLoRA: load the base model in 4-bit NF4 (bitsandbytes)")
     gradient_checkpointing: bool = flag(False, "recompute activations to save memory")

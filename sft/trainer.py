@@ -95,7 +95,12 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     if not train_records:
         fail("no training examples: check --dataset/--data_dir/--max_samples")
     model, tokenizer = _model(cfg, device)
-    examples = encode_records(tokenizer, train_records, cfg.max_length, strip_calculator=not cfg.keep_calculator)
+    examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator)
+    if not examples:
+        fail(f"every training example is longer than --max_length {cfg.max_length} tokens; raise --max_length")
+    if too_long and dist.is_main:
+        print(f"skipped {too_long} of {len(train_records)} training examples longer than --max_length "
+              f"{cfg.max_length} tokens (never cut mid-answer; logged as examples_skipped)")
     train_model = wrap_ddp(model, dist, device)
     if dist.rank > 0:
         seed_everything(cfg.seed + dist.rank)  # its own dropout masks
@@ -143,7 +148,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         step += 1
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
                   "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
-                  "tokens_per_s": tokens / dt, "time_per_step_s": dt}
+                  "tokens_per_s": tokens / dt, "time_per_step_s": dt, "examples_skipped": too_long}
         if step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             summary = evaluate()
             record.update(eval_fields(summary))

@@ -92,5 +92,5 @@ def test_sft_example_masks_exactly_the_prompt(tiny_tokenizer):
                 {"role": "assistant", "content": "Ann has 3.\n#### 3"}]
     turn = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
     assert turn == tiny_tokenizer.decode(ids) + "\n"
-    short_ids, short_labels = encode_sft_example(tiny_tokenizer, question, solution, max_length=10)
-    assert len(short_ids) == len(short_labels) == 10
+    assert encode_sft_example(tiny_tokenizer, question, solution, max_length=len(ids) - 1) is None  # never cut
+    assert encode_sft_example(tiny_tokenizer, question, solution, max_length=len(ids)) == (ids, labels)

@@ -25,7 +25,8 @@ def quick_config(out, **overrides) -> SFTConfig:
 
 def test_collate_masks_padding_and_keeps_eos_when_pad_is_eos(tiny_tokenizer):
     records = make_synthetic("train", max_samples=3)
-    examples = encode_records(tiny_tokenizer, records, max_length=512)
+    examples, skipped = encode_records(tiny_tokenizer, records, max_length=512)
+    assert skipped == 0
     eos = tiny_tokenizer.eos_token_id
     batch = collate(examples, pad_id=eos)  # the pad == eos case of many chat models
     for row, (ids, _) in enumerate(examples):
@@ -40,7 +41,7 @@ def test_loss_falls_lora_changes_base_does_not(tiny_model, tiny_tokenizer):
     model = add_lora(tiny_model, r=8, alpha=16, dropout=0.0)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k}
     lora_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" in k}
-    batch = collate(encode_records(tiny_tokenizer, make_synthetic("train", max_samples=4), 512),
+    batch = collate(encode_records(tiny_tokenizer, make_synthetic("train", max_samples=4), 512)[0],
                     tiny_tokenizer.pad_token_id)
     n_target = int((batch["labels"][:, 1:] != -100).sum())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
