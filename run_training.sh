@@ -6,6 +6,8 @@
 #   ./run_training.sh --tiny --smoke   the same stages at toy sizes (seconds): a check that all runs
 # Env: OUT (default ./runs/<preset>) holds sft/, grpo/, eval/ and plots/; an existing run there is
 # replaced (the preset is a demo; use train_sft.py/train_grpo.py with --resume for long runs).
+# DATASET (a data file, a folder with train/test files, or a hub dataset id; README, Your own data) and
+# QUESTION_FIELD / ANSWER_FIELD / SOLUTION_FIELD run the stages on your own data (SFT needs solutions).
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=real
@@ -14,7 +16,7 @@ for arg in "$@"; do
   case "$arg" in
     --tiny) preset=tiny ;;
     --smoke) smoke=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $arg (use --tiny, or nothing for the real recipe)" >&2; exit 2 ;;
   esac
 done
@@ -62,6 +64,12 @@ else
   EVAL=(--max_new_tokens 512 --batch_size 64)
 fi
 
+if [ -n "${DATASET:-}" ]; then
+  DATA=(--dataset "$DATASET")
+  for f in QUESTION_FIELD ANSWER_FIELD SOLUTION_FIELD; do
+    if [ -n "${!f:-}" ]; then DATA+=("--$(echo "$f" | tr '[:upper:]' '[:lower:]')" "${!f}"); fi
+  done
+fi
 stage reward-selftest $PY -m rewards
 stage sft  $PY train_sft.py  "${DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite --no_progress
 stage grpo $PY train_grpo.py "${DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" --grpo_output "$OUT/grpo" \

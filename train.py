@@ -9,6 +9,7 @@ With --mode sft, grpo or eval, other flags go to that stage unchanged (e.g. --ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from common.errors import fail, run_cli
@@ -17,6 +18,9 @@ from data import DATASETS
 
 def main(argv: list[str] | None = None) -> None:
     from common.flags import OneLineParser, add_flag_of
+
+    def fields(cls: type) -> dict:
+        return {f.name: f for f in dataclasses.fields(cls)}
     from grpo.config import GRPOConfig
     from sft.config import SFTConfig
 
@@ -29,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     add_flag_of(p, SFTConfig, "batch_size", "SFT batch size / GRPO micro-batch size")
     add_flag_of(p, SFTConfig, "use_4bit", "4-bit NF4 base: QLoRA SFT, LoRA GRPO")
     add_flag_of(p, SFTConfig, "max_samples", "first N training examples (eval: problems)")
-    add_flag_of(p, SFTConfig, "dataset", "data for every stage: " + ", ".join(DATASETS))
-    add_flag_of(p, SFTConfig, "data_dir", "GSM8K folder for every stage")
+    add_flag_of(p, SFTConfig, "dataset", "data for every stage: " + ", ".join(DATASETS) + ", a file, a folder or "
+                                         "a hub dataset id")
+    for name in ("data_dir", "question_field", "answer_field", "solution_field"):
+        add_flag_of(p, SFTConfig, name, f"for every stage: {fields(SFTConfig)[name].metadata['flag']['help']}")
     args, rest = p.parse_known_args(argv)
     if rest and args.mode == "both":
         fail(f"--mode both does not take {' '.join(rest)}; run --mode sft and --mode grpo separately for those")
@@ -38,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     def opt(flag: str, value) -> list[str]:
         return [] if value is None else [flag, str(value)]
 
-    data = opt("--dataset", args.dataset) + opt("--data_dir", args.data_dir)
+    data = [x for name in ("dataset", "data_dir", "question_field", "answer_field", "solution_field")
+            for x in opt(f"--{name}", getattr(args, name))]
     if args.mode in ("sft", "both"):
         import train_sft
 

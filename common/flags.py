@@ -40,6 +40,8 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, dict[str, Any], Any]]:
 
 def _base_type(hint: Any) -> type:
     """int for `int | None`, and so on."""
+    if typing.get_origin(hint) is tuple:
+        return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -75,6 +77,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if base is bool:
             add(flag_name(f.name, meta), dest=f.name, action="store_false" if f.default else "store_true",
                 help=help_text)
+            continue
+        if typing.get_origin(base) is tuple:  # several values: `--reward a --reward b`, or `--weights 1 0.1`
+            item = typing.get_args(base)[0]
+            many = dict(action="append") if item is str else dict(nargs="+")
+            add(flag_name(f.name, meta), dest=f.name, type=_parser_type(item), default=None,
+                help=f"{help_text} (default: {' '.join(map(str, f.default)) if f.default else 'none'})", **many)
             continue
         shown = "" if f.default is None or meta["required"] else f" (default: {f.default})"
         add(flag_name(f.name, meta), dest=f.name, type=_parser_type(base), default=f.default,
@@ -132,9 +140,15 @@ def parse_flags(cls: type, argv: list[str] | None, doc: str | None, prog: str | 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """`cls` from the parsed flags (fields without a flag keep their defaults), checked."""
     names = {f.name for f in dataclasses.fields(cls)}
-    cfg = cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+             if k in names and not (v is None and isinstance(_default(cls, k), tuple))}
+    cfg = cls(**given, **extra)
     check(cfg)
     return cfg
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def check(cfg: Any) -> None:
@@ -144,6 +158,11 @@ def check(cfg: Any) -> None:
         if value is None or _base_type(hint) is bool:
             continue
         name = flag_name(f.name, meta)
+        if isinstance(value, tuple):
+            for item in value:
+                if isinstance(item, _Unparsed) or (isinstance(item, float) and not math.isfinite(item)):
+                    fail(f"{name} must be finite numbers (got {item})")
+            continue
         if isinstance(value, _Unparsed):
             fail(f"{name} must be {_kind(_base_type(hint))} {describe(meta)} (got {value})")
         if meta["choices"]:

@@ -13,10 +13,11 @@ SPLITS = ("train", "test")
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 
 
-class Record(TypedDict):
+class Record(TypedDict, total=False):
     question: str
-    solution: str  # the full worked solution, ending in '#### N'
+    solution: str | None  # the full worked solution, ending in '#### N' (None: answer-only data)
     answer: str  # the final answer, as written after '####' (may hold commas: '1,080')
+    columns: dict  # a user's dataset's other columns, passed to reward functions
 
 
 def final_answer(solution: str) -> str:

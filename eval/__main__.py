@@ -15,15 +15,13 @@ from pathlib import Path
 from common.distributed import add_backend_argument
 from common.errors import fail, run_cli
 from common.flags import flag, parse_flags
-from data import DATASETS
+from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 
 
 @dataclass
-class EvalArgs:
+class EvalArgs(DataFlags):
     model: str = flag("tiny", "model folder (SFT/GRPO output), hub id, or `tiny`", required=True)
-    dataset: str = flag("gsm8k", "problems to solve", choices=DATASETS)
-    data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else hub)")
     split: str = flag("test", "which split", choices=("train", "test"))
     max_samples: int | None = flag(None, "only the first N problems", low=1)
     batch_size: int = flag(32, "prompts per generation batch", low=1)
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from models import load_model_and_tokenizer
     from sampling.cuda_graphs import check_cuda_graphs
 
-    records = load_records(args.dataset, args.split, args.data_dir, args.max_samples)
+    records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         check_cuda_graphs(args.cuda_graphs, device)
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from common.flags import flag
 from common.schedule import LR_DECAYS
-from data import DATASETS
+from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import LOSS_TYPES, SCALES
 
@@ -15,13 +15,10 @@ DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(DataFlags):
     sft_output: str = flag("./qwen_gsm8k_sft", "SFT model folder to start from", group=DATA)
     model_name: str | None = flag(None, "start from this instead: hub id, folder, or `tiny`", group=DATA)
     grpo_output: str = flag("./qwen_gsm8k_grpo", "output folder: model, checkpoint, logs", group=DATA)
-    dataset: str = flag("gsm8k", "prompts (synthetic: offline)", choices=DATASETS, group=DATA)
-    data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
-                                group=DATA)
     max_samples: int | None = flag(None, "use only the first N training prompts", low=1, group=DATA)
     max_steps: int | None = flag(None, "optimizer steps (rollouts); overrides --num_epochs", low=1, group=LENGTH)
     num_epochs: float = flag(1.0, "passes over the prompts when --max_steps is unset", above=0, group=LENGTH)
@@ -50,6 +47,11 @@ class GRPOConfig:
     scale_rewards: str = flag("group", "divide advantages by the group's std, the batch's, or not",
                               choices=SCALES, group=LOSS)
     num_iterations: int = flag(1, "mu: updates per rollout (old logprobs kept)", low=1, group=LOSS)
+    reward: tuple[str, ...] = flag(("numeric",), "a reward: numeric (the exact answer), format ('#### N' and a "
+                                   "finished turn) or module:function (TRL's signature); give it several times to "
+                                   "sum several", group=LOSS)
+    reward_weights: tuple[float, ...] | None = flag(None, "one weight per --reward, in order (default: 1 each)",
+                                                    group=LOSS)
     lora: bool = flag(False, "train LoRA adapters (reference = adapter disabled)", group=MEMORY)
     lora_r: int = flag(16, "LoRA rank", low=1, group=MEMORY)
     lora_alpha: int = flag(32, "LoRA alpha", low=1, group=MEMORY)

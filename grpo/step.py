@@ -58,6 +58,7 @@ class Policy:
     optimizer: Any
     scheduler: Any
     device: str
+    rewards: list[tuple[str, Any, float]]  # (name, function, weight): the advantage uses the weighted sum
     graphs: Any = False
 
     def autocast(self) -> Any:
@@ -74,7 +75,8 @@ class StepStats:
     sums: dict[str, float]
     entropy_sum: float
     num_items: float  # completion tokens of the whole step, all ranks
-    rewards: torch.Tensor
+    rewards: torch.Tensor  # the weighted sum of the reward functions, all ranks' completions
+    reward_parts: dict[str, torch.Tensor]  # each reward function's values, all ranks' completions
     advantages: torch.Tensor
     lengths: list[int]
     truncated: list[bool]
@@ -194,6 +196,23 @@ def _rollout(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers:
     return out.token_ids, out.truncated
 
 
+def _rewards(policy: Policy, texts: list[str], records: list[dict[str, Any]], truncated: list[bool], G: int,
+             dist: Dist) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted sum, each function's values) over every rank's completions, rank 0's rows first. Each
+    function gets the completions, their answers and the records' other columns (and `truncated`)."""
+    from rewards.functions import score
+
+    rows = [r for r in records for _ in range(G)]
+    names = sorted({k for r in records for k in r.get("columns", {})})
+    columns = {k: [r.get("columns", {}).get(k) for r in rows] for k in names}
+    scores = score([(n, fn) for n, fn, _ in policy.rewards], texts, [r["answer"] for r in rows],
+                   {**columns, "truncated": list(truncated)})
+    local = torch.tensor([scores[n] for n, _, _ in policy.rewards], dtype=torch.float32, device=policy.device).T
+    everything = dist.all_gather(local.contiguous()).cpu()  # [W * B, rewards]
+    weights = torch.tensor([w for _, _, w in policy.rewards])
+    return everything @ weights, {n: everything[:, i] for i, (n, _, _) in enumerate(policy.rewards)}
+
+
 def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) -> tuple[float, bool, float]:
     """Clip, step (every rank, or none when any rank's loss or norm is not finite), schedule:
     (grad norm before clipping, whether the update was skipped, the learning rate it used)."""
@@ -213,7 +232,6 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
               rollout_hook: Any = None) -> StepStats:
     """One step on this rank's `records` (its share of the step's prompts); see the module docstring."""
     from data.prompt import encode_prompt
-    from rewards import numeric_reward
 
     timer, G, device = Timer(policy.device), cfg.num_generations, policy.device
     prompts = [encode_prompt(policy.tokenizer, r["question"]) for r in records]
@@ -221,10 +239,9 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
         completions, truncated = _rollout(policy, cfg, prompts, [r["answer"] for r in records], step, rollout_hook)
     policy.model.train()
 
-    # 2. rewards and group-relative advantages over the whole step's batch (all ranks' rewards)
-    texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
-    local = torch.tensor(numeric_reward(texts, [r["answer"] for r in records for _ in range(G)]), device=device)
-    rewards = dist.all_gather(local.float()).cpu()  # [W * B]: rank 0's rows first
+    with timer("reward"):  # 2. rewards and group-relative advantages over the whole step's batch (all ranks)
+        texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        rewards, parts = _rewards(policy, texts, records, truncated, G, dist)
     all_advantages = group_advantages(rewards, G, cfg.scale_rewards)
     B, W = len(completions), dist.world_size
     advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
@@ -256,7 +273,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
         with timer("optimizer"):
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped
-    return StepStats(sums, entropy_sum, num_items, rewards, all_advantages, [len(c) for c in completions],
+    return StepStats(sums, entropy_sum, num_items, rewards, parts, all_advantages, [len(c) for c in completions],
                      truncated, grad_norm, skipped, lr, timer.totals)
 
 
@@ -270,7 +287,7 @@ def peak_memory_gb(device: str) -> tuple[float, float]:
 
 def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time_per_step: float) -> dict[str, Any]:
     """The log line's step metrics over all ranks' completions; times and memory of the slowest rank."""
-    phases = ("generation", "backward", "reference", "optimizer")
+    phases = ("generation", "backward", "reference", "optimizer", "reward")
     slowest = dist.all_reduce(torch.tensor([time_per_step, *(stats.times.get(p, 0.0) for p in phases),
                                             *peak_memory_gb(device)], device=device, dtype=torch.float64), "max")
     time_per_step, *phase_times, peak, reserved = slowest.tolist()
@@ -284,12 +301,15 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
     return {
         **{k: v / n_iter for k, v in zip(keys, summed[:-1])},
         "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+        **{f"reward_{name}_{stat}": getattr(values, stat)().item() for name, values in stats.reward_parts.items()
+           for stat in ("mean", "std")},
         "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
         "grad_norm": stats.grad_norm, "learning_rate": stats.learning_rate,
         "time_per_step_s": time_per_step, "generation_time_s": times["generation"],
         "backward_time_s": times["backward"],
         "other_time_s": time_per_step - times["generation"] - times["backward"],
         "reference_time_s": times["reference"], "optimizer_time_s": times["optimizer"],
+        "reward_time_s": times["reward"],
         "tokens_generated": sum(lengths), "entropy": summed[-1] / (stats.num_items * n_iter),
         "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
         "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),

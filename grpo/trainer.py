@@ -54,7 +54,21 @@ def _start_model(cfg: GRPOConfig) -> str:
     return cfg.sft_output
 
 
-def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_steps: int) -> Policy:
+def _rewards(cfg: GRPOConfig, reward_funcs: list[Any] | None) -> list[tuple[str, Any, float]]:
+    """(name, function, weight) of each reward: the API's functions, else --reward; checked before any work."""
+    from rewards.functions import named
+
+    funcs = named(reward_funcs if reward_funcs is not None else cfg.reward)
+    if not funcs:
+        fail("no reward: give --reward (numeric, format or module:function) at least once")
+    weights = cfg.reward_weights or (1.0,) * len(funcs)
+    if len(weights) != len(funcs):
+        fail(f"{len(weights)} --reward_weights for {len(funcs)} reward(s): give one weight per --reward, in order")
+    return [(name, fn, float(w)) for (name, fn), w in zip(funcs, weights)]
+
+
+def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_steps: int,
+            rewards: list[tuple[str, Any, float]]) -> Policy:
     """The model to train (fp32 master weights for full fine-tuning: bf16 weights drop lr-1e-6 updates;
     compute is bf16 autocast on CUDA), its frozen reference, AdamW and the LR schedule."""
     from common.schedule import make_scheduler
@@ -76,7 +90,7 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
                                   weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
     updates = total_steps * cfg.num_iterations
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
-    return Policy(model, wrap_ddp(model, dist, device), ref_model, tokenizer, optimizer, scheduler, device,
+    return Policy(model, wrap_ddp(model, dist, device), ref_model, tokenizer, optimizer, scheduler, device, rewards,
                   DecodeGraphs() if cfg.cuda_graphs else False)  # graphs captured once, replayed every step
 
 
@@ -93,6 +107,12 @@ def _fitting_prompts(cfg: GRPOConfig, tokenizer: Any, records: list[Any], dist: 
     return kept, skipped
 
 
+def _nonfinite(step: int, out: Path) -> str:
+    return (f"{MAX_NONFINITE} steps in a row had a non-finite loss or gradient norm (last at step {step}); updates "
+            f"were skipped and the last checkpoint in {out / CHECKPOINT} is intact. Lower --learning_rate or check "
+            f"the model's dtype")
+
+
 def _warning(record: dict[str, Any]) -> str:
     return (f"warning: for {WARN_AFTER} steps clipped_ratio was {record['clipped_ratio']:.2f} (> 0.5 means "
             f"completions are cut at --max_completion_length) or every group had equal rewards "
@@ -101,29 +121,34 @@ def _warning(record: dict[str, Any]) -> str:
             f"or use more --num_generations")
 
 
-def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
-    """Run GRPO as configured; returns the last log record. `rollout_hook(step, prompts, answers) ->
-    list[list[int]] | None` may supply fixed completions (token ids) instead of sampling (tests, DDP check)."""
+def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any] | None = None,
+               train_records: list[dict[str, Any]] | None = None,
+               eval_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run GRPO as configured; returns the last log record.
+
+    The Python API: `reward_funcs` (functions with TRL's signature, or names as --reward takes them)
+    replace `cfg.reward`, weighted by `cfg.reward_weights`; `train_records` / `eval_records` (dicts with
+    the question and answer columns `cfg` names, other keys reaching the rewards) replace `cfg.dataset`.
+    `rollout_hook(step, prompts, answers) -> list[list[int]] | None` may supply fixed completions (token
+    ids) instead of sampling (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
-    from data import load_records
+    from data import run_records
     from eval.evaluate import eval_fields
     from models import default_device
 
     dist = current()
     device = cfg.device or default_device()
     _validate(cfg, dist, device)
+    rewards = _rewards(cfg, reward_funcs)
     start_model = _start_model(cfg)
-    train_records = load_records(cfg.dataset, "train", cfg.data_dir, cfg.max_samples, seed=cfg.seed)
-    eval_records = load_records(cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, seed=cfg.seed)
-    if not train_records:
-        fail("no training prompts: check --dataset/--data_dir/--max_samples")
+    train_records, eval_records = run_records(cfg, train_records, eval_records)
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # before skipping long prompts: cheap
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
-    policy = _policy(cfg, start_model, dist, device, total_steps)
+    policy = _policy(cfg, start_model, dist, device, total_steps, rewards)
     train_records, skipped = _fitting_prompts(cfg, policy.tokenizer, train_records, dist)
     if dist.rank > 0:
         seed_everything(cfg.seed + dist.rank)  # each rank samples its own completions
@@ -162,9 +187,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None) -> dict[str, Any]:
         if nonfinite_in_row >= MAX_NONFINITE:
             run.close()
             bar.close()
-            raise UserError(f"{MAX_NONFINITE} steps in a row had a non-finite loss or gradient norm (last at step "
-                            f"{step}); updates were skipped and the last checkpoint in {run.out / CHECKPOINT} is "
-                            f"intact. Lower --learning_rate or check the model's dtype")
+            raise UserError(_nonfinite(step, run.out))
         bad = record["clipped_ratio"] > 0.5 or record["frac_reward_zero_std"] == 1.0
         bad_signal_steps = bad_signal_steps + 1 if bad else 0
         if bad_signal_steps >= WARN_AFTER and not warned and dist.is_main:

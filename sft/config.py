@@ -6,15 +6,13 @@ from dataclasses import dataclass
 
 from common.flags import flag
 from common.schedule import LR_DECAYS
-from data import DATASETS
+from data.flags import DataFlags
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(DataFlags):
     model_name: str = flag("Qwen/Qwen3-0.6B", "hub id, local folder, or `tiny` (built-in, offline)")
     sft_output: str = flag("./qwen_gsm8k_sft", "output folder: merged model + tokenizer, adapter/, logs")
-    dataset: str = flag("gsm8k", "training data (synthetic: offline)", choices=DATASETS)
-    data_dir: str | None = flag(None, "folder with GSM8K's train.jsonl/test.jsonl (default: $GSM8K_DIR, else hub)")
     max_samples: int | None = flag(None, "use only the first N training examples", low=1)
     num_epochs: int = flag(3, "passes over the training set", low=1)
     max_steps: int | None = flag(None, "stop after N optimizer steps (overrides epochs when fewer)", low=1)

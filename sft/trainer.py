@@ -73,12 +73,15 @@ def sft_step(train_model: Any, batches: list[dict[str, Any]], dist: Dist, device
     return loss_total, target_tokens, tokens
 
 
-def train_sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Run SFT as configured; returns the final eval summary."""
+def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
+              eval_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run SFT as configured; returns the final eval summary. The Python API: `train_records` /
+    `eval_records` (dicts with the columns `cfg` names; training rows need worked solutions) replace
+    `cfg.dataset`."""
     from tqdm.auto import tqdm
 
     from common.schedule import make_scheduler
-    from data import load_records
+    from data import require_solutions, run_records
     from eval.evaluate import eval_fields
     from models import default_device, default_dtype
     from sft.batching import collate, encode_records
@@ -90,10 +93,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     check_4bit(cfg.use_4bit, dist, device)
     run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     seed_everything(cfg.seed)
-    train_records = load_records(cfg.dataset, "train", cfg.data_dir, cfg.max_samples, seed=cfg.seed)
-    eval_records = load_records(cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, seed=cfg.seed)
-    if not train_records:
-        fail("no training examples: check --dataset/--data_dir/--max_samples")
+    source = cfg.dataset if train_records is None else "train_records"
+    train_records, eval_records = run_records(cfg, train_records, eval_records)
+    require_solutions(train_records, source, cfg.fields())
     model, tokenizer = _model(cfg, device)
     examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator)
     if not examples:

@@ -109,6 +109,28 @@ def _band_panel(ax, records, mean_key, std_key, title, ylabel, color):
     ax.legend(loc="best", fontsize=8)
 
 
+def reward_names(records: list[dict[str, Any]]) -> list[str]:
+    """The reward functions a GRPO log has its own columns for (`reward_<name>_mean`), in log order."""
+    names: dict[str, None] = {}
+    for r in records:
+        for key in r:
+            if key.startswith("reward_") and key.endswith("_mean") and key != "reward_mean":
+                names[key.removeprefix("reward_").removesuffix("_mean")] = None
+    return list(names)
+
+
+def _reward_parts_panel(ax: Any, records: list[dict[str, Any]], names: list[str]) -> None:
+    """Each reward function's mean per step, so a weighted sum's parts can be told apart."""
+    for i, name in enumerate(names):
+        xs, ys = series(records, f"reward_{name}_mean")
+        ax.plot(xs, ys, color=f"C{i}", linewidth=1.5, label=name)
+    ax.set_title("Each reward (mean per step)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
 def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Write the four PNGs into `out`; return their paths."""
     import matplotlib
@@ -134,12 +156,15 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
     plt.close(fig)
 
     eval_keys = [k for k in ("eval_accuracy", "eval_format_rate") if series(records, k)[0]]
-    panels = (2 if grpo else 0) + (1 if eval_keys else 0)
+    parts = reward_names(records) if grpo else []
+    panels = (2 if grpo else 0) + (1 if parts else 0) + (1 if eval_keys else 0)
     fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 3.8), squeeze=False)
     axes = list(axes[0])
     if grpo:
-        _band_panel(axes.pop(0), records, "reward_mean", "reward_std", "Reward", "reward (0-1)", "C2")
+        _band_panel(axes.pop(0), records, "reward_mean", "reward_std", "Reward (the weighted sum)", "reward", "C2")
         _band_panel(axes.pop(0), records, "adv_mean", "adv_std", "Advantage", "advantage", "C4")
+    if parts:
+        _reward_parts_panel(axes.pop(0), records, parts)
     if eval_keys:
         ax = axes.pop(0)
         for i, key in enumerate(eval_keys):

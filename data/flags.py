@@ -1,0 +1,25 @@
+"""The data flags SFT, GRPO and eval share, declared once: which dataset, and which of its columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.flags import flag
+from data.tables import Fields
+
+DATA = "data"
+
+
+@dataclass
+class DataFlags:
+    dataset: str = flag("gsm8k", "gsm8k, synthetic (offline), a data file (.jsonl/.json/.csv/.parquet), a folder "
+                                 "with train/test files, or a hub dataset id", group=DATA)
+    data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
+                                group=DATA)
+    question_field: str = flag("question", "the dataset's question column", group=DATA)
+    answer_field: str = flag("answer", "its answer column: a bare number, or a solution ending in '#### N'",
+                             group=DATA)
+    solution_field: str = flag("answer", "its worked-solution column (SFT's targets; GSM8K's answers)", group=DATA)
+
+    def fields(self) -> Fields:
+        return Fields(self.question_field, self.answer_field, self.solution_field)

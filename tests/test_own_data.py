@@ -1,0 +1,235 @@
+"""Your own problems and rewards: data files and folders, answer-only data, reward functions, the API."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common.errors import UserError
+from data import Fields, load_records
+from tests.conftest import ROOT
+
+QUESTIONS = [("Tom has {a} apples and buys {b} more. How many apples does he have?", lambda a, b: a + b),
+             ("A box holds {a} pens. {b} are taken out. How many pens are left?", lambda a, b: a - b)]
+
+
+def _rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        text, fn = QUESTIONS[i % 2]
+        a, b = 10 + i, 1 + i % 7
+        rows.append({"problem": text.format(a=a, b=b), "target": fn(a, b), "level": i % 3})
+    return rows
+
+
+def _csv(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+FIELDS = ["--question_field", "problem", "--answer_field", "target", "--solution_field", "none"]
+
+
+def test_every_file_type_and_a_folder_load_the_same_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows(20)
+    _csv(tmp_path / "p.csv", rows)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _csv(folder / "train.csv", rows[:15])
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[15:]))
+    fields = Fields("problem", "target", "none")
+    want = [(r["problem"], str(r["target"])) for r in rows]
+    for name in ("p.csv", "p.jsonl", "p.json", "p.parquet"):
+        train = load_records(str(tmp_path / name), "train", fields=fields)
+        test = load_records(str(tmp_path / name), "test", fields=fields)
+        assert len(test) == 2 and len(train) == 18  # a seeded 10% held out
+        assert sorted((r["question"], r["answer"]) for r in train + test) == sorted(want)
+        assert {r["question"] for r in train}.isdisjoint(r["question"] for r in test)
+        assert all(r["solution"] is None and "level" in r["columns"] for r in train)
+    test = load_records(str(folder), "test", fields=fields)
+    assert [r["question"] for r in test] == [r["problem"] for r in rows[15:]]
+    assert len(load_records(str(folder), "train", fields=fields, max_samples=4)) == 4
+
+
+def test_the_held_out_share_is_the_same_whatever_the_seed_and_is_said(tmp_path, capsys):
+    import data.tables
+
+    path = _csv(tmp_path / "p.csv", _rows(30))
+    data.tables._said.discard(str(path))
+    fields = Fields("problem", "target", "none")
+    first = load_records(str(path), "test", seed=1, fields=fields)
+    again = load_records(str(path), "test", seed=99, fields=fields)
+    assert first == again and len(first) == 3
+    printed = capsys.readouterr().out
+    assert printed.count("held out as the test split") == 1 and "3 of its 30 rows" in printed
+
+
+def test_gsm8k_style_solutions_give_answer_and_solution(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "One and one.\n#### 2"}) + "\n"
+                    + json.dumps({"question": "2+3?", "answer": "#### 5", "source": "x"}) + "\n")
+    records = load_records(str(path), "train")
+    assert records == [{"question": "1+1?", "answer": "2", "solution": "One and one.\n#### 2", "columns": {}}]
+
+
+@pytest.mark.parametrize("content,says", [
+    ("problem,answer\nHow many?,3\n", "row 1 has no column 'target' (it has problem, answer); name the column with "
+                                      "--answer_field"),
+    ("problem,target\nHow many?,three\n", "row 1, column 'target': 'three' is not a number"),
+    ("problem,target\nHow many?,3\nAnd now?,\n", "row 2, column 'target': '' is not a number"),
+    ("problem,target\n", "holds no rows"),
+    ("problem,target\n,3\n", "row 1, column 'problem': the question is empty"),
+])
+def test_malformed_data_is_one_line_naming_file_row_and_column(tmp_path, content, says):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(UserError) as info:
+        load_records(str(path), "train", fields=Fields("problem", "target", "none"))
+    assert str(info.value).startswith(str(path)) and says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sft_on_answer_only_data_says_it_needs_solutions(tmp_path):
+    path = _csv(tmp_path / "p.csv", _rows(10))
+    result = subprocess.run([sys.executable, "train_sft.py", "--model_name", "tiny", "--dataset", str(path), *FIELDS,
+                             "--sft_output", str(tmp_path / "sft"), "--device", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: SFT needs worked solutions") and "--solution_field" in result.stderr
+
+
+def test_an_answer_only_csv_trains_two_grpo_steps_and_evaluates(tmp_path):
+    path = _csv(tmp_path / "p.csv", _rows(40))
+    out = tmp_path / "grpo"
+    result = subprocess.run([sys.executable, "train_grpo.py", "--model_name", "tiny", "--dataset", str(path), *FIELDS,
+                             "--grpo_output", str(out), "--max_steps", "2", "--prompts_per_step", "2",
+                             "--max_completion_length", "8", "--reward", "numeric", "--reward", "format",
+                             "--reward_weights", "1.0", "0.1", "--eval_every", "2", "--eval_samples", "4",
+                             "--device", "cpu", "--no_progress"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held out as the test split" in result.stdout
+    log = [json.loads(x) for x in (out / "grpo_training_logs.jsonl").read_text().splitlines()]
+    last = log[-1]
+    for key in ("reward_numeric_mean", "reward_numeric_std", "reward_format_mean", "reward_format_std",
+                "reward_time_s", "eval_accuracy"):
+        assert key in last, key
+    assert last["reward_mean"] == pytest.approx(last["reward_numeric_mean"] + 0.1 * last["reward_format_mean"])
+    ev = subprocess.run([sys.executable, "-m", "eval", "--model", str(out), "--dataset", str(path), *FIELDS,
+                         "--max_new_tokens", "8", "--device", "cpu", "--no_progress"], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((out / "eval" / "eval_summary.json").read_text())["num_questions"] == 4
+
+
+def test_a_custom_reward_module_gets_the_right_columns(tmp_path, monkeypatch):
+    from grpo.trainer import GRPOConfig, train_grpo
+
+    seen = tmp_path / "seen.json"
+    (tmp_path / "my_rewards.py").write_text(f'''
+import json
+
+def by_level(completions, answer, level, truncated, **columns):
+    json.dump({{"n": len(completions), "answer": answer, "level": level, "truncated": truncated,
+               "others": sorted(columns)}}, open({str(seen)!r}, "w"))
+    return [0.5 * float(lv) for lv in level]
+''')
+    monkeypatch.chdir(tmp_path)
+    path = _csv(tmp_path / "p.csv", _rows(20))
+    cfg = GRPOConfig(model_name="tiny", dataset=str(path), question_field="problem", answer_field="target",
+                     solution_field="none", grpo_output=str(tmp_path / "out"), max_steps=1, prompts_per_step=2,
+                     num_generations=2, max_completion_length=6, device="cpu", show_progress=False,
+                     reward=("my_rewards:by_level",))
+    record = train_grpo(cfg)
+    got = json.loads(seen.read_text())
+    train = load_records(str(path), "train", fields=cfg.fields())
+    assert got["n"] == 4 and len(got["level"]) == 4 and got["level"][0] == got["level"][1]  # a group's rows
+    assert set(got["level"]) <= {"0", "1", "2"} and set(got["answer"]) <= {r["answer"] for r in train}
+    assert len(got["truncated"]) == 4 and got["others"] == []
+    assert "reward_by_level_mean" in record
+
+
+def _raises(completions, answer, **columns):
+    raise RuntimeError("boom")
+
+
+BROKEN = [
+    (_raises, "reward bad raised RuntimeError: boom"),
+    (lambda completions, answer, **columns: [1.0], "reward bad returned 1 values for 4 completions"),
+    (lambda completions, answer, **columns: [float("nan")] * len(completions),
+     "reward bad returned a non-finite value (nan)"),
+    (lambda completions, answer, **columns: None, "reward bad must return a list of numbers"),
+]
+
+
+@pytest.mark.parametrize("fn,says", BROKEN, ids=["raises", "length", "nan", "none"])
+def test_a_broken_reward_stops_the_run_in_one_line(tmp_path, fn, says):
+    import re
+
+    from grpo.trainer import GRPOConfig, train_grpo
+
+    fn.__name__ = "bad"
+    with pytest.raises(UserError, match=re.escape(says)):
+        train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path / "o"), max_steps=1,
+                              prompts_per_step=2, num_generations=2, max_completion_length=4, device="cpu",
+                              show_progress=False), reward_funcs=[fn])
+
+
+def test_reward_specs_and_weights_are_checked_before_training(tmp_path):
+    from grpo.trainer import GRPOConfig, train_grpo
+
+    base = dict(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path / "o"), max_steps=1, device="cpu")
+    with pytest.raises(UserError, match="not a built-in"):
+        train_grpo(GRPOConfig(**base, reward=("speed",)))
+    with pytest.raises(UserError, match="cannot import no_such_module"):
+        train_grpo(GRPOConfig(**base, reward=("no_such_module:f",)))
+    with pytest.raises(UserError, match="2 --reward_weights for 1 reward"):
+        train_grpo(GRPOConfig(**base, reward_weights=(1.0, 2.0)))
+    assert not (tmp_path / "o").exists()
+
+
+def test_rewards_png_shows_each_reward(tmp_path):
+    from viz.plots import reward_names, visualize
+
+    log = tmp_path / "grpo_training_logs.jsonl"
+    fields = dict(grpo_loss=0.0, policy_loss=0.0, kl_loss=0.0, grad_norm=1.0, learning_rate=1e-6, reward_std=0.1,
+                  adv_mean=0.0, adv_std=1.0, time_per_step_s=1.0, generation_time_s=0.5, backward_time_s=0.3,
+                  other_time_s=0.2, tokens_generated=100, completion_len_mean=10.0)
+    lines = [dict(fields, step=s, reward_mean=0.1 * s + 0.05, reward_numeric_mean=0.1 * s, reward_numeric_std=0.1,
+                  reward_format_mean=0.5, reward_format_std=0.1) for s in range(1, 6)]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert reward_names(lines) == ["numeric", "format"]
+    visualize(str(log), str(tmp_path / "plots"))
+    assert (tmp_path / "plots" / "rewards.png").stat().st_size > 10_000
+
+
+def test_run_training_takes_your_data_from_the_environment(tmp_path):
+    path = _csv(tmp_path / "p.csv", _rows(10))
+    env = {**__import__("os").environ, "DATASET": str(path), "QUESTION_FIELD": "problem", "ANSWER_FIELD": "target",
+           "SOLUTION_FIELD": "none", "OUT": str(tmp_path / "out")}
+    result = subprocess.run(["./run_training.sh", "--tiny", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 1 and "error: SFT needs worked solutions" in result.stderr
+    assert "stage 'sft' failed" in result.stderr and f"--dataset {path}" in result.stdout
+
+
+def test_the_readme_python_api_example_runs(tmp_path):
+    """The README's example (custom data + a custom reward), as printed there, run in a fresh folder."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- api-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert 10 <= len(code.strip().splitlines()) <= 15
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("reward_numeric_mean") and "reward_short_mean" in last and "eval_accuracy" in last
+    assert (tmp_path / "runs" / "api_example" / "model.safetensors").is_file()
