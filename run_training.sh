@@ -97,3 +97,10 @@ if "sft_more" in acc:
     line += f" (more SFT instead: {acc['sft_more']['accuracy']:.3f})"
 print(f"== result: {line}; {n} problems, greedy; outputs in {out}")
 PYEOF
+# Is the gain real? The paired comparison on the same problems (bootstrap interval, McNemar's test).
+echo "== GRPO against SFT (A = sft, B = grpo)"
+$PY -m eval.compare "$OUT/eval/sft" "$OUT/eval/grpo"
+if [ -n "${MORE_SFT_STEPS:-}" ]; then
+  echo "== GRPO against the equal-time SFT baseline (A = sft_more, B = grpo)"
+  $PY -m eval.compare "$OUT/eval/sft_more" "$OUT/eval/grpo"
+fi

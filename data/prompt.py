@@ -9,6 +9,7 @@ finished assistant turn the template would render, and SFT trains on what GRPO a
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 MAX_PROMPT_LENGTH = 512  # tokens; GSM8K's longest prompt is ~250 with Qwen3's tokenizer
@@ -16,14 +17,20 @@ INSTRUCTION = "Solve the problem step by step. End with the final answer on its 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
-def build_messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
+def build_messages(question: str, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """The chat: each few-shot (question, worked solution) as an earlier user/assistant exchange, then
+    the question. Every user turn carries the same instruction."""
+    messages = []
+    for q, solution in shots:
+        messages += [{"role": "user", "content": f"{q.strip()}\n{INSTRUCTION}"},
+                     {"role": "assistant", "content": solution.strip()}]
+    return messages + [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
 
 
-def render_prompt(tokenizer: Any, question: str) -> str:
+def render_prompt(tokenizer: Any, question: str, shots: Sequence[tuple[str, str]] = ()) -> str:
     """Chat-template text of the generation prompt for `question` (non-thinking mode)."""
     return tokenizer.apply_chat_template(
-        build_messages(question), tokenize=False, add_generation_prompt=True, enable_thinking=False
+        build_messages(question, shots), tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
 
 
@@ -33,21 +40,23 @@ def clean_solution(solution: str, strip_calculator: bool = True) -> str:
     return _CALCULATOR.sub("", solution) if strip_calculator else solution
 
 
-def encode_prompt(tokenizer: Any, question: str) -> list[int]:
-    return tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer: Any, question: str, shots: Sequence[tuple[str, str]] = ()) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, question, shots), add_special_tokens=False)["input_ids"]
 
 
-def prompts_within(tokenizer: Any, records: list[Any], max_length: int) -> tuple[list[Any], list[list[int]], int]:
+def prompts_within(tokenizer: Any, records: list[Any], max_length: int,
+                   shots: Sequence[tuple[str, str]] = ()) -> tuple[list[Any], list[list[int]], int]:
     """(records whose prompt fits in `max_length` tokens, their encoded prompts, how many were left out).
 
     The one policy for over-long prompts (GRPO and eval): skip and count them. Cutting a question's
-    start would pose another problem, and a 40,000-token prompt fed whole is an out-of-memory crash."""
+    start would pose another problem, and a 40,000-token prompt fed whole is an out-of-memory crash.
+    The limit is on the problem's own prompt; few-shot turns (`shots`) come on top of it."""
     kept, prompts = [], []
     for r in records:
         ids = encode_prompt(tokenizer, r["question"])
         if len(ids) <= max_length:
             kept.append(r)
-            prompts.append(ids)
+            prompts.append(encode_prompt(tokenizer, r["question"], shots) if shots else ids)
     return kept, prompts, len(records) - len(kept)
 
 

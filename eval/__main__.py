@@ -28,6 +28,9 @@ class EvalArgs(DataFlags):
     max_new_tokens: int = flag(512, "token limit per completion", low=1)
     max_prompt_length: int = flag(MAX_PROMPT_LENGTH, "longer prompts are skipped and counted (prompts_skipped)",
                                   low=1)
+    num_fewshot: int = flag(0, "K worked solutions from the dataset's train split as earlier chat turns (a fixed, "
+                               "seeded choice, named in the summary), to compare with published few-shot scores",
+                            low=0)
     num_samples: int = flag(1, "k completions per problem (needs --temperature > 0)", low=1)
     temperature: float = flag(0.0, "0: greedy", low=0)
     top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1)
@@ -35,7 +38,30 @@ class EvalArgs(DataFlags):
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
     device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)")
     cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only)")
+    continuous: bool = flag(True, "decode in static batches of --batch_size prompts instead of continuous batching",
+                            name="--static_batches")
     show_progress: bool = flag(True, "no progress bar", name="--no_progress")
+
+
+FEWSHOT_SEED = 1234  # the few-shot examples are the same for every model and run
+
+
+def fewshot(args: EvalArgs) -> tuple[list[tuple[str, str]], list[int]]:
+    """K (question, worked solution) pairs from the train split, chosen by a fixed seed, and their indices."""
+    import random
+
+    from data import load_records, require_solutions
+    from data.prompt import clean_solution
+
+    if args.num_fewshot == 0:
+        return [], []
+    train = load_records(args.dataset, "train", args.data_dir, fields=args.fields())
+    if len(train) < args.num_fewshot:
+        fail(f"--num_fewshot {args.num_fewshot}: the train split has only {len(train)} problems")
+    indices = sorted(random.Random(FEWSHOT_SEED).sample(range(len(train)), args.num_fewshot))
+    chosen = [train[i] for i in indices]
+    require_solutions(chosen, f"{args.dataset} (few-shot examples)", args.fields())
+    return [(r["question"], clean_solution(r["solution"])) for r in chosen], indices
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from sampling.cuda_graphs import check_cuda_graphs
 
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
+    shots, shot_indices = fewshot(args)
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         check_cuda_graphs(args.cuda_graphs, device)
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
@@ -60,10 +87,13 @@ def main(argv: list[str] | None = None) -> None:
                                         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                                         temperature=args.temperature, top_p=args.top_p,
                                         show_progress=args.show_progress, cuda_graphs=args.cuda_graphs,
-                                        max_prompt_length=args.max_prompt_length)
+                                        max_prompt_length=args.max_prompt_length, shots=shots,
+                                        continuous=args.continuous)
     if not dist.is_main:
         return
-    summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size)
+    summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size,
+                   num_fewshot=args.num_fewshot, fewshot_seed=FEWSHOT_SEED, fewshot_train_indices=shot_indices,
+                   continuous_batching=args.continuous)
     model_dir = Path(args.model)
     out = Path(args.output) if args.output else (model_dir / "eval" if model_dir.is_dir() else Path("eval_results"))
     write_results(out, summary, predictions)

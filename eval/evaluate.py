@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from common.errors import fail
 from data import Record
 from data.prompt import MAX_PROMPT_LENGTH, prompts_within
 from eval.metrics import summarize
-from rewards import answers_match, extract_answer
+from rewards import answers_match, extract_answer, extract_last_number
 from sampling import sample
 
 
@@ -26,10 +27,16 @@ def evaluate(
     show_progress: bool = True,
     cuda_graphs: bool = False,
     max_prompt_length: int = MAX_PROMPT_LENGTH,
+    shots: Sequence[tuple[str, str]] = (),
+    continuous: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
+    Two scores per completion: `correct` (strict: the number after the last `####`) and
+    `correct_flexible` (the last number in the text, lm-evaluation-harness's flexible-extract), both
+    by the same numeric comparison. `shots`: few-shot (question, solution) turns before each problem.
     Problems whose prompt is longer than `max_prompt_length` tokens are skipped and counted in the
-    summary's `prompts_skipped` (the scores are over the others).
+    summary's `prompts_skipped` (the scores are over the others). `continuous`: decode with continuous
+    batching (sampling/continuous.py) where the model allows it.
 
     Under torchrun each rank answers every world_size-th record; the scored answers are gathered so every
     rank returns the same summary and the predictions in record order (rank 0 writes them).
@@ -40,7 +47,7 @@ def evaluate(
 
     dist = current()
     asked = len(records)
-    records, all_prompts, skipped = prompts_within(tokenizer, records, max_prompt_length)
+    records, all_prompts, skipped = prompts_within(tokenizer, records, max_prompt_length, shots)
     if not records:
         fail(f"every one of the {asked} problems has a prompt longer than --max_prompt_length {max_prompt_length} "
              f"tokens; raise --max_prompt_length")
@@ -51,14 +58,16 @@ def evaluate(
     with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
         out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     batch_size=batch_size, progress=bar, cuda_graphs=cuda_graphs)
+                     batch_size=batch_size, progress=bar, cuda_graphs=cuda_graphs, continuous=continuous)
     wall = time.perf_counter() - start
     scored_here = []  # (record index, scored sample, completion text)
     for j, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):
         i = mine[j]
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
-        extracted = extract_answer(completion)
-        scored_here.append((i, {"extracted": extracted, "correct": answers_match(extracted, records[i]["answer"]),
+        extracted, last = extract_answer(completion), extract_last_number(completion)
+        gold = records[i]["answer"]
+        scored_here.append((i, {"extracted": extracted, "correct": answers_match(extracted, gold),
+                                "extracted_flexible": last, "correct_flexible": answers_match(last, gold),
                                 "truncated": truncated, "num_tokens": len(tokens)}, completion))
     gathered = dist.gather_objects((scored_here, wall))
     groups: list[list[dict[str, Any]]] = [[] for _ in records]
@@ -96,5 +105,5 @@ def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[
 
 def eval_fields(summary: dict[str, Any]) -> dict[str, float]:
     """The eval metrics a training log line carries, prefixed `eval_`."""
-    keys = ("accuracy", "format_rate", "truncation_rate", "mean_completion_tokens")
+    keys = ("accuracy", "accuracy_flexible", "format_rate", "truncation_rate", "mean_completion_tokens")
     return {f"eval_{k}": summary[k] for k in keys}

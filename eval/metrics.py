@@ -36,6 +36,7 @@ def summarize(groups: list[list[dict]], golds: list[str]) -> dict[str, float]:
         "num_questions": len(groups),
         "num_samples": n,
         "accuracy": sum(s["correct"] for s in samples) / max(1, len(samples)),
+        "accuracy_flexible": sum(s.get("correct_flexible", False) for s in samples) / max(1, len(samples)),
         "format_rate": sum(s["extracted"] is not None and not s["truncated"] for s in samples) / max(1, len(samples)),
         "answer_rate": sum(s["extracted"] is not None for s in samples) / max(1, len(samples)),
         "truncation_rate": sum(s["truncated"] for s in samples) / max(1, len(samples)),

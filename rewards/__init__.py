@@ -5,6 +5,7 @@ from rewards.numeric import (
     answers_match,
     completion_text,
     extract_answer,
+    extract_last_number,
     numeric_reward,
     parse_number,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "answers_match",
     "completion_text",
     "extract_answer",
+    "extract_last_number",
     "numeric_reward",
     "parse_number",
 ]

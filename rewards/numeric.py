@@ -34,6 +34,25 @@ def _normalize(number: str) -> str:
     return number[1:] if number.startswith("+") else number
 
 
+# lm-evaluation-harness's gsm8k "flexible-extract": the last match of this pattern (a number-like run of
+# two or more of [$0-9.,], or a bare integer), with commas, `$` and a trailing period ignored.
+_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def extract_last_number(completion: Any) -> str | None:
+    """The harness's flexible extraction: the last number in the text, normalized ('1,080.' -> '1080'),
+    or None. Scored with the same numeric comparison as the strict `####` answer."""
+    try:
+        matches = _FLEXIBLE_RE.findall(completion_text(completion))
+    except Exception:  # noqa: BLE001 - never raises on text
+        return None
+    if not matches:
+        return None
+    last = next(m for m in matches[-1] if m).replace(",", "").replace("$", "")
+    last = last[:-1] if last.endswith(".") else last
+    return last if parse_number(last) is not None else None
+
+
 def completion_text(completion: Any) -> str:
     """Text of a completion: a string, or chat-style [{role, content}, ...] (last message)."""
     if isinstance(completion, str):

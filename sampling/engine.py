@@ -210,6 +210,7 @@ def rollout(
     fast: bool | None = None,
     cuda_graphs: bool | DecodeGraphs = False,
     sync_every: int | None = None,
+    stop_at: list[int] | None = None,
 ) -> Completions:
     """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature.
 
@@ -217,7 +218,8 @@ def rollout(
     that step from CUDA graphs (CUDA only; models without the lean step ignore it): True for graphs of
     this rollout alone, or a `DecodeGraphs` kept by the caller to reuse them across rollouts;
     `sync_every` is how many steps pass between looks at which rows finished (default 1 on the CPU,
-    `SYNC_EVERY` on CUDA); `ignore_eos` forces exactly max_new_tokens per row (for benchmarks)."""
+    `SYNC_EVERY` on CUDA); `ignore_eos` forces exactly max_new_tokens per row and `stop_at[i]` makes row
+    i end after that many tokens, whatever it samples (for benchmarks)."""
     device = next(model.parameters()).device
     P, G = len(prompts), num_samples
     ids, mask = left_pad(prompts, pad_token_id, device)
@@ -238,6 +240,7 @@ def rollout(
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)  # original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    limits = None if stop_at is None else torch.tensor(stop_at, device=device)
 
     # sample, record, stop rows at eos, feed the token back; the host looks at `finished` only every
     # `sync_every` steps (rows finished in between decode on, their tokens recorded as padding)
@@ -246,8 +249,9 @@ def rollout(
         token = token.masked_fill(finished, pad_token_id)
         tokens[alive, t] = token
         logprobs[alive, t] = logp.masked_fill(finished, 0.0)
-        if not ignore_eos:
-            just_done = (token == eos_token_id) & ~finished
+        if not ignore_eos or limits is not None:
+            ends = (token == eos_token_id) if limits is None else (limits[alive] <= t + 1)
+            just_done = ends & ~finished
             lengths[alive] = torch.where(just_done, t + 1, lengths[alive])
             finished |= just_done
             if (t + 1) % sync_every == 0:
@@ -285,11 +289,26 @@ def sample(
     batch_size: int | None = None,
     progress: Any = None,
     cuda_graphs: bool | DecodeGraphs = False,
+    continuous: bool = False,
+    stop_at: list[int] | None = None,
 ) -> Completions:
     """`num_samples` completions per prompt through `rollout`, `batch_size` prompts at a time
     (None: all at once); `progress` is an optional tqdm bar advanced by prompts done. With
-    `cuda_graphs` True the chunks share one `DecodeGraphs` (freed on return)."""
+    `cuda_graphs` True the chunks share one `DecodeGraphs` (freed on return). With `continuous`
+    (models on the lean decode step, without CUDA graphs) batch_size x num_samples rows decode at once
+    and each takes the next waiting prompt as soon as its completion ends (sampling/continuous.py).
+    `stop_at` forces each completion's length (benchmarks)."""
     batch_size = batch_size or len(prompts)
+    if continuous and not cuda_graphs and supports(model):
+        from sampling.continuous import rollout_continuous
+
+        was_training = model.training
+        model.eval()
+        out = rollout_continuous(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                 num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, rows=batch_size * num_samples, progress=progress, stop_at=stop_at)
+        model.train(was_training)
+        return out
     if cuda_graphs is True:
         cuda_graphs = DecodeGraphs()
     out = Completions([], [], [], [])
@@ -298,7 +317,9 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         chunk = rollout(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, cuda_graphs=cuda_graphs)
+                        temperature=temperature, top_p=top_p, cuda_graphs=cuda_graphs,
+                        stop_at=None if stop_at is None else
+                        stop_at[start * num_samples: (start + batch_size) * num_samples])
         out.prompt_index += [start + i for i in chunk.prompt_index]
         out.token_ids += chunk.token_ids
         out.truncated += chunk.truncated

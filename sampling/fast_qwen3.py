@@ -135,25 +135,36 @@ class FastQwen3:
 
     def step(self, token: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor],
              values: list[torch.Tensor], slot: torch.Tensor, width: int, slot_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per row, written into cache slot `slot` ([1] long tensor).
+        """Logits [B, V] for one new token per row, written into cache slot `slot`: a [1] long tensor (one
+        slot for every row) or [B] (each row its own slot: continuous batching).
 
         position [B]: RoPE positions; slot_mask [B, slots]: True where a row may attend. Attention reads
-        the first `width` slots (> slot) and masks those after `slot`, so with a fixed width every shape
-        is fixed and nothing reads a tensor's value on the host: the step can be captured as a CUDA graph."""
+        the first `width` slots (> every slot) and masks those after a row's slot, so with a fixed width
+        every shape is fixed and nothing reads a tensor's value on the host: the step can be captured as a
+        CUDA graph."""
         B, H, KV, D = token.shape[0], self.n_heads, self.n_kv, self.head_dim
         freqs = position[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(self.dtype)[:, None, :]  # [B, 1, D]
         sin = (emb.sin() * self.scaling).to(self.dtype)[:, None, :]
-        allowed = slot_mask[:, :width] & (torch.arange(width, device=token.device) <= slot)
+        allowed = slot_mask[:, :width] & (torch.arange(width, device=token.device)[None, :] <= slot[:, None])
+        per_row = slot.shape[0] > 1
+        if per_row:  # each row's slot as an index into the cache viewed as [B * KV * slots, D]
+            S = keys[0].shape[2]
+            flat = ((torch.arange(B, device=token.device)[:, None] * KV + torch.arange(KV, device=token.device))
+                    * S + slot[:, None]).reshape(-1)
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=token.device)
         bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # [B, 1, 1, width]
         h = self.embed[token]  # [B, hidden]
         for i, (ln1, wqkv, qk_norm, wo, ln2, wgu, wdown) in enumerate(self.layers):
             qkv = _rms(h, ln1, self.eps) @ wqkv.T
             qk = _rotate(_rms(qkv[:, : (H + KV) * D].view(B, H + KV, D), qk_norm, self.eps), cos, sin)
-            keys[i].index_copy_(2, slot, qk[:, H:, None])
-            values[i].index_copy_(2, slot, qkv[:, (H + KV) * D:].view(B, KV, 1, D))
+            if per_row:
+                keys[i].view(-1, D).index_copy_(0, flat, qk[:, H:].reshape(B * KV, D))
+                values[i].view(-1, D).index_copy_(0, flat, qkv[:, (H + KV) * D:].reshape(B * KV, D))
+            else:
+                keys[i].index_copy_(2, slot, qk[:, H:, None])
+                values[i].index_copy_(2, slot, qkv[:, (H + KV) * D:].view(B, KV, 1, D))
             ks, vs = keys[i][:, :, :width], values[i][:, :, :width]  # [B, KV, width, D]
             # one query per row: grouped heads as a [B, KV, H/KV, D] x [B, KV, D, width] product
             scores = (qk[:, :H].reshape(B, KV, H // KV, D) @ ks.transpose(-1, -2)) * self.head_dim**-0.5

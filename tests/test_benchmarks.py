@@ -89,3 +89,11 @@ def test_summary_table_of_the_cuda_checks(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "benchmarks.summary", str(tmp_path / "none")], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no ") and missing.stderr.count("\n") == 1
+
+
+def test_continuous_batching_benchmark():
+    out, record = run_json(["benchmarks.continuous", "--model", "tiny", "--prompts", "6", "--rows", "2",
+                            "--max_new_tokens", "24", "--median_tokens", "10", "--repeats", "1", "--device", "cpu"])
+    assert record["static_tokens_per_s"] > 0 and record["continuous_tokens_per_s"] > 0 and "speedup" in out
+    assert record["max_tokens"] <= 24 and abs(record["speedup"] - record["continuous_tokens_per_s"]
+                                              / record["static_tokens_per_s"]) <= 0.01
