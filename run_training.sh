@@ -71,9 +71,10 @@ if [ -n "${DATASET:-}" ]; then
   done
 fi
 stage reward-selftest $PY -m rewards
-stage sft  $PY train_sft.py  "${DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite --no_progress
+# SFT and GRPO print a progress line every tenth of their steps (output is not a terminal here)
+stage sft  $PY train_sft.py  "${DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite
 stage grpo $PY train_grpo.py "${DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" --grpo_output "$OUT/grpo" \
-  --overwrite --no_progress
+  --overwrite
 stage eval-sft  $PY -m eval --model "$OUT/sft"  "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft" --no_progress
 stage eval-grpo $PY -m eval --model "$OUT/grpo" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/grpo" --no_progress
 models=(sft grpo)
@@ -81,7 +82,7 @@ if [ -n "${MORE_SFT_STEPS:-}" ]; then
   # Is it GRPO, or just more training? The same SFT continued for about as long, evaluated the same way.
   rm -rf "$OUT/sft_more" && cp -r "$OUT/sft" "$OUT/sft_more"
   stage sft-more $PY train_sft.py "${DATA[@]}" "${SFT[@]}" --max_steps "$MORE_SFT_STEPS" --sft_output "$OUT/sft_more" \
-    --resume --no_progress
+    --resume
   stage eval-sft-more $PY -m eval --model "$OUT/sft_more" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft_more" \
     --no_progress
   models+=(sft_more)

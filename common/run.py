@@ -22,6 +22,31 @@ from common.runs import (
 )
 
 
+class Progress:
+    """Progress of a training loop: the bar on a terminal; elsewhere (a pipe, a log file, CI, the demo)
+    one line every tenth of the run, so a long stage is never silent. Rank 0 alone shows it."""
+
+    def __init__(self, desc: str, total: int, initial: int, enabled: bool):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()
+        self.desc, self.total, self.every = desc, total, max(1, total // 10)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not (enabled and tty))
+        self.lines = enabled and not tty
+
+    def update(self, step: int, **fields: str) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(**fields)
+        if self.lines and (step % self.every == 0 or step == self.total):
+            print(f"{self.desc} step {step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in fields.items()),
+                  flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Run:
     """One training run's folder. `cfg` needs `resume`, `overwrite`, `save_every`, `show_progress`."""
 
@@ -53,6 +78,9 @@ class Run:
     def write(self, record: dict[str, Any]) -> None:
         if self.log:
             self.log.write(record)
+
+    def progress(self, desc: str, total: int, initial: int) -> Progress:
+        return Progress(desc, total, initial, self.cfg.show_progress and self.dist.is_main)
 
     def evaluate(self, model: Any, tokenizer: Any, records: list[Any], **kwargs: Any) -> dict[str, Any]:
         """Held-out eval (every rank takes its share), written to <out>/eval; the model is left in train mode."""

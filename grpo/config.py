@@ -8,7 +8,7 @@ from common.flags import flag
 from common.schedule import LR_DECAYS
 from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
-from grpo.loss import LOSS_TYPES, SCALES
+from grpo.loss import IS_LEVELS, LOSS_TYPES, SCALES
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
                                             "memory", "run")
@@ -47,6 +47,12 @@ class GRPOConfig(DataFlags):
     scale_rewards: str = flag("group", "divide advantages by the group's std, the batch's, or not",
                               choices=SCALES, group=LOSS)
     num_iterations: int = flag(1, "mu: updates per rollout (old logprobs kept)", low=1, group=LOSS)
+    importance_sampling_level: str = flag("token", "token: one ratio per token (GRPO); sequence: one per completion, "
+                                                   "the mean of its tokens' log-ratios (GSPO)", choices=IS_LEVELS,
+                                          group=LOSS)
+    skip_zero_advantage: bool = flag(True, "run the forward/backward of rows whose advantage is 0 too (with --beta 0 "
+                                           "they carry exactly no gradient, so by default they are skipped)",
+                                     name="--no_skip_zero_advantage", group=LOSS)
     reward: tuple[str, ...] = flag(("numeric",), "a reward: numeric (the exact answer), format ('#### N' and a "
                                    "finished turn) or module:function (TRL's signature); give it several times to "
                                    "sum several", group=LOSS)

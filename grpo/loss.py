@@ -10,6 +10,7 @@ import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
 
 
 # Logits worked through per chunk of positions: on the CPU ~2M elements (8 MB in fp32), which stays in
@@ -140,10 +141,14 @@ def grpo_loss(
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `loss_type`.
 
     Per token: r = exp(logp - old); surrogate = -min(r*A, clamp(r, 1-eps_low, 1+eps_high)*A);
+    `importance_sampling_level="sequence"` (GSPO, Zheng et al. 2025) uses one ratio per completion,
+    r = exp(mean over its tokens of (logp - old)), for every token of it (the gradient still flows
+    through each token's logp);
     KL = exp(ref - logp) - (ref - logp) - 1; loss = surrogate + beta*KL.
     `old_logprobs=None` is on-policy (logp.detach(), so r == 1 with the policy gradient's value).
     Returns (loss, metrics): policy_loss + kl_loss == grpo_loss; kl is the masked token mean of KL.
@@ -152,7 +157,12 @@ def grpo_loss(
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     adv = advantages.to(logprobs.dtype).unsqueeze(1)
-    ratio = torch.exp(logprobs - old)
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, not {importance_sampling_level!r}")
+    log_ratio = logprobs - old
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio).expand_as(logprobs)
     surrogate = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * adv)
     agg = dict(mask=mask, loss_type=loss_type, max_completion_length=max_completion_length,
                num_items_in_batch=num_items_in_batch)

@@ -74,6 +74,8 @@ class StepStats:
 
     sums: dict[str, float]
     entropy_sum: float
+    entropy_tokens: float  # the tokens that went through a forward (rows skipped for a zero advantage did not)
+    backward_rows: int  # rows through forward and backward, over the num_iterations updates
     num_items: float  # completion tokens of the whole step, all ranks
     rewards: torch.Tensor  # the weighted sum of the reward functions, all ranks' completions
     reward_parts: dict[str, torch.Tensor]  # each reward function's values, all ranks' completions
@@ -154,7 +156,8 @@ def reference_logprobs(model: Any, ref_model: Any, batch: RolloutBatch, micro: i
 
 def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch.Tensor | None,
                          ref_logprobs: torch.Tensor | None, advantages: torch.Tensor, cfg: GRPOConfig,
-                         num_items: float, scale: float, sync: bool, autocast: Any) -> tuple[dict[str, float], float]:
+                         num_items: float, scale: float, sync: bool, autocast: Any,
+                         loss_type: str | None = None) -> tuple[dict[str, float], float]:
     """Loss of one micro-batch and its backward (gradients accumulate; DDP all-reduces only when `sync`);
     returns (grpo_loss's metrics, the summed entropy of its completion tokens). The [rows, C, V] logits
     are never bound to a name: they are freed once the log-prob pass's backward has used them, not held
@@ -164,8 +167,10 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
             logp, entropy = token_logprobs_and_entropy(completion_logits(train_model, mb), mb.completion_ids,
                                                        cfg.temperature)
         loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mb.completion_mask, beta=cfg.beta,
-                                  epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                                  max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
+                                  epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                  loss_type=loss_type or cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                  num_items_in_batch=num_items,
+                                  importance_sampling_level=cfg.importance_sampling_level)
         (loss * scale).backward()
     return metrics, (entropy * mb.completion_mask).sum().item()
 
@@ -179,6 +184,25 @@ def loss_weight(loss_type: str, rows: int, step_rows: int) -> float:
     batch): weighted by its share of rows, the step's loss is the row-weighted mean of the micro-batches'
     token means, which depends on --micro_batch_size (dapo is its exact step-wide version)."""
     return 1.0 if loss_type == "dapo" else rows / step_rows
+
+
+def trained_rows(s: int, end: int, advantages: torch.Tensor, skip: bool) -> torch.Tensor:
+    """The rows of micro-batch [s, end) that go through the forward and backward: all of them, or with
+    `skip` only those whose advantage is not 0 (with beta 0 a row's whole gradient is A x d ratio, so
+    a row with A = 0, e.g. every row of a group whose rewards are all equal, contributes exactly 0)."""
+    rows = torch.arange(s, end, device=advantages.device)
+    return rows[advantages[rows] != 0] if skip else rows
+
+
+def normalizer(loss_type: str, kept: int, full: int, full_tokens: float, step_rows: int,
+               num_items: float) -> tuple[str, float, float]:
+    """(aggregation, its token normalizer, the loss weight) for `kept` of a micro-batch's `full` rows,
+    such that the loss and gradient equal the whole micro-batch's when the others carry none: grpo and
+    dr_grpo weigh the kept rows' mean by their share of the step's rows; bnpo keeps the whole
+    micro-batch's token count as its normalizer (as a token sum over it); dapo is unchanged."""
+    if loss_type == "bnpo":
+        return "dapo", full_tokens, loss_weight("bnpo", full, step_rows)
+    return loss_type, num_items, loss_weight(loss_type, kept, step_rows)
 
 
 def _rollout(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers: list[str], step: int,
@@ -255,26 +279,33 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                if cfg.beta != 0.0 else None)
 
     sums: dict[str, float] = {}
-    entropy_sum, skipped = 0.0, 0
+    entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
+    skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
     for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched
         with timer("backward"):
             for s in range(0, B, micro):
-                rows = slice(s, s + micro)
+                full_mask = batch.completion_mask[s: s + micro]
+                rows = trained_rows(s, min(s + micro, B), advantages, skip)
+                if rows.numel() == 0:
+                    continue  # no row of it carries a gradient
                 mb = batch.rows(rows)  # cut to its own widths: completion columns [:w] of the batch
-                w, weight = mb.completion_width, loss_weight(cfg.loss_type, mb.input_ids.shape[0], B * W)
+                loss_type, items, weight = normalizer(cfg.loss_type, rows.numel(), full_mask.shape[0],
+                                                      full_mask.sum().item(), B * W, num_items)
+                w = mb.completion_width
                 metrics, entropy = micro_batch_backward(
                     policy.train_model, mb, None if old is None else old[rows, :w],
-                    None if ref is None else ref[rows, :w], advantages[rows], cfg, num_items, weight * W,
-                    sync=s + micro >= B, autocast=policy.autocast)
-                tokens = mb.completion_mask.sum().item() / num_items
+                    None if ref is None else ref[rows, :w], advantages[rows], cfg, items, weight * W,
+                    sync=s + micro >= B, autocast=policy.autocast, loss_type=loss_type)
+                tokens = mb.completion_mask.sum().item()
                 for k, v in metrics.items():  # this rank's share; summed over ranks at log time
-                    sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens)
-                entropy_sum += entropy
+                    sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
+                entropy_sum, entropy_tokens = entropy_sum + entropy, entropy_tokens + tokens
+                backward_rows += rows.numel()
         with timer("optimizer"):
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped
-    return StepStats(sums, entropy_sum, num_items, rewards, parts, all_advantages, [len(c) for c in completions],
-                     truncated, grad_norm, skipped, lr, timer.totals)
+    return StepStats(sums, entropy_sum, entropy_tokens, backward_rows, num_items, rewards, parts, all_advantages,
+                     [len(c) for c in completions], truncated, grad_norm, skipped, lr, timer.totals)
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:
@@ -293,8 +324,9 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
     time_per_step, *phase_times, peak, reserved = slowest.tolist()
     times = dict(zip(phases, phase_times))
     keys = sorted(stats.sums)
-    summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum], device=device,
-                                          dtype=torch.float64)).tolist()
+    summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens,
+                                          stats.backward_rows], device=device, dtype=torch.float64)).tolist()
+    *summed, entropy_tokens, backward_rows = summed
     per_completion = torch.tensor([[n, t] for n, t in zip(stats.lengths, stats.truncated)], device=device)
     lengths, truncated = dist.all_gather(per_completion).cpu().T.tolist()
     n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
@@ -310,7 +342,8 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
         "other_time_s": time_per_step - times["generation"] - times["backward"],
         "reference_time_s": times["reference"], "optimizer_time_s": times["optimizer"],
         "reward_time_s": times["reward"],
-        "tokens_generated": sum(lengths), "entropy": summed[-1] / (stats.num_items * n_iter),
+        "tokens_generated": sum(lengths), "entropy": summed[-1] / max(1.0, entropy_tokens),
+        "backward_rows": int(backward_rows) // n_iter,
         "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
         "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
         "frac_reward_zero_std": (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean().item(),

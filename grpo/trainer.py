@@ -165,8 +165,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
                    "world_size": dist.world_size, **evaluate()})
     bad_signal_steps, warned, nonfinite_in_row, record = 0, False, 0, {}
-    bar = tqdm(total=total_steps, initial=step, desc="grpo", unit="step",
-               disable=not (cfg.show_progress and dist.is_main))
+    bar = run.progress("grpo", total_steps, step)
     while step < total_steps:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -181,8 +180,9 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             record.update(evaluate())
         run.write(record)
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", s_step=f"{record['time_per_step_s']:.1f}")
+        bar.update(step, reward=f"{record['reward_mean']:.3f}", zero_signal=f"{record['frac_reward_zero_std']:.2f}",
+                   s_step=f"{record['time_per_step_s']:.2f}",
+                   **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))
         nonfinite_in_row = nonfinite_in_row + 1 if stats.skipped else 0
         if nonfinite_in_row >= MAX_NONFINITE:
             run.close()

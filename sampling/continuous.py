@@ -28,9 +28,10 @@ from sampling.fast_qwen3 import DecodeState
 
 
 class _Rows:
-    """The decode rows' device state and the host's view of which job each row holds."""
+    """The decode rows: the device state, the host's view of which job each row holds, and the cache."""
 
-    def __init__(self, rows: int, width: int, pad: int, device: torch.device):
+    def __init__(self, state: DecodeState, rows: int, width: int, pad: int, vocab: int, device: torch.device):
+        self.state = state
         self.job = [-1] * rows  # host: the job a row holds, -1 when idle
         self.pos_host = [0] * rows  # host mirror of `pos`, for the attention width
         self.tokens = torch.full((rows, width), pad, dtype=torch.long, device=device)
@@ -39,6 +40,78 @@ class _Rows:
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # the next cache slot = RoPE position
         self.limit = torch.zeros(rows, dtype=torch.long, device=device)
         self.finished = torch.ones(rows, dtype=torch.bool, device=device)  # idle rows count as finished
+        self.logits = torch.zeros((rows, vocab), dtype=torch.float32, device=device)
+
+    def start(self, taken: list[tuple[int, int]], prompts: list[list[int]], limits: list[int], model: Any,
+              pad: int) -> None:
+        """Rows `taken[k][0]` begin jobs `taken[k][1]` (prompts `prompts[k]`): one batched prefill, its
+        keys and values copied left-aligned into each row's cache."""
+        device = self.pos.device
+        first, keys, values = _prefill(model, prompts, pad, device)
+        width = keys[0].shape[2]
+        for k, ((r, j), prompt) in enumerate(zip(taken, prompts)):
+            n = len(prompt)
+            for store, fresh in ((self.state.keys, keys), (self.state.values, values)):
+                for buf, layer in zip(store, fresh):
+                    buf[r, :, :n] = layer[k, :, width - n:]
+                    buf[r, :, n:].zero_()  # a stale value, even a NaN, must not meet a zero attention weight
+            self.job[r], self.pos_host[r] = j, n
+        index = torch.tensor([r for r, _ in taken], device=device)
+        self.logits[index] = first.float()
+        self.t[index] = 0
+        self.pos[index] = torch.tensor([len(p) for p in prompts], device=device)
+        self.limit[index] = torch.tensor(limits, device=device)
+        self.finished[index] = False
+        self.tokens[index] = pad
+        self.logprobs[index] = 0.0
+
+    def harvest(self, limits: list[int]) -> tuple[list[int], list[tuple[int, list[int], list[float]]]]:
+        """(the rows now free, each finished job's (job, tokens, logprobs)); the host's look: one sync."""
+        finished, lengths = self.finished.tolist(), self.t.tolist()
+        free, done = [], []
+        for r, is_done in enumerate(finished):
+            if not is_done:
+                continue
+            j = self.job[r]
+            if j >= 0:
+                n = min(lengths[r], limits[j])
+                done.append((j, self.tokens[r, :n].tolist(), self.logprobs[r, :n].tolist()))
+                self.job[r], self.pos_host[r] = -1, 0
+            free.append(r)
+        return free, done
+
+    def compact(self) -> None:
+        """Keep only the rows that still decode (once the queue is empty and at most half of them do:
+        the tail of a run would otherwise pay for a full batch of rows)."""
+        busy = [r for r, j in enumerate(self.job) if j >= 0]
+        if len(self.job) < 8 or len(busy) > len(self.job) // 2:
+            return
+        keep = torch.tensor(busy, device=self.pos.device)
+        self.state.keep(keep)
+        for name in ("tokens", "logprobs", "t", "pos", "limit", "finished", "logits"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.job, self.pos_host = [self.job[r] for r in busy], [self.pos_host[r] for r in busy]
+
+    def step(self, temperature: float, top_p: float, generator: torch.Generator | None, eos: int | None,
+             pad: int) -> None:
+        """Sample every row's next token, record it, mark rows that end, and run the decode step."""
+        token, logp = _sample_token(self.logits, temperature, top_p, generator)
+        token = token.masked_fill(self.finished, pad)
+        rows = torch.arange(len(self.job), device=token.device)
+        column = self.t.clamp(max=self.tokens.shape[1] - 1)
+        self.tokens[rows, column] = token
+        self.logprobs[rows, column] = logp.masked_fill(self.finished, 0.0)
+        self.t += (~self.finished).long()
+        ended = self.t >= self.limit
+        if eos is not None:
+            ended |= token == eos
+        self.finished |= ended
+        slots = self.state.slots
+        width = min(max([p for p, j in zip(self.pos_host, self.job) if j >= 0], default=0) + 1, slots)
+        with torch.autocast(token.device.type, enabled=False):  # the step fixes its own dtypes
+            self.logits = self.state.step(token, self.pos, self.pos.clamp(max=slots - 1), width).float()
+        self.pos += 1
+        self.pos_host = [min(p + 1, slots - 1) for p in self.pos_host]
 
 
 @torch.no_grad()
@@ -69,97 +142,36 @@ def rollout_continuous(
     buffer = max_new_tokens + sync_every  # a finished row may decode on until the host looks
     state = DecodeState(model, decode_dtype(model, device), R, max(map(len, prompts)) + buffer, device)
     state.slot_mask.fill_(True)  # left-aligned rows: the slot <= position rule is the whole mask
-    rows_ = _Rows(R, buffer, pad_token_id, device)
+    decoding = _Rows(state, R, buffer, pad_token_id, _vocab(model), device)
     limits = [min(max_new_tokens, stop_at[j]) if stop_at else max_new_tokens for j in range(len(jobs))]
-    results: list[tuple[list[int], list[float]] | None] = [None] * len(jobs)
-    logits = torch.zeros((R, _vocab(model)), dtype=torch.float32, device=device)
-    queue = iter(range(len(jobs)))
-    waiting = [len(jobs)]  # jobs not yet started
-    all_rows = torch.arange(R, device=device)
-    refill_at = max(1, R // 8)  # free rows that wait for company: a prefill costs several decode steps
+    results: list[tuple[list[int], list[float]]] = [([], [])] * len(jobs)
+    queue, waiting = iter(range(len(jobs))), len(jobs)
+    refill_at = max(1, R // 8)  # free rows wait for company: a prefill costs several decode steps
 
     def start(free: list[int]) -> None:
-        """Give each free row the next waiting job: one batched prefill, its keys/values left-aligned."""
-        taken = [(r, j) for r, j in zip(free, queue)]
-        waiting[0] -= len(taken)
-        if not taken:
-            return
-        batch = [prompts[jobs[j]] for _, j in taken]
-        first, keys, values = _prefill(model, batch, pad_token_id, device)
-        width = keys[0].shape[2]
-        for k, ((r, j), prompt) in enumerate(zip(taken, batch)):
-            n = len(prompt)
-            for store, fresh in ((state.keys, keys), (state.values, values)):
-                for buf, layer in zip(store, fresh):
-                    buf[r, :, :n] = layer[k, :, width - n:]
-                    buf[r, :, n:].zero_()  # a stale value, even a NaN, must not meet a zero attention weight
-            rows_.job[r], rows_.pos_host[r] = j, n
-        index = torch.tensor([r for r, _ in taken], device=device)
-        logits[index] = first.float()
-        rows_.t[index] = 0
-        rows_.pos[index] = torch.tensor([len(p) for p in batch], device=device)
-        rows_.limit[index] = torch.tensor([limits[j] for _, j in taken], device=device)
-        rows_.finished[index] = False
-        rows_.tokens[index] = pad_token_id
-        rows_.logprobs[index] = 0.0
-
-    def harvest() -> list[int]:
-        """Collect the finished rows' completions; return the rows now free."""
-        finished, lengths = rows_.finished.tolist(), rows_.t.tolist()  # the host's look: one sync
-        free = []
-        for r, done in enumerate(finished):
-            if not done:
-                continue
-            j = rows_.job[r]
-            if j >= 0:
-                n = min(lengths[r], limits[j])
-                results[j] = (rows_.tokens[r, :n].tolist(), rows_.logprobs[r, :n].tolist())
-                rows_.job[r], rows_.pos_host[r] = -1, 0
-                if progress is not None and (j + 1) % num_samples == 0:
-                    progress.update(1)
-            free.append(r)
-        return free
-
-    def compact() -> None:
-        """Once the queue is empty and at most half the rows still decode, drop the idle ones (the tail
-        of a run would otherwise pay for a full batch of rows)."""
-        nonlocal logits, all_rows
-        busy = [r for r, j in enumerate(rows_.job) if j >= 0]
-        if len(rows_.job) < 8 or len(busy) > len(rows_.job) // 2:
-            return
-        keep = torch.tensor(busy, device=device)
-        state.keep(keep)
-        logits, all_rows = logits[keep], torch.arange(len(busy), device=device)
-        for name in ("tokens", "logprobs", "t", "pos", "limit", "finished"):
-            setattr(rows_, name, getattr(rows_, name)[keep])
-        rows_.job, rows_.pos_host = [rows_.job[r] for r in busy], [rows_.pos_host[r] for r in busy]
+        nonlocal waiting
+        taken = list(zip(free, queue))
+        waiting -= len(taken)
+        if taken:
+            decoding.start(taken, [prompts[jobs[j]] for _, j in taken], [limits[j] for _, j in taken], model,
+                           pad_token_id)
 
     start(list(range(R)))
     step = 0
     while True:
         if step % sync_every == 0 and step > 0:
-            free = harvest()
-            if len(free) >= refill_at or len(free) == len(rows_.job):  # one prefill for several rows
+            free, done = decoding.harvest(limits)
+            for j, tokens, logps in done:
+                results[j] = (tokens, logps)
+                if progress is not None and (j + 1) % num_samples == 0:
+                    progress.update(1)
+            if len(free) >= refill_at or len(free) == len(decoding.job):  # one prefill for several rows
                 start(free)
-            if all(j < 0 for j in rows_.job):
+            if all(j < 0 for j in decoding.job):
                 break
-            if not waiting[0]:
-                compact()
-        token, logp = _sample_token(logits, temperature, top_p, generator)
-        token = token.masked_fill(rows_.finished, pad_token_id)
-        column = rows_.t.clamp(max=buffer - 1)
-        rows_.tokens[all_rows, column] = token
-        rows_.logprobs[all_rows, column] = logp.masked_fill(rows_.finished, 0.0)
-        rows_.t += (~rows_.finished).long()
-        done = rows_.t >= rows_.limit
-        if stop_at is None:
-            done |= token == eos_token_id
-        rows_.finished |= done
-        width = min(max(p for p, j in zip(rows_.pos_host, rows_.job) if j >= 0) + 1, state.slots)
-        with torch.autocast(device.type, enabled=False):  # the step fixes its own dtypes
-            logits = state.step(token, rows_.pos, rows_.pos.clamp(max=state.slots - 1), width).float()
-        rows_.pos += 1
-        rows_.pos_host = [min(p + 1, state.slots - 1) for p in rows_.pos_host]
+            if not waiting:
+                decoding.compact()
+        decoding.step(temperature, top_p, generator, None if stop_at else eos_token_id, pad_token_id)
         step += 1
 
     token_ids = [r[0] for r in results]

@@ -261,3 +261,27 @@ def test_matches_float64_loop_reference(loss_type, seed):
     want = _reference_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, 0.2, 0.28,
                            loss_type, 12, n_items)
     assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def test_sequence_level_ratios_gspo_by_hand():
+    """GSPO: one ratio per completion, exp(mean of its tokens' log-ratios), for each of its tokens.
+    row 0: mean(0.1, 0, 0) = 1/30 -> s0 = e^(1/30) = 1.033895 (A = +1, inside the clip) -> -s0 a token;
+    row 1: mean(-0.5, 0) = -0.25 -> s1 = e^-0.25 = 0.778801 < 0.8 (A = -1): clipped to 0.8 -> +0.8 a token."""
+    s0, s1 = math.exp(0.1 / 3), math.exp(-0.25)
+    assert s1 < 0.8  # row 1 is clipped
+    logp = LOGP.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(logp, OLD, None, ADV, MASK, beta=0.0, loss_type="dapo", num_items_in_batch=10,
+                              importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx((-3 * s0 + 2 * 0.8) / 10, rel=1e-6)
+    assert metrics["clip_ratio_low"] == pytest.approx(2 / 5) and metrics["clip_ratio_high"] == 0.0
+    loss.backward()
+    # row 0: d(-s0 x 3 tokens / 10) / d logp_t = -3 * s0 * (1/3) / 10 for each of its tokens; row 1 is clipped: 0
+    assert torch.allclose(logp.grad[0], torch.full((3,), -s0 / 10), atol=1e-6)
+    assert torch.allclose(logp.grad[1], torch.zeros(3))
+    grpo, _ = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="grpo", importance_sampling_level="sequence")
+    assert grpo.item() == pytest.approx((-s0 + 0.8) / 2, rel=1e-6)
+    same, _ = grpo_loss(LOGP, LOGP, None, ADV, MASK, beta=0.0, importance_sampling_level="sequence")
+    token, _ = grpo_loss(LOGP, LOGP, None, ADV, MASK, beta=0.0)
+    assert same.item() == pytest.approx(token.item())  # on-policy both levels give ratio 1
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, importance_sampling_level="group")

@@ -103,3 +103,49 @@ def test_each_phase_time_lands_in_its_own_field(tmp_path, tiny_tokenizer):
     assert 0.2 <= line["reward_time_s"] < 0.3
     parts = line["reward_time_s"] + line["reference_time_s"] + line["optimizer_time_s"]
     assert parts <= line["other_time_s"] < parts + 0.1 and line["backward_time_s"] > 0
+
+
+def _some_groups_without_signal(tokenizer):
+    """Groups 0 and 2 score all the same (no signal), groups 1 and 3 are mixed; lengths vary."""
+    def hook(step, prompts, answers):
+        rows = []
+        for g, answer in enumerate(answers):
+            for k in range(4):
+                right = (g == 0) or (g % 2 == 1 and k % 2 == 0)
+                text = (f"#### {answer}" if right else "#### 0") + " and more" * (2 * k + g)
+                rows.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        return rows
+    return hook
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_skipping_zero_advantage_rows_leaves_the_update_exactly_as_it_was(tmp_path, tiny_tokenizer, loss_type):
+    """With --beta 0, rows of all-equal groups have advantage 0 and exactly no gradient: skipping their
+    forward and backward gives the same loss, gradient norm and weights, every loss type, while half the
+    rows never go through the model."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for skip in (True, False):
+        out = tmp_path / f"skip{skip}"
+        train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1,
+                              prompts_per_step=4, num_generations=4, micro_batch_size=4, max_completion_length=64,
+                              device="cpu", learning_rate=1e-3, beta=0.0, show_progress=False, seed=3,
+                              loss_type=loss_type, skip_zero_advantage=skip),
+                   rollout_hook=_some_groups_without_signal(tiny_tokenizer))
+        runs[skip] = json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors"))
+    (on, w_on), (off, w_off) = runs[True], runs[False]
+    assert on["frac_reward_zero_std"] == 0.5 and on["backward_rows"] == 8 and off["backward_rows"] == 16
+    assert on["grpo_loss"] == pytest.approx(off["grpo_loss"], rel=1e-5, abs=1e-7)
+    assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-5)
+    assert all(torch.allclose(w_on[k], w_off[k], atol=5e-5) for k in w_on)
+
+
+def test_off_a_terminal_progress_is_a_line_every_tenth_of_the_run(tmp_path, tiny_tokenizer, capsys):
+    train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path / "p"), max_steps=3,
+                          prompts_per_step=2, num_generations=4, max_completion_length=16, device="cpu", beta=0.0,
+                          eval_every=3, eval_samples=2, show_progress=True),
+               rollout_hook=_varied_rollouts(tiny_tokenizer))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("grpo step")]
+    assert [x.split(":")[0] for x in lines] == ["grpo step 1/3", "grpo step 2/3", "grpo step 3/3"]
+    assert "reward " in lines[0] and "zero_signal " in lines[0] and "eval_accuracy " in lines[-1]
