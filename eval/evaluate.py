@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -54,7 +55,7 @@ def evaluate(
     mine = list(range(dist.rank, len(records), dist.world_size))
     prompts = [all_prompts[i] for i in mine]
     start = time.perf_counter()
-    show = show_progress and dist.is_main
+    show = show_progress and dist.is_main and sys.stderr.isatty()  # a bar, never \r-lines in a log file
     with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
         out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
