@@ -78,7 +78,6 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     """Run SFT as configured; returns the final eval summary. The Python API: `train_records` /
     `eval_records` (dicts with the columns `cfg` names; training rows need worked solutions) replace
     `cfg.dataset`."""
-    from tqdm.auto import tqdm
 
     from common.schedule import make_scheduler
     from data import require_solutions, run_records
@@ -127,8 +126,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
         if dist.is_main:
             print(f"before SFT: accuracy {before['accuracy']:.3f}, format rate {before['format_rate']:.3f}")
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step",
-               disable=not (cfg.show_progress and dist.is_main))
+    bar = run.progress("sft", total_steps, step)
     summary: dict[str, Any] = {}
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -155,8 +153,8 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
             summary = evaluate()
             record.update(eval_fields(summary))
         run.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}")
+        bar.update(step, loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}",
+                   **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))
         run.checkpoint(step, total_steps, model, optimizer, scheduler, not cfg.full_finetune)
     bar.close()
     summary = summary or evaluate()  # resumed at the end: nothing trained, still report
