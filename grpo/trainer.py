@@ -146,7 +146,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)
-    steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # before skipping long prompts: cheap
+    steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     policy = _policy(cfg, start_model, dist, device, total_steps, rewards)
     train_records, skipped = _fitting_prompts(cfg, policy.tokenizer, train_records, dist)

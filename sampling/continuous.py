@@ -16,14 +16,7 @@ from typing import Any
 
 import torch
 
-from sampling.engine import (
-    SYNC_EVERY,
-    Completions,
-    _prefill_autocast,
-    _sample_token,
-    decode_dtype,
-    left_pad,
-)
+from sampling.engine import SYNC_EVERY, Completions, _sample_token, decode_dtype, left_pad, prefill
 from sampling.fast_qwen3 import DecodeState
 
 
@@ -47,7 +40,7 @@ class _Rows:
         """Rows `taken[k][0]` begin jobs `taken[k][1]` (prompts `prompts[k]`): one batched prefill, its
         keys and values copied left-aligned into each row's cache."""
         device = self.pos.device
-        first, keys, values = _prefill(model, prompts, pad, device)
+        first, keys, values = prefill(model, *left_pad(prompts, pad, device))
         width = keys[0].shape[2]
         for k, ((r, j), prompt) in enumerate(zip(taken, prompts)):
             n = len(prompt)
@@ -185,17 +178,3 @@ def rollout_continuous(
 
 def _vocab(model: Any) -> int:
     return model.get_output_embeddings().weight.shape[0]
-
-
-def _prefill(model: Any, prompts: list[list[int]], pad_token_id: int,
-             device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """(last-position logits, per-layer keys, per-layer values) of left-padded `prompts`."""
-    from transformers import DynamicCache
-
-    ids, mask = left_pad(prompts, pad_token_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    with _prefill_autocast(device):
-        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                      logits_to_keep=1).logits[:, -1]
-    return first, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]

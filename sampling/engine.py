@@ -105,6 +105,24 @@ def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
     return token, logp
 
 
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of left-padded rows: counted from each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                         list[torch.Tensor]]:
+    """(last-position logits, per-layer keys, per-layer values) of left-padded prompts, through the
+    model's own forward (under the caller's autocast, without its weight cache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with _prefill_autocast(ids.device):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
 def _prefill_autocast(device: torch.device) -> Any:
     """The caller's autocast for the prefill, without its weight cache. A cached bf16 cast of every
     fp32 weight would otherwise stay held until the caller's autocast ends, i.e. for the whole rollout,
@@ -158,23 +176,18 @@ class _FastDecoder:
     cache); prefill still uses the model. With `graphs` (a `DecodeGraphs`) the step replays from CUDA
     graphs on a state kept across rollouts, and rows are never dropped (fixed shapes)."""
 
-    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 max_new_tokens: int, G: int, graphs: DecodeGraphs | None = None):
-        from transformers import DynamicCache
-
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, G: int,
+                 graphs: DecodeGraphs | None = None):
         dtype = decode_dtype(model, ids.device)
         self.L = ids.shape[1]
         rows, slots = ids.shape[0] * G, self.L + max_new_tokens
-        cache = DynamicCache(config=model.config)
-        with _prefill_autocast(ids.device):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                           logits_to_keep=1).logits[:, -1]
+        logits, keys, values = prefill(model, ids, mask)
         self.first_logits = logits.repeat_interleave(G, dim=0)
         if graphs is None:
             self.state, self.graphed = DecodeState(model, dtype, rows, slots, ids.device), None
         else:
             self.state, self.graphed = graphs.prepare(model, dtype, rows, slots, ids.device)
-        self.state.load([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask, G)
+        self.state.load(keys, values, mask, G)
         self.slot_ids = torch.arange(slots, device=ids.device)  # slot i as a [1] view: no host copy per step
         self.can_drop_rows = graphs is None
 
@@ -223,11 +236,11 @@ def rollout(
     device = next(model.parameters()).device
     P, G = len(prompts), num_samples
     ids, mask = left_pad(prompts, pad_token_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_of(mask)
     use_fast = supports(model) if fast is None else fast
     if use_fast:
         graphs = DecodeGraphs() if cuda_graphs is True else (cuda_graphs or None)
-        decoder = _FastDecoder(model, ids, mask, positions, max_new_tokens, G, graphs)
+        decoder = _FastDecoder(model, ids, mask, max_new_tokens, G, graphs)
     else:
         decoder = _HFDecoder(model, ids, mask, positions, max_new_tokens, G)
     logits = decoder.first_logits
@@ -299,11 +312,11 @@ def sample(
     and each takes the next waiting prompt as soon as its completion ends (sampling/continuous.py).
     `stop_at` forces each completion's length (benchmarks)."""
     batch_size = batch_size or len(prompts)
+    was_training = model.training
+    model.eval()
     if continuous and not cuda_graphs and supports(model):
         from sampling.continuous import rollout_continuous
 
-        was_training = model.training
-        model.eval()
         out = rollout_continuous(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                  num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, rows=batch_size * num_samples, progress=progress, stop_at=stop_at)
@@ -312,8 +325,6 @@ def sample(
     if cuda_graphs is True:
         cuda_graphs = DecodeGraphs()
     out = Completions([], [], [], [])
-    was_training = model.training
-    model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = rollout(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
