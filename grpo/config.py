@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from common.flags import flag
 from common.schedule import LR_DECAYS
-from data.flags import DataFlags
+from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, SCALES
 
@@ -15,7 +15,7 @@ DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run
 
 
 @dataclass
-class GRPOConfig(DataFlags):
+class GRPOConfig(TrainDataFlags):
     sft_output: str = flag("./qwen_gsm8k_sft", "SFT model folder to start from", group=DATA)
     model_name: str | None = flag(None, "start from this instead: hub id, folder, or `tiny`", group=DATA)
     grpo_output: str = flag("./qwen_gsm8k_grpo", "output folder: model, checkpoint, logs", group=DATA)
@@ -31,6 +31,12 @@ class GRPOConfig(DataFlags):
                                            "so keep 512", low=1, group=ROLLOUT)
     temperature: float = flag(0.7, "sampling temperature (also used in the logprobs)", above=0, group=ROLLOUT)
     top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1, group=ROLLOUT)
+    dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: roll out further prompts until every group of the "
+                                         "step has rewards that differ (a signal); see --max_extra_rollouts",
+                                  group=ROLLOUT)
+    max_extra_rollouts: int = flag(4, "with --dynamic_sampling, at most this many further rollouts of "
+                                      "--prompts_per_step prompts a step; groups without a signal fill what is "
+                                      "still missing (logged as extra_rollouts)", low=1, group=ROLLOUT)
     cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only; see README, Speed)",
                              group=ROLLOUT)
     micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1, group=LOSS)

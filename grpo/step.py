@@ -86,6 +86,8 @@ class StepStats:
     skipped: int
     learning_rate: float
     times: dict[str, float]
+    extra_rollouts: int = 0  # --dynamic_sampling's further rollouts this step
+    prompts_sampled: int = 0  # this rank's prompts rolled out, the extra ones included
 
 
 class Timer:
@@ -131,6 +133,17 @@ def step_prompts(step: int, n: int, per_step: int, seed: int, rank: int = 0,
         indices.append(orders[epoch][k % n])
     share = per_step // world_size
     return indices[rank * share: (rank + 1) * share], (start + per_step) / n
+
+
+def extra_prompts(step: int, attempt: int, n: int, per_step: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> list[int]:
+    """This rank's indices for --dynamic_sampling's further rollout `attempt` (1, 2, ...) of step `step`:
+    a seeded draw of its own (the same on every rank, then sharded), so a resumed run draws the same
+    and the epoch order is left as it is."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + attempt) % 2**63)
+    indices = torch.randint(n, (per_step,), generator=g).tolist()
+    share = per_step // world_size
+    return indices[rank * share: (rank + 1) * share]
 
 
 @torch.no_grad()
@@ -220,10 +233,10 @@ def _rollout(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers:
     return out.token_ids, out.truncated
 
 
-def _rewards(policy: Policy, texts: list[str], records: list[dict[str, Any]], truncated: list[bool], G: int,
-             dist: Dist) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted sum, each function's values) over every rank's completions, rank 0's rows first. Each
-    function gets the completions, their answers and the records' other columns (and `truncated`)."""
+def _scores(policy: Policy, texts: list[str], records: list[dict[str, Any]], truncated: list[bool],
+            G: int) -> torch.Tensor:
+    """[rows, reward functions] of this rank's completions. Each function gets the completions, their
+    answers and the records' other columns (and `truncated`)."""
     from rewards.functions import score
 
     rows = [r for r in records for _ in range(G)]
@@ -231,10 +244,73 @@ def _rewards(policy: Policy, texts: list[str], records: list[dict[str, Any]], tr
     columns = {k: [r.get("columns", {}).get(k) for r in rows] for k in names}
     scores = score([(n, fn) for n, fn, _ in policy.rewards], texts, [r["answer"] for r in rows],
                    {**columns, "truncated": list(truncated)})
-    local = torch.tensor([scores[n] for n, _, _ in policy.rewards], dtype=torch.float32, device=policy.device).T
-    everything = dist.all_gather(local.contiguous()).cpu()  # [W * B, rewards]
+    return torch.tensor([scores[n] for n, _, _ in policy.rewards], dtype=torch.float32).T.reshape(len(rows), -1)
+
+
+@dataclass
+class Groups:
+    """This rank's sampled groups: per prompt its record and tokens; per completion its tokens, whether
+    it was cut, its reward functions' scores."""
+
+    records: list[dict[str, Any]]
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    truncated: list[bool]
+    scores: torch.Tensor  # [rows, reward functions]
+
+    def take(self, groups: list[int], G: int) -> Groups:
+        rows = [g * G + k for g in groups for k in range(G)]
+        return Groups([self.records[g] for g in groups], [self.prompts[g] for g in groups],
+                      [self.completions[r] for r in rows], [self.truncated[r] for r in rows],
+                      self.scores[rows].reshape(len(rows), -1))
+
+    def __add__(self, other: Groups) -> Groups:
+        return Groups(self.records + other.records, self.prompts + other.prompts,
+                      self.completions + other.completions, self.truncated + other.truncated,
+                      torch.cat([self.scores, other.scores]))
+
+
+def _sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], step: int, rollout_hook: Any,
+                   timer: Timer) -> Groups:
+    """1 and 2 of the box for `records`: G completions per prompt, and their rewards."""
+    from data.prompt import encode_prompt
+
+    prompts = [encode_prompt(policy.tokenizer, r["question"]) for r in records]
+    with timer("generation"):
+        completions, truncated = _rollout(policy, cfg, prompts, [r["answer"] for r in records], step, rollout_hook)
+    with timer("reward"):
+        texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        scores = _scores(policy, texts, records, truncated, cfg.num_generations)
+    return Groups(list(records), prompts, completions, truncated, scores)
+
+
+def with_signal_first(rewards: torch.Tensor, G: int, n: int) -> list[int]:
+    """`n` group indices: the groups whose rewards differ (they carry a signal) in order, then, only if
+    there are fewer than `n` of those, all-equal groups in order."""
+    varied = (rewards.view(-1, G).std(dim=1) > 0).tolist()
+    order = [g for g, v in enumerate(varied) if v] + [g for g, v in enumerate(varied) if not v]
+    return order[:n]
+
+
+def _dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], step: int,
+                    rollout_hook: Any, draw_more: Any, timer: Timer) -> tuple[Groups, int, int]:
+    """DAPO's dynamic sampling: sample further prompts (draw_more(attempt) gives this rank's next
+    ones) until every rank holds as many groups with a signal as it has prompts, at most
+    --max_extra_rollouts times; keep those groups first, all-equal ones only to fill what is missing.
+    Returns (the groups, the extra rollouts, the prompts sampled on this rank)."""
     weights = torch.tensor([w for _, _, w in policy.rewards])
-    return everything @ weights, {n: everything[:, i] for i, (n, _, _) in enumerate(policy.rewards)}
+    groups = _sample_groups(policy, cfg, records, step, rollout_hook, timer)
+    extra, G, share = 0, cfg.num_generations, len(records)
+    if not cfg.dynamic_sampling:
+        return groups, 0, share
+    while extra < cfg.max_extra_rollouts:
+        signal = int((groups.scores @ weights).view(-1, G).std(dim=1).gt(0).sum())
+        if dist.all_reduce(torch.tensor(float(min(signal, share)), device=policy.device), "min").item() >= share:
+            break  # every rank has enough: ranks leave the loop together, their collectives stay in step
+        extra += 1
+        groups = groups + _sample_groups(policy, cfg, draw_more(extra), step, rollout_hook, timer)
+    sampled = len(groups.records)
+    return groups.take(with_signal_first(groups.scores @ weights, G, share), G), extra, sampled
 
 
 def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) -> tuple[float, bool, float]:
@@ -253,23 +329,20 @@ def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) ->
 
 
 def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], step: int,
-              rollout_hook: Any = None) -> StepStats:
-    """One step on this rank's `records` (its share of the step's prompts); see the module docstring."""
-    from data.prompt import encode_prompt
-
+              rollout_hook: Any = None, draw_more: Any = None) -> StepStats:
+    """One step on this rank's `records` (its share of the step's prompts); see the module docstring.
+    `draw_more(attempt)` gives further prompts for --dynamic_sampling."""
     timer, G, device = Timer(policy.device), cfg.num_generations, policy.device
-    prompts = [encode_prompt(policy.tokenizer, r["question"]) for r in records]
-    with timer("generation"):  # 1. rollout
-        completions, truncated = _rollout(policy, cfg, prompts, [r["answer"] for r in records], step, rollout_hook)
+    # 1. rollout and 2. rewards (with --dynamic_sampling, until the groups carry a signal)
+    groups, extra, sampled = _dynamic_groups(policy, cfg, dist, records, step, rollout_hook, draw_more, timer)
     policy.model.train()
-
-    with timer("reward"):  # 2. rewards and group-relative advantages over the whole step's batch (all ranks)
-        texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        rewards, parts = _rewards(policy, texts, records, truncated, G, dist)
-    all_advantages = group_advantages(rewards, G, cfg.scale_rewards)
-    B, W = len(completions), dist.world_size
+    everything = dist.all_gather(groups.scores.to(device).contiguous()).cpu()  # [W * B, rewards], rank 0's first
+    rewards = everything @ torch.tensor([w for _, _, w in policy.rewards])
+    parts = {n: everything[:, i] for i, (n, _, _) in enumerate(policy.rewards)}
+    all_advantages = group_advantages(rewards, G, cfg.scale_rewards)  # over the whole step's batch (all ranks)
+    completions, B, W = groups.completions, len(groups.completions), dist.world_size
     advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
-    batch = pack([p for p in prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
+    batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
     num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()  # dapo's normalizer
 
     with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
@@ -305,7 +378,8 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped
     return StepStats(sums, entropy_sum, entropy_tokens, backward_rows, num_items, rewards, parts, all_advantages,
-                     [len(c) for c in completions], truncated, grad_norm, skipped, lr, timer.totals)
+                     [len(c) for c in completions], groups.truncated, grad_norm, skipped, lr, timer.totals,
+                     extra, sampled)
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:
@@ -325,8 +399,9 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
     times = dict(zip(phases, phase_times))
     keys = sorted(stats.sums)
     summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens,
-                                          stats.backward_rows], device=device, dtype=torch.float64)).tolist()
-    *summed, entropy_tokens, backward_rows = summed
+                                          stats.backward_rows, stats.prompts_sampled], device=device,
+                                          dtype=torch.float64)).tolist()
+    *summed, entropy_tokens, backward_rows, prompts_sampled = summed
     per_completion = torch.tensor([[n, t] for n, t in zip(stats.lengths, stats.truncated)], device=device)
     lengths, truncated = dist.all_gather(per_completion).cpu().T.tolist()
     n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
@@ -347,6 +422,7 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
         "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
         "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
         "frac_reward_zero_std": (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean().item(),
+        "extra_rollouts": stats.extra_rollouts, "prompts_sampled": int(prompts_sampled),
         "peak_memory_gb": peak, "peak_memory_reserved_gb": reserved, "skipped_updates": stats.skipped,
         "world_size": dist.world_size,
     }

@@ -25,7 +25,7 @@ from common.flags import check
 from common.run import Run
 from common.runs import CHECKPOINT, now_iso, seed_everything
 from grpo.config import GRPOConfig
-from grpo.step import Policy, grpo_step, step_prompts, step_record
+from grpo.step import Policy, extra_prompts, grpo_step, step_prompts, step_record
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
 
 LOG_NAME = "grpo_training_logs.jsonl"
@@ -107,6 +107,14 @@ def _fitting_prompts(cfg: GRPOConfig, tokenizer: Any, records: list[Any], dist: 
     return kept, skipped
 
 
+def _draw_more(cfg: GRPOConfig, records: list[Any], step: int, dist: Dist) -> Any:
+    """--dynamic_sampling's source of further prompts for `step`: attempt -> this rank's records."""
+    def draw(attempt: int) -> list[Any]:
+        return [records[i] for i in extra_prompts(step, attempt, len(records), cfg.prompts_per_step, cfg.seed,
+                                                  dist.rank, dist.world_size)]
+    return draw
+
+
 def _nonfinite(step: int, out: Path) -> str:
     return (f"{MAX_NONFINITE} steps in a row had a non-finite loss or gradient norm (last at step {step}); updates "
             f"were skipped and the last checkpoint in {out / CHECKPOINT} is intact. Lower --learning_rate or check "
@@ -172,7 +180,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         start = time.perf_counter()
         indices, epoch = step_prompts(step, len(train_records), cfg.prompts_per_step, cfg.seed, dist.rank,
                                       dist.world_size)
-        stats = grpo_step(policy, cfg, dist, [train_records[i] for i in indices], step, rollout_hook)
+        stats = grpo_step(policy, cfg, dist, [train_records[i] for i in indices], step, rollout_hook,
+                          draw_more=_draw_more(cfg, train_records, step, dist))
         step += 1
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device,
                   "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start),

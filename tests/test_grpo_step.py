@@ -149,3 +149,51 @@ def test_off_a_terminal_progress_is_a_line_every_tenth_of_the_run(tmp_path, tiny
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("grpo step")]
     assert [x.split(":")[0] for x in lines] == ["grpo step 1/3", "grpo step 2/3", "grpo step 3/3"]
     assert "reward " in lines[0] and "zero_signal " in lines[0] and "eval_accuracy " in lines[-1]
+
+
+def test_with_signal_first_keeps_groups_with_a_signal_then_fills_in_order():
+    from grpo.step import with_signal_first
+
+    rewards = torch.tensor([1., 1., 0., 1., 0., 0., 1., 0., 2., 2.])  # groups of 2: equal, varied, equal, varied, equal
+    assert with_signal_first(rewards, 2, 2) == [1, 3]
+    assert with_signal_first(rewards, 2, 4) == [1, 3, 0, 2]
+
+
+def _signal_when(tokenizer, calls, mod):
+    """A group has a signal (right and wrong answers) when its answer is a multiple of `mod`, else every
+    sample is right."""
+    def hook(step, prompts, answers):
+        calls.append(list(answers))
+        rows = []
+        for answer in answers:
+            for k in range(4):
+                right = int(float(answer)) % mod != 0 or k % 2 == 0
+                text = (f"#### {answer}" if right else "#### 0") + " and more" * k
+                rows.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        return rows
+    return hook
+
+
+@pytest.mark.parametrize("cap,mod", [(8, 2), (1, 7)])
+def test_dynamic_sampling_rolls_out_more_prompts_until_every_group_has_a_signal(tmp_path, tiny_tokenizer, cap, mod):
+    """Further rollouts until the step holds prompts_per_step groups with a signal (all of them trained,
+    none all-equal), logged as extra_rollouts; with a cap of 1 (and signals rare) the step stops there
+    and groups without a signal fill what is missing."""
+    calls = []
+    out = tmp_path / f"dyn{cap}"
+    train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=2,
+                          prompts_per_step=4, num_generations=4, max_completion_length=64, device="cpu", beta=0.0,
+                          show_progress=False, seed=3, dynamic_sampling=True, max_extra_rollouts=cap),
+               rollout_hook=_signal_when(tiny_tokenizer, calls, mod))
+    lines = [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
+    assert len(calls) == sum(1 + line["extra_rollouts"] for line in lines)
+    for line, first in zip(lines, [0, 1 + lines[0]["extra_rollouts"]]):
+        step_calls = calls[first: first + 1 + line["extra_rollouts"]]
+        signal = [sum(int(float(a)) % mod == 0 for a in answers) for answers in step_calls]
+        assert line["prompts_sampled"] == 4 * len(step_calls)
+        assert sum(signal) >= 4 or line["extra_rollouts"] == cap  # stopped only with enough, or at the cap
+        assert sum(signal[:-1]) < 4  # not one rollout more than needed
+        assert line["frac_reward_zero_std"] == pytest.approx(max(0, 4 - sum(signal)) / 4)
+        assert line["backward_rows"] == 4 * min(4, sum(signal))
+    assert cap == 1 or all(line["frac_reward_zero_std"] == 0 for line in lines)
+    assert cap == 8 or any(line["frac_reward_zero_std"] > 0 for line in lines)
