@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from data.gsm8k import Record, final_answer, load_gsm8k
-from data.synthetic import make_synthetic
+from data.synthetic import make_synthetic, parse_kinds
 from data.tables import Fields, as_records, is_table_source, load_hub, load_table, to_records
 
-DATASETS = ("gsm8k", "synthetic")  # built-in names; --dataset also takes a file, a folder or a hub id
+DATASETS = ("gsm8k", "synthetic")  # built-in names (synthetic:<kinds> too); also a file, a folder or a hub id
 
 
 def load_records(
@@ -23,8 +23,9 @@ def load_records(
     folder, or a hub dataset id (data/tables.py), the first `max_samples` of them."""
     if dataset == "gsm8k":
         return load_gsm8k(split, data_dir=data_dir, max_samples=max_samples)
-    if dataset == "synthetic":
-        return make_synthetic(split, max_samples=max_samples, seed=seed)
+    if dataset == "synthetic" or dataset.startswith("synthetic:"):
+        kinds = parse_kinds(dataset) if ":" in dataset else None
+        return make_synthetic(split, max_samples=max_samples, seed=seed, kinds=kinds)
     fields = fields or Fields()
     records = load_table(dataset, split, fields) if is_table_source(dataset) else load_hub(dataset, split, fields)
     return records[:max_samples] if max_samples is not None else records
@@ -32,8 +33,9 @@ def load_records(
 
 def run_records(cfg: Any, train_rows: list[Any] | None = None,
                 eval_rows: list[Any] | None = None) -> tuple[list[Record], list[Record]]:
-    """A run's training and held-out records: rows handed to the Python API when given, else the splits
-    of `cfg.dataset` (`cfg` has DataFlags' fields, max_samples, eval_samples and seed)."""
+    """A run's training and held-out records: rows handed to the Python API when given, else the train
+    split of `cfg.dataset` and the test split of `cfg.eval_dataset` (default: `cfg.dataset`); `cfg` has
+    TrainDataFlags' fields, max_samples, eval_samples and seed."""
     from common.errors import fail
 
     fields = cfg.fields()
@@ -44,7 +46,8 @@ def run_records(cfg: Any, train_rows: list[Any] | None = None,
     if eval_rows is not None:
         held_out = as_records(eval_rows, fields, "eval_records")[: cfg.eval_samples]
     else:
-        held_out = load_records(cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, cfg.seed, fields)
+        held_out = load_records(getattr(cfg, "eval_dataset", None) or cfg.dataset, "test", cfg.data_dir,
+                                cfg.eval_samples, cfg.seed, fields)
     if not train:
         fail("no training examples: check --dataset/--data_dir/--max_samples")
     return train, held_out

@@ -23,3 +23,10 @@ class DataFlags:
 
     def fields(self) -> Fields:
         return Fields(self.question_field, self.answer_field, self.solution_field)
+
+
+@dataclass
+class TrainDataFlags(DataFlags):
+    eval_dataset: str | None = flag(None, "take the held-out problems from this dataset's test split instead of "
+                                          "--dataset's (same forms; e.g. train on some kinds, watch a new one)",
+                                    group=DATA)

@@ -3,6 +3,9 @@
 The offline default dataset for demos and learning tests. Records have GSM8K's fields, with
 `<<a*b=c>>` calculator annotations and a final `#### N` line. Train and test never share a
 question: each question is assigned to a split by a stable hash of its text.
+
+Seven kinds of problem (KINDS); `--dataset synthetic:<kind>,<kind>` draws only those, so a run can
+train on some kinds and meet a new kind later (the demo: SFT on six, GRPO on the seventh's answers).
 """
 
 from __future__ import annotations
@@ -80,6 +83,20 @@ def _times_more(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, i
 TEMPLATES: list[Callable[[random.Random, str, str, str], tuple[str, str, int]]] = [
     _add, _sub, _mul, _div, _mul_sub, _wage, _times_more,
 ]
+KINDS = {t.__name__.lstrip("_"): t for t in TEMPLATES}  # add, sub, mul, div, mul_sub, wage, times_more
+
+
+def parse_kinds(spec: str) -> list[str]:
+    """The kinds named in `synthetic:<kind>,<kind>` (all seven for plain `synthetic`); one-line error otherwise."""
+    name, _, kinds = spec.partition(":")
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else list(KINDS)
+    unknown = [k for k in chosen if k not in KINDS]
+    if name != "synthetic" or unknown or not chosen:
+        from common.errors import fail
+
+        fail(f"--dataset {spec}: synthetic kinds are {', '.join(KINDS)} (e.g. synthetic:add,sub); "
+             f"{'unknown: ' + ', '.join(unknown) if unknown else 'name at least one'}")
+    return chosen
 
 
 def _split_of(question: str) -> str:
@@ -87,11 +104,13 @@ def _split_of(question: str) -> str:
     return "test" if digest % TEST_SHARE == 0 else "train"
 
 
-def make_problem(r: random.Random) -> Record:
-    """One random problem: a template, names, an item, and sometimes a distractor sentence."""
+def make_problem(r: random.Random, kinds: list[str] | None = None) -> Record:
+    """One random problem: a template (of `kinds`, default all), names, an item, and sometimes a
+    distractor sentence."""
     n, n2 = r.sample(NAMES, 2)
     it = r.choice(ITEMS)
-    question, steps, answer = r.choice(TEMPLATES)(r, n, n2, it)
+    template = r.choice(TEMPLATES) if kinds is None else KINDS[r.choice(kinds)]
+    question, steps, answer = template(r, n, n2, it)
     if r.random() < 0.5:
         sentences = question.split(". ")
         at = r.randint(0, len(sentences) - 1)
@@ -100,8 +119,10 @@ def make_problem(r: random.Random) -> Record:
     return Record(question=question, solution=f"{steps}\n#### {answer}", answer=str(answer))
 
 
-def make_synthetic(split: str, max_samples: int | None = None, seed: int = 0) -> list[Record]:
-    """`max_samples` (default SIZES[split]) distinct problems of `split`, the same for the same seed."""
+def make_synthetic(split: str, max_samples: int | None = None, seed: int = 0,
+                   kinds: list[str] | None = None) -> list[Record]:
+    """`max_samples` (default SIZES[split]) distinct problems of `split` (of `kinds`, default all seven),
+    the same for the same seed."""
     if split not in SIZES:
         raise ValueError(f"split must be one of {tuple(SIZES)}, not {split!r}")
     want = SIZES[split] if max_samples is None else max_samples
@@ -111,7 +132,7 @@ def make_synthetic(split: str, max_samples: int | None = None, seed: int = 0) ->
     for _ in range(want * 50):
         if len(records) >= want:
             break
-        record = make_problem(r)
+        record = make_problem(r, kinds)
         if record["question"] in seen or _split_of(record["question"]) != split:
             continue
         seen.add(record["question"])

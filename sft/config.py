@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from common.flags import flag
 from common.schedule import LR_DECAYS
-from data.flags import DataFlags
+from data.flags import TrainDataFlags
 
 
 @dataclass
-class SFTConfig(DataFlags):
+class SFTConfig(TrainDataFlags):
     model_name: str = flag("Qwen/Qwen3-0.6B", "hub id, local folder, or `tiny` (built-in, offline)")
     sft_output: str = flag("./qwen_gsm8k_sft", "output folder: merged model + tokenizer, adapter/, logs")
     max_samples: int | None = flag(None, "use only the first N training examples", low=1)

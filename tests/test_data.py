@@ -67,6 +67,34 @@ def test_synthetic_is_seeded_disjoint_and_correct():
         load_records("no/such-dataset", "train")  # a hub id, offline and not cached: one line
 
 
+def test_synthetic_kinds_draw_only_the_named_templates():
+    """`synthetic:<kinds>` keeps to those templates (the demo's seen and new kinds), splits stay disjoint,
+    and a wrong kind is one line naming the seven."""
+    from data.synthetic import KINDS
+
+    assert list(KINDS) == ["add", "sub", "mul", "div", "mul_sub", "wage", "times_more"]
+    new = load_records("synthetic:times_more", "train", max_samples=200)
+    assert len(new) == 200 and all("times as many" in r["question"] for r in new)
+    seen = load_records("synthetic:add,sub,mul,div,mul_sub,wage", "train", max_samples=300)
+    assert not any("times as many" in r["question"] for r in seen)
+    assert any("earns $" in r["question"] for r in seen) and any("equally among" in r["question"] for r in seen)
+    test = load_records("synthetic:times_more", "test", max_samples=50)
+    assert not {r["question"] for r in new} & {r["question"] for r in test}
+    assert numeric_reward([r["solution"] for r in new], [r["answer"] for r in new]) == [1.0] * len(new)
+    with pytest.raises(UserError, match="synthetic kinds are add, sub, .* unknown: divide"):
+        load_records("synthetic:add,divide", "train")
+
+
+def test_eval_dataset_takes_the_held_out_problems_from_another_dataset():
+    from data import run_records
+    from grpo.config import GRPOConfig
+
+    cfg = GRPOConfig(dataset="synthetic:add", eval_dataset="synthetic:times_more", eval_samples=20, max_samples=30)
+    train, held_out = run_records(cfg)
+    assert all(" more " in r["question"] and "times" not in r["question"] for r in train)
+    assert len(held_out) == 20 and all("times as many" in r["question"] for r in held_out)
+
+
 def test_prompt_renders_qwen3_non_thinking(tiny_tokenizer):
     prompt = render_prompt(tiny_tokenizer, "  How many?  ")
     assert prompt == f"<|im_start|>user\nHow many?\n{INSTRUCTION}<|im_end|>\n{GEN_PROMPT_END}"
