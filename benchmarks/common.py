@@ -14,7 +14,9 @@ import torch
 
 from common.flags import flag
 
-MODELS_HELP = "tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, a folder or a hub id"
+MODELS_HELP = ("tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, random:Qwen/Qwen2.5-0.5B-Instruct, "
+               "random:HuggingFaceTB/SmolLM2-135M-Instruct, random:meta-llama/Llama-3.2-1B-Instruct, a folder or a "
+               "hub id")
 
 
 @dataclass

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from data.prompt import encode_prompt
     from models import default_device, load_model_and_tokenizer
     from sampling import sample
-    from sampling.fast_qwen3 import supports
+    from sampling.fast_decode import supports
 
     device = args.device or default_device()
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)

@@ -1,7 +1,8 @@
 """`load_model` / `load_tokenizer`: one place that turns a model name into a ready model.
 
 Names: a hub id (default Qwen/Qwen3-0.6B), a local directory (e.g. an SFT output), `tiny` (built-in
-random-weight test model), or `random:<hub id>` (that Qwen3 shape with random weights, for benchmarks).
+random-weight test model), or `random:<hub id>` (that shape, Qwen3, Qwen2.5 or Llama, with random
+weights, for benchmarks).
 Offline and not found locally, loading fails with one line that names the fix.
 """
 

@@ -1,4 +1,4 @@
-"""Offline stand-ins for Qwen3: the `tiny` model and the real Qwen3 shapes with random weights.
+"""Offline stand-ins: the `tiny` Qwen3 model, and real Qwen3, Qwen2.5 and Llama shapes with random weights.
 
 `tiny` is a random-weight `Qwen3ForCausalLM` (~0.85M parameters) with a small byte-level BPE tokenizer
 (digits split one per token, as Qwen's are; `<|im_start|>`/`<|im_end|>` chat template that renders
@@ -100,24 +100,54 @@ def tiny_config(tokenizer: Any) -> Any:
     )
 
 
-def random_qwen3_config(hub_id: str, tokenizer: Any) -> Any:
-    """The real architecture of `hub_id` with special-token ids taken from `tokenizer`."""
-    from transformers import Qwen3Config
+# Other families users pick first after Qwen3 (config.json of the hub releases): the lean decode step
+# takes them too (sampling/fast_decode.py). Qwen2 has q/k/v biases and no q/k norm; Llama neither; the
+# Llama-3.2 shape has Llama-3's rope scaling.
+OTHER_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "Qwen/Qwen2.5-0.5B-Instruct": ("qwen2", dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"})),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 100_000.0, "rope_type": "default"})),
+    "meta-llama/Llama-3.2-1B-Instruct": ("llama", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 500_000.0, "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+}
+CONFIG_CLASSES = {"qwen3": "Qwen3Config", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}
 
-    if hub_id not in QWEN3_SHAPES:
-        from common.errors import fail
 
-        fail(f"random:{hub_id} is not a known Qwen3 shape; choose one of {', '.join(QWEN3_SHAPES)}")
-    return Qwen3Config(**{**QWEN3_COMMON, **QWEN3_SHAPES[hub_id]}, bos_token_id=None,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def family_config(family: str, tokenizer: Any, **shape: Any) -> Any:
+    """A `family` (qwen3, qwen2, llama) config of this shape, special-token ids taken from `tokenizer`."""
+    import transformers
+
+    cls = getattr(transformers, CONFIG_CLASSES[family])
+    return cls(**shape, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def random_config(hub_id: str, tokenizer: Any) -> Any:
+    """The real architecture of `hub_id` (a Qwen3 shape or one of OTHER_SHAPES) with special-token ids
+    taken from `tokenizer`."""
+    if hub_id in QWEN3_SHAPES:
+        return family_config("qwen3", tokenizer, **{**QWEN3_COMMON, **QWEN3_SHAPES[hub_id]})
+    if hub_id in OTHER_SHAPES:
+        family, shape = OTHER_SHAPES[hub_id]
+        return family_config(family, tokenizer, **shape)
+    from common.errors import fail
+
+    fail(f"random:{hub_id} is not a known shape; choose one of {', '.join([*QWEN3_SHAPES, *OTHER_SHAPES])}")
 
 
 def _init_model(config: Any, seed: int) -> Any:
     import torch
-    from transformers import GenerationConfig, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
     )
@@ -149,4 +179,4 @@ def tiny_dir() -> Path:
 
 
 def random_model(hub_id: str, tokenizer: Any, seed: int = 0) -> Any:
-    return _init_model(random_qwen3_config(hub_id, tokenizer), seed)
+    return _init_model(random_config(hub_id, tokenizer), seed)

@@ -3,7 +3,7 @@ its completion ends, instead of a batch idling until its slowest row finishes.
 
 Each row keeps its own cache timeline: its prompt's keys and values at slots [0, L) (left-aligned, no
 padding), its generated tokens after them, and it attends to the slots before its own write position
-(`FastQwen3.step` with one slot per row). Waiting prompts are prefilled together when rows free up
+(`DecodeWeights.step` with one slot per row). Waiting prompts are prefilled together when rows free up
 and joined to the running batch. On GSM8K-like lengths (a median of ~250 tokens, a long tail to the
 limit) a static batch spends most of its steps on its last few rows; here every step decodes a full
 set of rows until the queue runs dry. Used by eval (`sample(..., continuous=True)`); Qwen3 models on
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sampling.engine import SYNC_EVERY, Completions, _sample_token, decode_dtype, left_pad, prefill
-from sampling.fast_qwen3 import DecodeState
+from sampling.fast_decode import DecodeState
 
 
 class _Rows:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.errors import fail
-from sampling.fast_qwen3 import DecodeState, _base
+from sampling.fast_decode import DecodeState, _base
 
 BUCKET = 128  # attention width granularity: fewer graphs against less attention over masked slots
 

@@ -1,9 +1,9 @@
 """The rollout engine: our own decode loop instead of `model.generate`.
 
 - Prefix sharing: each prompt is prefilled once, then its KV cache is repeated for its G samples.
-- A preallocated (static) KV cache of prompt + max_new_tokens slots, filled in place.
-- A lean decode step (`fast_qwen3`) on plain Qwen3 models, optionally replayed from CUDA graphs
-  (`cuda_graphs`); the model's own forward otherwise.
+- A preallocated (static) KV cache of prompt + max_new_tokens slots, filled in place, and a lean
+  decode step (`fast_decode`) on Qwen3, Qwen2 and Llama models, optionally replayed from CUDA graphs
+  (`cuda_graphs`); otherwise the model's own forward with a growing cache.
 - Sampling on the device (temperature, top-p), log-probabilities of the sampled tokens collected as
   it goes, an exit as soon as every row has finished, and finished rows dropped from the batch once
   at most half are still running (fewer rows through the model for the long tail).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sampling.cuda_graphs import DecodeGraphs
-from sampling.fast_qwen3 import DecodeState, supports
+from sampling.fast_decode import DecodeState, supports
 
 BLOCK = 1024  # entries per block of the two-level draw
 SYNC_EVERY = 8  # CUDA: decode steps between looks at which rows finished (on the CPU: every step)
@@ -133,17 +133,19 @@ def _prefill_autocast(device: torch.device) -> Any:
 
 
 class _HFDecoder:
-    """Decode through the model's own forward with a `transformers` StaticCache (LoRA, 4-bit...).
-    Its decode steps keep the caller's autocast cache: recasting fp32 weights at every token costs more."""
+    """Decode through the model's own forward (other families, DoRA, 4-bit...) with a `transformers`
+    DynamicCache: each step's attention reads only the slots written so far (a StaticCache of
+    prompt + max_new_tokens slots would read every one of them at every step). Its decode steps keep the
+    caller's autocast cache: recasting fp32 weights at every token costs more."""
 
     can_drop_rows = True
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  max_new_tokens: int, G: int):
-        from transformers import StaticCache
+        from transformers import DynamicCache
 
         self.model, self.L = model, ids.shape[1]
-        self.cache = StaticCache(config=model.config, max_cache_len=self.L + max_new_tokens)
+        self.cache = DynamicCache(config=model.config)
         with _prefill_autocast(ids.device):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -156,13 +158,12 @@ class _HFDecoder:
     def keep(self, rows: torch.Tensor) -> None:
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-            layer.batch_size = rows.numel()
         if hasattr(self, "mask"):
             self.mask = self.mask[rows]
 
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
-        return self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=position[:, None],
-                          cache=self.cache, use_cache=True).logits[:, -1]
+        return self.model(input_ids=token[:, None], attention_mask=self.mask[:, : self.L + t + 1],
+                          position_ids=position[:, None], cache=self.cache, use_cache=True).logits[:, -1]
 
 
 def decode_dtype(model: Any, device: torch.device) -> torch.dtype:

@@ -1,8 +1,10 @@
-"""A lean Qwen3 decode step on the model's own weights: one token per row, no module overhead.
+"""A lean decode step on the model's own weights: one token per row, no module overhead.
 
-Per layer the q/k/v and gate/up projections are fused into one matmul each; keys and values live in
-preallocated [B, kv_heads, slots, head_dim] buffers filled in place; attention reads only the slots
-written so far. Used for full-precision Qwen3 models, with or without LoRA adapters; 4-bit and other
+Three families share it: Qwen3 (q/k RMS norm), Qwen2/Qwen2.5 (q/k/v biases) and Llama (Llama-2/3,
+SmolLM2; Llama-3's rope scaling is in the rotary inv_freq the model built). Per layer the q/k/v and
+gate/up projections are fused into one matmul each; keys and values live in preallocated
+[B, kv_heads, slots, head_dim] buffers filled in place; attention reads only the slots written so far.
+Used for full-precision models of those families, with or without LoRA adapters; 4-bit and other
 models take the `transformers` forward. Weights are gathered once per rollout, so they follow training
 updates. LoRA adapters are merged into these rollout copies (W + scale * B @ A), never into the model's
 own weights: no merge/unmerge round trip that would drift bf16 weights, and no per-token adapter cost.
@@ -46,21 +48,37 @@ def effective_weight(m: Any) -> torch.Tensor:
     return w
 
 
+FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed when the model is built (not dynamic NTK)
+
+
+def _bias(m: Any) -> torch.Tensor | None:
+    return getattr(m, "base_layer", m).bias
+
+
+def head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def supports(model: Any) -> bool:
-    """True for a Qwen3ForCausalLM (bare or under LoRA) whose linear layers are bias-free, full-precision
-    torch Linears."""
+    """True for a Qwen3, Qwen2 or Llama causal LM (bare or under LoRA) whose linear layers are
+    full-precision torch Linears, biased at most on q/k/v, with a static rope and full attention."""
     model = _base(model)
-    if type(model).__name__ != "Qwen3ForCausalLM":
+    if type(model).__name__ not in FAMILIES:
         return False
     cfg = model.config
-    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "attention_bias", False):
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "layer_types", None) and any(
+            t != "full_attention" for t in cfg.layer_types):
         return False
-    if cfg.rope_parameters.get("rope_type", "default") != "default":
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE:
         return False
     layer = model.model.layers[0]
-    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    return all(_linear_supported(m) for m in linears)
+    a, m = layer.self_attn, layer.mlp
+    if any(_bias(x) is not None for x in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)):
+        return False
+    return all(_linear_supported(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
+                                              m.down_proj))
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,17 +97,23 @@ def _tied(model: Any) -> bool:
 
 def _sources(model: Any) -> Iterator[torch.Tensor]:
     """The decode step's weights in a fixed order, one at a time (a fused one is built only when asked
-    for), as the model holds them: per layer ln1, wqkv, qk_norm, wo, ln2, wgate_up, wdown; then the
-    embedding, the final norm and (untied models only) the head."""
+    for), as the model holds them: per layer ln1, wqkv, bqkv, qk_norm, wo, ln2, wgate_up, wdown; then
+    the embedding, the final norm and (untied models only) the head. A family without q/k/v biases or
+    q/k norms yields an empty tensor in their place."""
     cfg = model.config
     w = effective_weight
+    empty = torch.empty(0, device=model.model.embed_tokens.weight.device)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         yield layer.input_layernorm.weight
         yield torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)])
+        biases = [_bias(x) for x in (a.q_proj, a.k_proj, a.v_proj)]
+        yield empty if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(x.out_features, device=empty.device)
+             for b, x in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
         # q_norm and k_norm as one [H + KV, D] weight, so q and k are normed and rotated together
-        yield torch.cat([a.q_norm.weight.expand(cfg.num_attention_heads, -1),
-                         a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
+        yield empty if not hasattr(a, "q_norm") else torch.cat(
+            [a.q_norm.weight.expand(cfg.num_attention_heads, -1), a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
         yield w(a.o_proj)
         yield layer.post_attention_layernorm.weight
         yield torch.cat([w(m.gate_proj), w(m.up_proj)])
@@ -100,16 +124,16 @@ def _sources(model: Any) -> Iterator[torch.Tensor]:
         yield model.lm_head.weight
 
 
-class FastQwen3:
+class DecodeWeights:
     """Decode-step weights of `model` in `dtype` (fused copies) and the shapes they need."""
 
-    PER_LAYER = 7
+    PER_LAYER = 8
 
     def __init__(self, model: Any, dtype: torch.dtype):
         model = _base(model)
         cfg = model.config
         self.eps = cfg.rms_norm_eps
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
         self.dtype = dtype
         self.inv_freq = model.model.rotary_emb.inv_freq.float()
         self.scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
@@ -156,9 +180,14 @@ class FastQwen3:
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=token.device)
         bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # [B, 1, 1, width]
         h = self.embed[token]  # [B, hidden]
-        for i, (ln1, wqkv, qk_norm, wo, ln2, wgu, wdown) in enumerate(self.layers):
+        for i, (ln1, wqkv, bqkv, qk_norm, wo, ln2, wgu, wdown) in enumerate(self.layers):
             qkv = _rms(h, ln1, self.eps) @ wqkv.T
-            qk = _rotate(_rms(qkv[:, : (H + KV) * D].view(B, H + KV, D), qk_norm, self.eps), cos, sin)
+            if bqkv.numel():  # Qwen2
+                qkv = qkv + bqkv
+            qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
+            if qk_norm.numel():  # Qwen3
+                qk = _rms(qk, qk_norm, self.eps)
+            qk = _rotate(qk, cos, sin)
             if per_row:
                 keys[i].view(-1, D).index_copy_(0, flat, qk[:, H:].reshape(B * KV, D))
                 values[i].view(-1, D).index_copy_(0, flat, qkv[:, (H + KV) * D:].reshape(B * KV, D))
@@ -176,15 +205,15 @@ class FastQwen3:
 
 
 class DecodeState:
-    """Everything the fast decode step reads: the weights (`FastQwen3`), the KV cache (per layer a
+    """Everything the fast decode step reads: the weights (`DecodeWeights`), the KV cache (per layer a
     [rows, kv_heads, slots, head_dim] buffer) and which slots each row may attend. `load` refills it
     for a new rollout in place, so a state kept across rollouts (CUDA graphs read by address) keeps
     every tensor where it was."""
 
     def __init__(self, model: Any, dtype: torch.dtype, rows: int, slots: int, device: torch.device):
-        self.weights = FastQwen3(model, dtype)
+        self.weights = DecodeWeights(model, dtype)
         cfg = _base(model).config
-        shape = (rows, cfg.num_key_value_heads, slots, cfg.head_dim)
+        shape = (rows, cfg.num_key_value_heads, slots, head_dim(cfg))
         n = cfg.num_hidden_layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]

@@ -8,7 +8,7 @@ import torch
 from common.errors import UserError
 from data.prompt import encode_prompt
 from models import load_model, load_tokenizer, require_4bit
-from models.tiny import QWEN3_COMMON, QWEN3_SHAPES, build_tiny_tokenizer, random_qwen3_config, tiny_dir
+from models.tiny import QWEN3_COMMON, QWEN3_SHAPES, build_tiny_tokenizer, random_config, tiny_dir
 from tests.conftest import ROOT, give_lora_b_weights
 
 
@@ -64,7 +64,7 @@ def test_generation_stops_at_eos(tiny_model, tiny_tokenizer):
 
 
 def test_random_qwen3_shape_matches_the_release(tiny_tokenizer):
-    config = random_qwen3_config("Qwen/Qwen3-0.6B", tiny_tokenizer)
+    config = random_config("Qwen/Qwen3-0.6B", tiny_tokenizer)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1024, 28, 16)
     assert (config.num_key_value_heads, config.head_dim, config.intermediate_size) == (8, 128, 3072)
     assert (config.vocab_size, config.tie_word_embeddings) == (151936, True)
@@ -76,7 +76,7 @@ def test_random_qwen3_shape_matches_the_release(tiny_tokenizer):
     assert sum(p.numel() for p in model.parameters()) == 596_049_920  # Qwen3-0.6B's published count
     assert set(QWEN3_SHAPES) >= {"Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B"} and QWEN3_COMMON["head_dim"] == 128
     # the benchmark shape: 4 layers, 256 wide, its own head_dim over the common one, Qwen3's vocabulary
-    small = random_qwen3_config("qwen3-4x256", build_tiny_tokenizer())
+    small = random_config("qwen3-4x256", build_tiny_tokenizer())
     assert (small.num_hidden_layers, small.hidden_size, small.head_dim, small.vocab_size) == (4, 256, 64, 151936)
 
 
@@ -87,7 +87,7 @@ def test_random_model_loads_small(monkeypatch):
     monkeypatch.setitem(QWEN3_COMMON, "vocab_size", 1000)
     model = load_model("random:test/shape", device="cpu")
     assert model.config.vocab_size == 1000 and model.config.num_hidden_layers == 1
-    with pytest.raises(UserError, match="not a known Qwen3 shape"):
+    with pytest.raises(UserError, match="not a known shape"):
         load_model("random:nope/nope", device="cpu")
 
 

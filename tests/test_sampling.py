@@ -9,7 +9,7 @@ from grpo.batch import completion_logits, pack
 from grpo.loss import token_logprobs
 from sampling import rollout, sample, sample_with_generate
 from sampling.engine import _draw, _sample_token
-from sampling.fast_qwen3 import supports
+from sampling.fast_decode import supports
 from tests.conftest import give_lora_b_weights
 
 
@@ -321,11 +321,11 @@ def _tensor_bytes(obj) -> int:
 def test_decode_weights_copy_a_tied_embedding_once(tiny_model):
     """bf16 decode weights of an fp32 model: one copy of each weight, the tied embedding serving as the
     output head too (Qwen3-0.6B: ~300 MB saved), q/k norms expanded to one [H + KV, D] weight a layer."""
-    from sampling.fast_qwen3 import FastQwen3
+    from sampling.fast_decode import DecodeWeights
 
     cfg = tiny_model.config
     assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
-    fast = FastQwen3(tiny_model, torch.bfloat16)
+    fast = DecodeWeights(tiny_model, torch.bfloat16)
     n_params = sum(p.numel() for p in tiny_model.parameters())  # counts the tied weight once
     norms = cfg.num_hidden_layers * cfg.head_dim * (cfg.num_attention_heads + cfg.num_key_value_heads - 2)
     assert _tensor_bytes(fast) == 2 * (n_params + norms) + 4 * fast.inv_freq.numel()
