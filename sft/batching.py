@@ -33,7 +33,29 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 
 def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Summed next-token cross-entropy over the target (label != -100) tokens of `batch`."""
+    """Summed next-token cross-entropy over the target (label != -100) tokens of `batch`, through the
+    same path as GRPO's loss: the model projects onto the vocabulary only at the columns that predict a
+    target token (from the shortest prompt's end on, not the prompts), and the log-probs are taken a
+    chunk of positions at a time (grpo.loss.token_logprobs), so no [B, T, V] fp32 copy of the logits is
+    ever made."""
+    import torch
+
+    from grpo.loss import token_logprobs
+
+    labels = batch["labels"][:, 1:]
+    targets = labels != -100
+    columns = targets.any(0).nonzero().squeeze(-1)  # logits at column c predict token c + 1
+    if columns.numel() == 0:
+        return torch.zeros((), device=labels.device, requires_grad=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=columns).logits  # [B, len(columns), V]
+    logp = token_logprobs(logits, labels[:, columns].clamp(min=0))
+    return -(logp * targets[:, columns]).sum()
+
+
+def completion_loss_sum_full(model: Any, batch: dict[str, Any]) -> Any:
+    """The same loss the plain way (full-vocabulary logits at every position and an fp32 copy): the
+    reference the chunked path is tested and benchmarked against."""
     import torch.nn.functional as F
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

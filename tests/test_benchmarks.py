@@ -97,3 +97,12 @@ def test_continuous_batching_benchmark():
     assert record["static_tokens_per_s"] > 0 and record["continuous_tokens_per_s"] > 0 and "speedup" in out
     assert record["max_tokens"] <= 24 and abs(record["speedup"] - record["continuous_tokens_per_s"]
                                               / record["static_tokens_per_s"]) <= 0.01
+
+
+def test_sft_step_benchmark_runs_both_ways_in_their_own_processes():
+    out, record = run_json(["benchmarks.sft_step", "--model", "tiny", "--batch_size", "2", "--steps", "1",
+                            "--device", "cpu"])
+    assert "chunked:" in out and "full:" in out
+    for way in ("chunked", "full"):
+        assert record[f"{way}_seconds_per_step"] > 0 and record[f"{way}_peak_memory_gb"] > 0
+    assert record["loss_difference"] < 1e-4 and record["vocab_size"] == 512  # the same loss both ways

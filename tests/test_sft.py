@@ -37,6 +37,33 @@ def test_collate_masks_padding_and_keeps_eos_when_pad_is_eos(tiny_tokenizer):
         assert batch["attention_mask"][row].sum() == len(ids)
 
 
+def test_target_position_loss_equals_the_full_logits_loss(tiny_model, tiny_tokenizer, monkeypatch):
+    """The loss through target positions only, a few positions at a time, gives the full-logits
+    cross-entropy's value and gradients, prompts of different lengths and pad == eos included, while
+    the model projects fewer positions onto the vocabulary."""
+    import grpo.loss
+    from sft.batching import completion_loss_sum_full
+
+    records = make_synthetic("train", max_samples=6, seed=5)
+    batch = collate(encode_records(tiny_tokenizer, records, 512)[0], tiny_tokenizer.eos_token_id)
+    kept = []
+    head = tiny_model.lm_head
+    hook = head.register_forward_hook(lambda m, i, o: kept.append(o.shape[1]))
+    monkeypatch.setattr(grpo.loss, "CPU_CHUNK_ELEMENTS", 7 * tiny_model.config.vocab_size)  # chunks of 7 positions
+    results = []
+    for fn in (completion_loss_sum, completion_loss_sum_full):
+        tiny_model.zero_grad()
+        loss = fn(tiny_model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()}))
+    hook.remove()
+    (chunked, g_chunked), (full, g_full) = results
+    assert chunked == pytest.approx(full, rel=1e-5)
+    assert all(torch.allclose(g_chunked[n], g_full[n], atol=1e-5 * g_full[n].abs().max(), rtol=0) for n in g_full)
+    prompt_min = min(len(encode_prompt(tiny_tokenizer, r["question"])) for r in records)
+    assert kept == [batch["input_ids"].shape[1] - prompt_min, batch["input_ids"].shape[1]]
+
+
 def test_loss_falls_lora_changes_base_does_not(tiny_model, tiny_tokenizer):
     model = add_lora(tiny_model, r=8, alpha=16, dropout=0.0)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k}
