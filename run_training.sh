@@ -2,7 +2,9 @@
 # The whole pipeline: SFT -> GRPO -> eval -> plots. Each stage's output feeds the next; the first stage
 # that fails stops the run and is named.
 #   ./run_training.sh          real recipe: Qwen/Qwen3-0.6B on GSM8K (A10G-class GPU; hub or GSM8K_DIR)
-#   ./run_training.sh --tiny   offline preset: built-in tiny model, synthetic problems, CPU, ~10 minutes
+#   ./run_training.sh --tiny   offline preset: built-in tiny model, synthetic problems, CPU, ~10 minutes:
+#                              SFT on worked solutions of six kinds of problem, GRPO on only the final
+#                              answers of a seventh, against SFT continued as long (README, The demo)
 #   ./run_training.sh --tiny --smoke   the same stages at toy sizes (seconds): a check that all runs
 # Env: OUT (default ./runs/<preset>) holds sft/, grpo/, eval/ and plots/; an existing run there is
 # replaced (the preset is a demo; use train_sft.py/train_grpo.py with --resume for long runs).
@@ -40,14 +42,20 @@ if [ "$smoke" = 1 ] && [ "$preset" != tiny ]; then
 fi
 if [ "$preset" = tiny ]; then
   export HF_HUB_OFFLINE=1
-  DATA=(--dataset synthetic)
+  # The kinds SFT has worked solutions for, and the new kind GRPO sees only final answers of.
+  SFT_DATA=(--dataset synthetic:add,sub,mul,div,mul_sub,wage)
+  GRPO_DATA=(--dataset synthetic:times_more)
   # Constant-LR SFT: a cosine-annealed one leaves a sharper, weaker model that GRPO barely moves.
   SFT=(--model_name tiny --full_finetune --max_steps 400 --num_epochs 10 --batch_size 64 --learning_rate 1e-3
        --lr_decay constant --warmup_ratio 0 --eval_samples 300 --eval_max_new_tokens 48 --save_every 1000)
-  MORE_SFT_STEPS=640  # the baseline: SFT continued for about as long as GRPO runs
-  GRPO=(--max_steps 60 --prompts_per_step 32 --num_generations 8 --micro_batch_size 128
-        --max_completion_length 48 --temperature 1.0 --beta 0 --learning_rate 5e-5
-        --eval_every 20 --eval_samples 300 --save_every 20)
+  # The baseline: the SFT model trained on for MORE_SFT_STEPS more steps (at least GRPO's wall time) on
+  # every worked solution there is, at its own best learning rate from the same search as GRPO's
+  MORE_SFT_STEPS=300
+  MORE_SFT_LR=4e-3
+  # learning rates: each picked from the same search (x2 grid of four) by new-kind accuracy (README)
+  GRPO=(--max_steps 150 --prompts_per_step 32 --num_generations 8 --micro_batch_size 128
+        --max_completion_length 48 --temperature 1.0 --beta 0 --learning_rate 2e-4
+        --eval_every 50 --eval_samples 300 --save_every 50)
   EVAL=(--max_new_tokens 48 --batch_size 128)
   if [ "$smoke" = 1 ]; then
     SFT=(--model_name tiny --full_finetune --max_steps 3 --max_samples 64 --batch_size 16 --eval_samples 8
@@ -58,50 +66,76 @@ if [ "$preset" = tiny ]; then
     EVAL=(--max_new_tokens 16 --max_samples 8)
   fi
 else
-  DATA=(--dataset gsm8k ${GSM8K_DIR:+--data_dir "$GSM8K_DIR"})
+  SFT_DATA=(--dataset gsm8k ${GSM8K_DIR:+--data_dir "$GSM8K_DIR"})
+  GRPO_DATA=("${SFT_DATA[@]}")
   SFT=(--model_name Qwen/Qwen3-0.6B --num_epochs 3 --batch_size 4)
   GRPO=(--max_steps 500 --eval_every 50 --save_every 50)
   EVAL=(--max_new_tokens 512 --batch_size 64)
 fi
 
 if [ -n "${DATASET:-}" ]; then
-  DATA=(--dataset "$DATASET")
+  SFT_DATA=(--dataset "$DATASET")
   for f in QUESTION_FIELD ANSWER_FIELD SOLUTION_FIELD; do
-    if [ -n "${!f:-}" ]; then DATA+=("--$(echo "$f" | tr '[:upper:]' '[:lower:]')" "${!f}"); fi
+    if [ -n "${!f:-}" ]; then SFT_DATA+=("--$(echo "$f" | tr '[:upper:]' '[:lower:]')" "${!f}"); fi
   done
+  GRPO_DATA=("${SFT_DATA[@]}")
 fi
+# eval/<model>: GRPO's data's held-out problems (the new kind in the demo); eval/<model>-seen: SFT's,
+# when they differ (does GRPO on the new kind cost the kinds SFT learned anything?)
+seen=0
+if [ "${SFT_DATA[*]}" != "${GRPO_DATA[*]}" ]; then seen=1; fi
+evaluate() {  # evaluate <model>
+  stage "eval-$1" $PY -m eval --model "$OUT/$1" "${GRPO_DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/$1" --no_progress
+  if [ "$seen" = 1 ]; then
+    stage "eval-$1-seen" $PY -m eval --model "$OUT/$1" "${SFT_DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/$1-seen" \
+      --no_progress
+  fi
+}
 stage reward-selftest $PY -m rewards
 # SFT and GRPO print a progress line every tenth of their steps (output is not a terminal here)
-stage sft  $PY train_sft.py  "${DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite
-stage grpo $PY train_grpo.py "${DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" --grpo_output "$OUT/grpo" \
+stage sft  $PY train_sft.py  "${SFT_DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite
+stage grpo $PY train_grpo.py "${GRPO_DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" --grpo_output "$OUT/grpo" \
   --overwrite
-stage eval-sft  $PY -m eval --model "$OUT/sft"  "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft" --no_progress
-stage eval-grpo $PY -m eval --model "$OUT/grpo" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/grpo" --no_progress
+evaluate sft
+evaluate grpo
 models=(sft grpo)
 if [ -n "${MORE_SFT_STEPS:-}" ]; then
-  # Is it GRPO, or just more training? The same SFT continued for about as long, evaluated the same way.
-  rm -rf "$OUT/sft_more" && cp -r "$OUT/sft" "$OUT/sft_more"
-  stage sft-more $PY train_sft.py "${DATA[@]}" "${SFT[@]}" --max_steps "$MORE_SFT_STEPS" --sft_output "$OUT/sft_more" \
-    --resume
-  stage eval-sft-more $PY -m eval --model "$OUT/sft_more" "${DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/sft_more" \
-    --no_progress
+  # Is it GRPO, or just more training? The SFT model trained on, on all the worked solutions there are,
+  # for at least as long as GRPO ran (both stage times are printed), evaluated the same way.
+  stage sft-more $PY train_sft.py "${SFT_DATA[@]}" "${SFT[@]}" --model_name "$OUT/sft" --max_steps "$MORE_SFT_STEPS" \
+    ${MORE_SFT_LR:+--learning_rate "$MORE_SFT_LR"} --sft_output "$OUT/sft_more" --overwrite
+  evaluate sft_more
   models+=(sft_more)
 fi
 stage plots $PY visualize_logs.py --log_file "$OUT/grpo/grpo_training_logs.jsonl" --output "$OUT/plots"
 $PY - "$OUT" "${models[@]}" <<'PYEOF'
-import json, sys
+import json, os, sys
 out, models = sys.argv[1], sys.argv[2:]
-acc = {m: json.load(open(f"{out}/eval/{m}/eval_summary.json")) for m in models}
-n = acc["sft"]["num_questions"]
-line = f"held-out accuracy after SFT {acc['sft']['accuracy']:.3f} -> after GRPO {acc['grpo']['accuracy']:.3f}"
+summary = {name: json.load(open(f"{out}/eval/{name}/eval_summary.json")) for name in os.listdir(f"{out}/eval")}
+acc = {name: s["accuracy"] for name, s in summary.items()}
+n, seen = summary["sft"]["num_questions"], "sft-seen" in acc
+line = f"held-out accuracy after SFT {acc['sft']:.3f} -> after GRPO {acc['grpo']:.3f}"
 if "sft_more" in acc:
-    line += f" (more SFT instead: {acc['sft_more']['accuracy']:.3f})"
+    line += f" (more SFT instead: {acc['sft_more']:.3f})"
 print(f"== result: {line}; {n} problems, greedy; outputs in {out}")
+if seen:
+    label = {"sft": "after SFT", "grpo": "after GRPO", "sft_more": "more SFT instead (baseline)"}
+    print(f"   {'accuracy, greedy':<30} {'new kind (answers only)':>24} {'seen kinds (solutions)':>24}")
+    for m in models:
+        print(f"   {label[m]:<30} {acc[m]:>24.3f} {acc[m + '-seen']:>24.3f}")
+if "sft_more" in acc:  # the baseline's better checkpoint on GRPO's held-out problems: where it started, or where it ended
+    best = max(("sft_more", "sft"), key=lambda m: acc[m])
+    open(f"{out}/baseline_checkpoint", "w").write(best + "\n")
 PYEOF
 # Is the gain real? The paired comparison on the same problems (bootstrap interval, McNemar's test).
 echo "== GRPO against SFT (A = sft, B = grpo)"
 $PY -m eval.compare "$OUT/eval/sft" "$OUT/eval/grpo"
 if [ -n "${MORE_SFT_STEPS:-}" ]; then
-  echo "== GRPO against the equal-time SFT baseline (A = sft_more, B = grpo)"
-  $PY -m eval.compare "$OUT/eval/sft_more" "$OUT/eval/grpo"
+  best=$(cat "$OUT/baseline_checkpoint")
+  echo "== GRPO against the equal-time SFT baseline, its better checkpoint (A = $best, B = grpo)"
+  $PY -m eval.compare "$OUT/eval/$best" "$OUT/eval/grpo"
+fi
+if [ "$seen" = 1 ]; then
+  echo "== Did GRPO on the new kind cost the seen kinds anything? (A = sft, B = grpo, seen kinds)"
+  $PY -m eval.compare "$OUT/eval/sft-seen" "$OUT/eval/grpo-seen"
 fi
