@@ -42,9 +42,14 @@ if [ "$smoke" = 1 ] && [ "$preset" != tiny ]; then
 fi
 if [ "$preset" = tiny ]; then
   export HF_HUB_OFFLINE=1
-  # The kinds SFT has worked solutions for, and the new kind GRPO sees only final answers of.
-  SFT_DATA=(--dataset synthetic:add,sub,mul,div,mul_sub,wage)
-  GRPO_DATA=(--dataset synthetic:times_more)
+  # SFT has worked solutions for six kinds of problem; a seventh, new kind has only final answers.
+  # GRPO trains on final answers of all seven (a kind named k times is drawn k times as often: the new
+  # kind is half the prompts) and is scored on the new kind; SEEN_DATA checks the six are kept.
+  SEEN=add,sub,mul,div,mul_sub,wage
+  SFT_DATA=(--dataset "synthetic:$SEEN")
+  GRPO_DATA=(--dataset "synthetic:$SEEN,times_more,times_more,times_more,times_more,times_more,times_more"
+             --eval_dataset synthetic:times_more)
+  EVAL_DATA=(--dataset synthetic:times_more)
   # Constant-LR SFT: a cosine-annealed one leaves a sharper, weaker model that GRPO barely moves.
   SFT=(--model_name tiny --full_finetune --max_steps 400 --num_epochs 10 --batch_size 64 --learning_rate 1e-3
        --lr_decay constant --warmup_ratio 0 --eval_samples 300 --eval_max_new_tokens 48 --save_every 1000)
@@ -69,6 +74,7 @@ if [ "$preset" = tiny ]; then
 else
   SFT_DATA=(--dataset gsm8k ${GSM8K_DIR:+--data_dir "$GSM8K_DIR"})
   GRPO_DATA=("${SFT_DATA[@]}")
+  EVAL_DATA=("${SFT_DATA[@]}")
   SFT=(--model_name Qwen/Qwen3-0.6B --num_epochs 3 --batch_size 4)
   GRPO=(--max_steps 500 --eval_every 50 --save_every 50)
   EVAL=(--max_new_tokens 512 --batch_size 64)
@@ -80,13 +86,14 @@ if [ -n "${DATASET:-}" ]; then
     if [ -n "${!f:-}" ]; then SFT_DATA+=("--$(echo "$f" | tr '[:upper:]' '[:lower:]')" "${!f}"); fi
   done
   GRPO_DATA=("${SFT_DATA[@]}")
+  EVAL_DATA=("${SFT_DATA[@]}")
 fi
-# eval/<model>: GRPO's data's held-out problems (the new kind in the demo); eval/<model>-seen: SFT's,
-# when they differ (does GRPO on the new kind cost the kinds SFT learned anything?)
+# eval/<model>: the held-out problems that count (the new kind in the demo); eval/<model>-seen: SFT's
+# kinds, when they differ (does GRPO on the new kind cost the kinds SFT learned anything?)
 seen=0
-if [ "${SFT_DATA[*]}" != "${GRPO_DATA[*]}" ]; then seen=1; fi
+if [ "${SFT_DATA[*]}" != "${EVAL_DATA[*]}" ]; then seen=1; fi
 evaluate() {  # evaluate <model>
-  stage "eval-$1" $PY -m eval --model "$OUT/$1" "${GRPO_DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/$1" --no_progress
+  stage "eval-$1" $PY -m eval --model "$OUT/$1" "${EVAL_DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/$1" --no_progress
   if [ "$seen" = 1 ]; then
     stage "eval-$1-seen" $PY -m eval --model "$OUT/$1" "${SFT_DATA[@]}" "${EVAL[@]}" --output "$OUT/eval/$1-seen" \
       --no_progress

@@ -4,8 +4,9 @@ The offline default dataset for demos and learning tests. Records have GSM8K's f
 `<<a*b=c>>` calculator annotations and a final `#### N` line. Train and test never share a
 question: each question is assigned to a split by a stable hash of its text.
 
-Seven kinds of problem (KINDS); `--dataset synthetic:<kind>,<kind>` draws only those, so a run can
-train on some kinds and meet a new kind later (the demo: SFT on six, GRPO on the seventh's answers).
+Seven kinds of problem (KINDS); `--dataset synthetic:<kind>,<kind>` draws only those (a kind named
+twice, twice as often), so a run can train on some kinds and meet a new kind later (the demo: SFT on
+six, GRPO on the answers of all seven, half of them the new kind).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ KINDS = {t.__name__.lstrip("_"): t for t in TEMPLATES}  # add, sub, mul, div, mu
 
 
 def parse_kinds(spec: str) -> list[str]:
-    """The kinds named in `synthetic:<kind>,<kind>` (all seven for plain `synthetic`); one-line error otherwise."""
+    """The kinds named in `synthetic:<kind>,<kind>` (all seven for plain `synthetic`), repeats kept: a kind
+    named k times is drawn k times as often. A one-line error otherwise."""
     name, _, kinds = spec.partition(":")
     chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else list(KINDS)
     unknown = [k for k in chosen if k not in KINDS]

@@ -81,6 +81,8 @@ def test_synthetic_kinds_draw_only_the_named_templates():
     test = load_records("synthetic:times_more", "test", max_samples=50)
     assert not {r["question"] for r in new} & {r["question"] for r in test}
     assert numeric_reward([r["solution"] for r in new], [r["answer"] for r in new]) == [1.0] * len(new)
+    mixed = load_records("synthetic:add,times_more,times_more", "train", max_samples=600)
+    assert 0.6 < sum("times as many" in r["question"] for r in mixed) / 600 < 0.73  # named twice: 2/3
     with pytest.raises(UserError, match="synthetic kinds are add, sub, .* unknown: divide"):
         load_records("synthetic:add,divide", "train")
 
