@@ -5,7 +5,8 @@
 #   1. the CUDA-only tests (real CUDA-graph capture) with the sampler, training-batch and CUDA-path tests,
 #   2. rollout throughput, Qwen3-0.6B shape with random weights, 16 sequences: ours (eager and CUDA
 #      graphs) against `generate`, with the decode roofline and kernel launches per decode step,
-#   3. GRPO steps at the seed settings with 512-token completions, eager and with CUDA graphs: step
+#   3. the same against `generate` on the Qwen2.5-0.5B and SmolLM2-135M (Llama) shapes (30 s each),
+#   4. GRPO steps at the seed settings with 512-token completions, eager and with CUDA graphs: step
 #      time, its split and peak memory, allocated and reserved (the A10G budget is 24 GB).
 # Each part's output goes to OUT_DIR/<part>.log, its JSON line to OUT_DIR/<part>.json (all of them in
 # OUT_DIR/results.jsonl), and one summary table is printed at the end.
@@ -51,10 +52,14 @@ part() {  # part NAME CAP COMMAND...: run it within its limit, keep its log and 
   grep '^JSON ' "$out/$name.log" | cut -c6- | tee "$out/$name.json" >>"$out/results.jsonl"
 }
 qwen=random:Qwen/Qwen3-0.6B
-part tests 120 "$PYTHON" -m pytest -q -rs tests/test_sampling.py tests/test_grpo_batch.py \
+part tests 120 "$PYTHON" -m pytest -q -rs tests/test_sampling.py tests/test_grpo_batch.py tests/test_families.py \
   tests/test_models.py::test_bf16_reference_copy_keeps_the_policy_rotary_frequencies
-part rollout 120 "$PYTHON" -m benchmarks.rollout --model $qwen --prompts 4 --num_generations 4 --device cuda \
+part rollout 100 "$PYTHON" -m benchmarks.rollout --model $qwen --prompts 4 --num_generations 4 --device cuda \
   --count_launches
+part rollout_qwen2 30 "$PYTHON" -m benchmarks.rollout --model random:Qwen/Qwen2.5-0.5B-Instruct --prompts 4 \
+  --num_generations 4 --device cuda
+part rollout_llama 30 "$PYTHON" -m benchmarks.rollout --model random:HuggingFaceTB/SmolLM2-135M-Instruct \
+  --prompts 4 --num_generations 4 --device cuda
 part step 100 "$PYTHON" -m benchmarks.step --model $qwen --max_new_tokens 512 --device cuda --warmup 1 --steps 2
 part step_graphs 100 "$PYTHON" -m benchmarks.step --model $qwen --max_new_tokens 512 --device cuda --warmup 1 \
   --steps 2 --cuda_graphs
