@@ -63,7 +63,7 @@ def worker(args: SFTStepArgs, device: str) -> dict:
     import torch
 
     from data import load_records, make_synthetic
-    from models import load_model_and_tokenizer
+    from models import autocast, load_model_and_tokenizer
     from sft.batching import collate, completion_loss_sum, completion_loss_sum_full, encode_records
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)
@@ -86,8 +86,6 @@ def worker(args: SFTStepArgs, device: str) -> dict:
             _reset_peak(device)
         batch = {name: v.to(device) for name, v in batch.items()}
         t0 = time.perf_counter()
-        from models import autocast
-
         with autocast(device):
             loss = loss_fn(model, batch) / int((batch["labels"][:, 1:] != -100).sum())
         loss.backward()

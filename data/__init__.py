@@ -46,8 +46,8 @@ def run_records(cfg: Any, train_rows: list[Any] | None = None,
     if eval_rows is not None:
         held_out = as_records(eval_rows, fields, "eval_records")[: cfg.eval_samples]
     else:
-        held_out = load_records(getattr(cfg, "eval_dataset", None) or cfg.dataset, "test", cfg.data_dir,
-                                cfg.eval_samples, cfg.seed, fields)
+        held_out = load_records(cfg.eval_dataset or cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, cfg.seed,
+                                fields)
     if not train:
         fail("no training examples: check --dataset/--data_dir/--max_samples")
     return train, held_out

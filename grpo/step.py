@@ -66,6 +66,10 @@ class Policy:
 
         return autocast(self.device)
 
+    def reward_sum(self, scores: torch.Tensor) -> torch.Tensor:
+        """The advantage's reward: [rows, reward functions] scores summed with their weights."""
+        return scores @ torch.tensor([w for _, _, w in self.rewards])
+
 
 @dataclass
 class StepStats:
@@ -244,7 +248,7 @@ def _scores(policy: Policy, texts: list[str], records: list[dict[str, Any]], tru
     columns = {k: [r.get("columns", {}).get(k) for r in rows] for k in names}
     scores = score([(n, fn) for n, fn, _ in policy.rewards], texts, [r["answer"] for r in rows],
                    {**columns, "truncated": list(truncated)})
-    return torch.tensor([scores[n] for n, _, _ in policy.rewards], dtype=torch.float32).T.reshape(len(rows), -1)
+    return torch.tensor([scores[n] for n, _, _ in policy.rewards], dtype=torch.float32).T
 
 
 @dataclass
@@ -262,7 +266,7 @@ class Groups:
         rows = [g * G + k for g in groups for k in range(G)]
         return Groups([self.records[g] for g in groups], [self.prompts[g] for g in groups],
                       [self.completions[r] for r in rows], [self.truncated[r] for r in rows],
-                      self.scores[rows].reshape(len(rows), -1))
+                      self.scores[rows])
 
     def __add__(self, other: Groups) -> Groups:
         return Groups(self.records + other.records, self.prompts + other.prompts,
@@ -284,10 +288,15 @@ def _sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]
     return Groups(list(records), prompts, completions, truncated, scores)
 
 
+def has_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    """Per group of G rows: whether its rewards differ (an all-equal group has advantage 0: no signal)."""
+    return rewards.view(-1, G).std(dim=1) > 0
+
+
 def with_signal_first(rewards: torch.Tensor, G: int, n: int) -> list[int]:
     """`n` group indices: the groups whose rewards differ (they carry a signal) in order, then, only if
     there are fewer than `n` of those, all-equal groups in order."""
-    varied = (rewards.view(-1, G).std(dim=1) > 0).tolist()
+    varied = has_signal(rewards, G).tolist()
     order = [g for g, v in enumerate(varied) if v] + [g for g, v in enumerate(varied) if not v]
     return order[:n]
 
@@ -298,19 +307,18 @@ def _dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[d
     ones) until every rank holds as many groups with a signal as it has prompts, at most
     --max_extra_rollouts times; keep those groups first, all-equal ones only to fill what is missing.
     Returns (the groups, the extra rollouts, the prompts sampled on this rank)."""
-    weights = torch.tensor([w for _, _, w in policy.rewards])
     groups = _sample_groups(policy, cfg, records, step, rollout_hook, timer)
     extra, G, share = 0, cfg.num_generations, len(records)
     if not cfg.dynamic_sampling:
         return groups, 0, share
     while extra < cfg.max_extra_rollouts:
-        signal = int((groups.scores @ weights).view(-1, G).std(dim=1).gt(0).sum())
+        signal = int(has_signal(policy.reward_sum(groups.scores), G).sum())
         if dist.all_reduce(torch.tensor(float(min(signal, share)), device=policy.device), "min").item() >= share:
             break  # every rank has enough: ranks leave the loop together, their collectives stay in step
         extra += 1
         groups = groups + _sample_groups(policy, cfg, draw_more(extra), step, rollout_hook, timer)
     sampled = len(groups.records)
-    return groups.take(with_signal_first(groups.scores @ weights, G, share), G), extra, sampled
+    return groups.take(with_signal_first(policy.reward_sum(groups.scores), G, share), G), extra, sampled
 
 
 def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) -> tuple[float, bool, float]:
@@ -337,7 +345,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     groups, extra, sampled = _dynamic_groups(policy, cfg, dist, records, step, rollout_hook, draw_more, timer)
     policy.model.train()
     everything = dist.all_gather(groups.scores.to(device).contiguous()).cpu()  # [W * B, rewards], rank 0's first
-    rewards = everything @ torch.tensor([w for _, _, w in policy.rewards])
+    rewards = policy.reward_sum(everything)
     parts = {n: everything[:, i] for i, (n, _, _) in enumerate(policy.rewards)}
     all_advantages = group_advantages(rewards, G, cfg.scale_rewards)  # over the whole step's batch (all ranks)
     completions, B, W = groups.completions, len(groups.completions), dist.world_size
@@ -421,7 +429,7 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
         "backward_rows": int(backward_rows) // n_iter,
         "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
         "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
-        "frac_reward_zero_std": (rewards.view(-1, cfg.num_generations).std(dim=1) == 0).float().mean().item(),
+        "frac_reward_zero_std": (~has_signal(rewards, cfg.num_generations)).float().mean().item(),
         "extra_rollouts": stats.extra_rollouts, "prompts_sampled": int(prompts_sampled),
         "peak_memory_gb": peak, "peak_memory_reserved_gb": reserved, "skipped_updates": stats.skipped,
         "world_size": dist.world_size,

@@ -67,8 +67,8 @@ def supports(model: Any) -> bool:
     if type(model).__name__ not in FAMILIES:
         return False
     cfg = model.config
-    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "layer_types", None) and any(
-            t != "full_attention" for t in cfg.layer_types):
+    sliding = getattr(cfg, "use_sliding_window", False)
+    if sliding or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
         return False
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in STATIC_ROPE:
