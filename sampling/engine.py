@@ -80,6 +80,23 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return (b * BLOCK + j).squeeze(-1)
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the CPU's
+    argmax runs on one thread (2.8 ms for 16 x 151,936 here), its max over blocks is vectorized, so
+    find the first block holding the row's maximum, then the maximum inside it (~0.5 ms)."""
+    B, V = x.shape
+    n = V // BLOCK
+    if n < 2:
+        return x.argmax(dim=-1)
+    maxima = x[:, : n * BLOCK].view(B, n, BLOCK).amax(dim=-1)  # [B, n]
+    if V > n * BLOCK:
+        maxima = torch.cat([maxima, x[:, n * BLOCK:].amax(dim=-1, keepdim=True)], dim=-1)
+    b = maxima.argmax(dim=-1, keepdim=True)  # the first block holding the maximum
+    # that block's columns (the short last block repeats its final column after it: never first)
+    columns = (b * BLOCK + torch.arange(BLOCK, device=x.device)).clamp_(max=V - 1)
+    return columns.gather(1, x.gather(1, columns).argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
 def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0.
@@ -87,7 +104,7 @@ def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
     The log-probability is under softmax(logits / temperature), before top-p, as the loss computes it."""
     if temperature <= 0:
         logits = logits.float()
-        token = logits.argmax(dim=-1)
+        token = _argmax(logits)
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     z = logits.float() / temperature
     top = z.amax(dim=-1, keepdim=True)

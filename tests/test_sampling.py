@@ -8,7 +8,7 @@ from data.prompt import encode_prompt
 from grpo.batch import completion_logits, pack
 from grpo.loss import token_logprobs
 from sampling import rollout, sample, sample_with_generate
-from sampling.engine import _draw, _sample_token
+from sampling.engine import _argmax, _draw, _sample_token
 from sampling.fast_decode import supports
 from tests.conftest import give_lora_b_weights
 
@@ -80,6 +80,18 @@ def test_sampling_follows_softmax_and_top_p():
     assert set(token.tolist()) == {0, 1}
     greedy, _ = _sample_token(logits[:2], 0.0, 1.0, None)
     assert greedy.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("V", [7, 2048, 3072, 5000, 151_936])
+def test_two_level_argmax_is_argmax_ties_and_short_last_block_included(V):
+    gen = torch.Generator().manual_seed(V)
+    ties = torch.randint(0, 4, (6, V), generator=gen).float()  # every row's maximum occurs many times
+    tail = torch.zeros(3, V)
+    tail[0, -1] = 1.0  # the only maximum in the last (short) block's final column
+    tail[1, [V // 2, -1]] = 1.0  # tied between a middle block and the last column: the first wins
+    tail[2, 0] = tail[2, -1] = 1.0
+    for x in (ties, torch.randn(5, V, generator=gen), tail):
+        assert torch.equal(_argmax(x), x.argmax(dim=-1))
 
 
 def test_two_level_draw_follows_the_weights_over_a_large_vocabulary():
