@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.common import alternate, median, print_json
     from data import load_records
     from data.prompt import encode_prompt
-    from grpo.batch import completion_logits, pack
-    from grpo.loss import token_logprobs_and_entropy
+    from grpo.batch import completion_logprobs, pack
     from models import autocast, default_device, load_model_and_tokenizer
 
     device = args.device or default_device()
@@ -60,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         for s in range(0, len(completions), args.micro_batch_size):
             mb = batch.rows(slice(s, s + args.micro_batch_size))
             with autocast(device):
-                logits = completion_logits(model, mb, share_prompts=share)
-                logp, _ = token_logprobs_and_entropy(logits, mb.completion_ids, 0.7)
+                logp, _ = completion_logprobs(model, mb, 0.7, with_entropy=True, share_prompts=share)
             (logp * mb.completion_mask).sum().backward()
         model.zero_grad(set_to_none=True)
 

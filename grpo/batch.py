@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo.loss import projected_logprobs, token_logprobs, token_logprobs_and_entropy
+
 
 @dataclass
 class RolloutBatch:
@@ -51,32 +53,91 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                         input_ids[:, P:].to(device), completion_mask.to(device))
 
 
+def head_weight(model) -> torch.Tensor | None:
+    """The vocabulary head's weight when the loss can project onto the vocabulary itself
+    (`projected_logprobs`, no [B, C, V] logits held): a plain bias-free Linear, on a model called
+    directly. Under DDP the forward must go through the wrapper (so the gradients are reduced), and a
+    LoRA or quantized head has its own forward: None, the loss takes the model's logits."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    head = model.get_output_embeddings()
+    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+def _forward(model, hidden: bool, keep: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """The model's logits at columns `keep` (all when None) or, with `hidden`, its decoder's last
+    hidden states there (what the head would project)."""
+    if hidden:
+        out = model.get_decoder()(**inputs).last_hidden_state
+        return out if keep is None else out[:, keep]
+    return model(**inputs, **({} if keep is None else {"logits_to_keep": keep})).logits
+
+
+def _logprobs(out: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor, temperature: float,
+              with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if weight is not None:
+        return projected_logprobs(out, weight, ids, temperature, with_entropy)
+    if with_entropy:
+        return token_logprobs_and_entropy(out, ids, temperature)
+    return token_logprobs(out, ids, temperature), out.new_empty(0)
+
+
+def logprobs_at(model, ids: torch.Tensor, columns: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, K] of `ids` as predicted at `columns` of a forward on `inputs`, their entropy or
+    an empty tensor): through the decoder and `projected_logprobs` where `head_weight` allows, else
+    through the model's logits at those columns and the chunked log-softmax."""
+    weight = head_weight(model)
+    return _logprobs(_forward(model, weight is not None, columns, **inputs), weight, ids, temperature, with_entropy)
+
+
+def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
+                        share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, C] of each completion token, their entropy or an empty tensor), from the forward
+    `completion_logits` makes (prompts shared within groups), projected by the loss itself where
+    `head_weight` allows, so neither the [B, C, V] logits nor their gradient is held."""
+    weight = head_weight(model)
+    out = _completion_forward(model, batch, share_prompts, hidden=weight is not None)
+    return _logprobs(out, weight, batch.completion_ids, temperature, with_entropy)
+
+
 def completion_logits(model, batch: RolloutBatch, share_prompts: bool = True) -> torch.Tensor:
     """Logits that predict each completion token: [B, C, V]; the model projects only those C positions
-    onto the vocabulary (the last prompt token's and all but the last completion token's).
+    onto the vocabulary (the last prompt token's and all but the last completion token's). The path
+    for heads `completion_logprobs` cannot project itself, and its reference in the tests.
 
     Rows that share a prompt (a GRPO group) run it once: the prompt's KV cache is computed for one row
     and repeated for the others, gradients included, so a group of G pays for its prompt once instead
     of G times. Without such rows, or under gradient checkpointing (which drops the cache), it is one
     plain forward over prompt + completion."""
+    return _completion_forward(model, batch, share_prompts, hidden=False)
+
+
+def _completion_forward(model, batch: RolloutBatch, share_prompts: bool, hidden: bool) -> torch.Tensor:
+    """`completion_logits`, or with `hidden` the decoder's hidden states at the same positions."""
     width, C = batch.input_ids.shape[1], batch.completion_width
     group = _prompt_groups(batch) if share_prompts and not _checkpointing(model) else None
     if group is None:
         keep = torch.arange(width - C - 1, width - 1, device=batch.input_ids.device)
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, logits_to_keep=keep).logits
+        return _forward(model, hidden, keep, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids)
     from transformers import DynamicCache
 
     P = width - C  # the prompt's last token goes with the completion: its logits predict the first token
     first = torch.ones_like(group, dtype=torch.bool)
     first[1:] = group[1:] != group[:-1]
     cache = DynamicCache(config=_config(model))
-    model(input_ids=batch.input_ids[first, : P - 1], attention_mask=batch.attention_mask[first, : P - 1],
-          position_ids=batch.position_ids[first, : P - 1], cache=cache, use_cache=True, logits_to_keep=1)
+    prefix = dict(input_ids=batch.input_ids[first, : P - 1], attention_mask=batch.attention_mask[first, : P - 1],
+                  position_ids=batch.position_ids[first, : P - 1], cache=cache, use_cache=True)
+    if hidden:
+        model.get_decoder()(**prefix)
+    else:
+        model(**prefix, logits_to_keep=1)
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
-    return model(input_ids=batch.input_ids[:, P - 1: width - 1], attention_mask=batch.attention_mask[:, : width - 1],
-                 position_ids=batch.position_ids[:, P - 1: width - 1], cache=cache, use_cache=True).logits
+    return _forward(model, hidden, None, input_ids=batch.input_ids[:, P - 1: width - 1],
+                    attention_mask=batch.attention_mask[:, : width - 1],
+                    position_ids=batch.position_ids[:, P - 1: width - 1], cache=cache, use_cache=True)
 
 
 def _prompt_groups(batch: RolloutBatch) -> torch.Tensor | None:

@@ -68,6 +68,90 @@ class _SelectedLogSoftmax(torch.autograd.Function):
         return grad.view_as(logits), None, None, None, None
 
 
+class _ProjectedLogSoftmax(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T) at the chosen ids (and, no grad, the entropy), projecting onto
+    a chunk of the vocabulary at a time and projecting again in the backward: neither the [N, V]
+    logits nor their gradient is ever held, only the hidden states and one fp32 scalar per position.
+
+    Chunks of the vocabulary, not of positions: every product has all N positions as rows, and each
+    chunk of the head's gradient is written once (chunks of positions would each add a whole [V, H]
+    product into it). The forward keeps a running maximum, sum of exp and (for the entropy) sum of
+    exp * z per position; the backward needs only their logsumexp: softmax = exp(z / T - lse). The
+    products run in `dtype` (autocast's, or the weight's), as the model's own head would; the softmax
+    in fp32. dz = (onehot(id) - softmax) * g / T; d hidden = dz @ weight, d weight = dz.T @ hidden."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, chunk, with_entropy, dtype):  # noqa: ANN001, ANN205
+        N, V, cdtype = hidden.shape[0], weight.shape[0], _compute_dtype(dtype)
+        top = torch.full((N,), float("-inf"), dtype=cdtype, device=hidden.device)
+        total, weighted, target = (torch.zeros_like(top) for _ in range(3))
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            for v in range(0, V, chunk):
+                z = (h @ weight[v: v + chunk].to(dtype).T).to(cdtype) / temperature  # [N, chunk]
+                new_top = torch.maximum(top, z.amax(-1))
+                rescale = (top - new_top).exp()  # the sums so far, relative to the new maximum
+                e = (z - new_top[:, None]).exp_()
+                total = total * rescale + e.sum(-1)
+                if with_entropy:
+                    weighted = weighted * rescale + (e * z).sum(-1)
+                top = new_top
+                inside = (ids >= v) & (ids < v + z.shape[1])
+                target = torch.where(inside, z.gather(-1, (ids - v).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1),
+                                     target)
+        lse = top + total.log()
+        logp = target - lse
+        entropy = lse - weighted / total if with_entropy else logp.new_empty(0)  # -sum p (z - lse)
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
+        hidden, weight, ids, lse = ctx.saved_tensors
+        T, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
+        g = (grad_logp / T).to(lse.dtype)[:, None]
+        grad_hidden = (torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if ctx.needs_input_grad[0]
+                       else None)
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            for v in range(0, weight.shape[0], chunk):
+                w = weight[v: v + chunk].to(dtype)
+                p = (h @ w.T).to(lse.dtype).div_(T).sub_(lse[:, None]).exp_()  # softmax(z / T) [N, chunk]
+                dz = p.mul_(-g)
+                inside = ((ids >= v) & (ids < v + w.shape[0])).nonzero().squeeze(-1)
+                dz.index_put_((inside, ids[inside] - v), g[inside, 0], accumulate=True)
+                dz = dz.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden += dz @ w
+                if grad_weight is not None:
+                    grad_weight[v: v + chunk] = dz.T @ h
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                       with_entropy: bool = False, chunk_columns: int | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(hidden @ weight.T / temperature) at `ids`, its entropy or an empty tensor):
+    [B, T, H], [V, H], [B, T] -> [B, T] in fp32, differentiable in hidden and weight. What
+    `token_logprobs_and_entropy` gives on the head's logits, without ever holding them: the projection
+    is made `chunk_columns` vocabulary entries at a time (default: the chunk budget of `token_logprobs`,
+    at least 1,024 entries: on the CPU a chunk stays in cache through its elementwise passes, which
+    64 MB chunks made 2x slower) and made again in the backward. Under autocast the products run in
+    autocast's dtype."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    H, N = hidden.shape[-1], ids.numel()
+    elements = CPU_CHUNK_ELEMENTS if device == "cpu" else GPU_CHUNK_ELEMENTS
+    chunk = chunk_columns or max(1024, elements // max(N, 1))
+    logp, entropy = _ProjectedLogSoftmax.apply(hidden.reshape(-1, H), weight, ids.reshape(-1), temperature, chunk,
+                                               with_entropy, dtype)
+    return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
+
+
 def _chunk(logits: torch.Tensor, chunk_positions: int | None) -> int:
     elements = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS
     return chunk_positions or max(1, elements // logits.shape[-1])

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from common.distributed import Dist, no_sync_unless
-from grpo.batch import RolloutBatch, completion_logits, pack
+from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
-from grpo.loss import group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
+from grpo.loss import group_advantages, grpo_loss
 
 LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss")  # summed with the loss weights; others by tokens
 
@@ -156,7 +156,7 @@ def logprobs_no_grad(model: Any, batch: RolloutBatch, micro: int, temperature: f
     for s in range(0, batch.input_ids.shape[0], micro):
         rows = batch.rows(slice(s, s + micro))
         with autocast():
-            logp = token_logprobs(completion_logits(model, rows), rows.completion_ids, temperature)
+            logp = completion_logprobs(model, rows, temperature)[0]
         out.append(torch.nn.functional.pad(logp, (0, batch.completion_width - rows.completion_width)))
     return torch.cat(out)
 
@@ -176,13 +176,13 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
                          num_items: float, scale: float, sync: bool, autocast: Any,
                          loss_type: str | None = None) -> tuple[dict[str, float], float]:
     """Loss of one micro-batch and its backward (gradients accumulate; DDP all-reduces only when `sync`);
-    returns (grpo_loss's metrics, the summed entropy of its completion tokens). The [rows, C, V] logits
-    are never bound to a name: they are freed once the log-prob pass's backward has used them, not held
-    through the model's whole backward (on Qwen3-0.6B at 4 x 512 tokens, 0.6 GB in bf16)."""
+    returns (grpo_loss's metrics, the summed entropy of its completion tokens). No [rows, C, V] logits
+    are held: the loss projects the hidden states a chunk at a time (`completion_logprobs`); on the
+    logits path they are never bound to a name, so they are freed once the log-prob pass's backward
+    has used them, not held through the model's whole backward."""
     with no_sync_unless(train_model, sync=sync):
         with autocast():
-            logp, entropy = token_logprobs_and_entropy(completion_logits(train_model, mb), mb.completion_ids,
-                                                       cfg.temperature)
+            logp, entropy = completion_logprobs(train_model, mb, cfg.temperature, with_entropy=True)
         loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mb.completion_mask, beta=cfg.beta,
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   loss_type=loss_type or cfg.loss_type, max_completion_length=cfg.max_completion_length,

@@ -34,22 +34,21 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     """Summed next-token cross-entropy over the target (label != -100) tokens of `batch`, through the
-    same path as GRPO's loss: the model projects onto the vocabulary only at the columns that predict a
-    target token (from the shortest prompt's end on, not the prompts), and the log-probs are taken a
-    chunk of positions at a time (grpo.loss.token_logprobs), so no [B, T, V] fp32 copy of the logits is
-    ever made."""
+    same path as GRPO's loss (`grpo.batch.logprobs_at`): only the columns that predict a target token
+    (from the shortest prompt's end on, not the prompts) are projected onto the vocabulary, a chunk of
+    positions at a time inside the loss and again in its backward, so neither the [B, T, V] logits nor
+    their gradient (nor an fp32 copy) is ever held."""
     import torch
 
-    from grpo.loss import token_logprobs
+    from grpo.batch import logprobs_at
 
     labels = batch["labels"][:, 1:]
     targets = labels != -100
     columns = targets.any(0).nonzero().squeeze(-1)  # logits at column c predict token c + 1
     if columns.numel() == 0:
         return torch.zeros((), device=labels.device, requires_grad=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=columns).logits  # [B, len(columns), V]
-    logp = token_logprobs(logits, labels[:, columns].clamp(min=0))
+    logp, _ = logprobs_at(model, labels[:, columns].clamp(min=0), columns, input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"])
     return -(logp * targets[:, columns]).sum()
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from grpo.batch import completion_logits, pack
-from grpo.loss import token_logprobs
+from grpo.batch import completion_logits, completion_logprobs, head_weight, pack
+from grpo.loss import token_logprobs, token_logprobs_and_entropy
 from tests.conftest import give_lora_b_weights
 
 PAD = 0
@@ -65,9 +65,13 @@ def _mixed_batch(tokenizer):
     return pack(prompts, completions, tokenizer.pad_token_id, "cpu")
 
 
-def _logprobs_and_grads(model, mb, share):
+def _logprobs_and_grads(model, mb, share, projected=False):
+    """Log-probs and gradients through the model's logits, or with `projected` the loss's own projection."""
     model.zero_grad()
-    logp = token_logprobs(completion_logits(model, mb, share_prompts=share), mb.completion_ids) * mb.completion_mask
+    if projected:
+        logp = completion_logprobs(model, mb, share_prompts=share)[0] * mb.completion_mask
+    else:
+        logp = token_logprobs(completion_logits(model, mb, share_prompts=share), mb.completion_ids) * mb.completion_mask
     (logp.sum() + (logp * torch.linspace(0, 1, logp.numel()).view_as(logp)).sum()).backward()
     return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -95,6 +99,37 @@ def test_shared_prompt_forward_matches_the_plain_forward(tiny_model, tiny_tokeni
     tiny_model.zero_grad()
 
 
+def test_the_loss_projects_the_hidden_states_itself_with_the_logits_paths_values_and_gradients(tiny_model,
+                                                                                               tiny_tokenizer):
+    """completion_logprobs hands the decoder's hidden states (not [B, C, V] logits) to projected_logprobs:
+    the same log-probs, entropy and gradients (the head's and every layer's) as the logits path, with
+    prompts shared or not."""
+    import grpo.batch as gb
+
+    batch = _mixed_batch(tiny_tokenizer)
+    tiny_model.train()
+    assert head_weight(tiny_model) is tiny_model.get_output_embeddings().weight
+    outputs = []
+    real = gb._completion_forward
+    gb._completion_forward = lambda *a, **k: outputs.append(real(*a, **k)) or outputs[-1]
+    try:
+        for share in (False, True):
+            want, want_grads = _logprobs_and_grads(tiny_model, batch, share)
+            got, got_grads = _logprobs_and_grads(tiny_model, batch, share, projected=True)
+            assert outputs[-1].shape[-1] == tiny_model.config.hidden_size  # hidden states, not logits
+            assert torch.allclose(got, want, atol=1e-5) and got_grads.keys() == want_grads.keys()
+            for name, g in want_grads.items():
+                assert (got_grads[name] - g).norm() <= 1e-5 * g.norm(), name
+            with torch.no_grad():
+                _, entropy = completion_logprobs(tiny_model, batch, 0.7, with_entropy=True, share_prompts=share)
+                logits = completion_logits(tiny_model, batch, share)
+                _, want_entropy = token_logprobs_and_entropy(logits, batch.completion_ids, 0.7)
+            assert torch.allclose(entropy, want_entropy, atol=1e-5)
+    finally:
+        gb._completion_forward = real
+    tiny_model.zero_grad()
+
+
 def test_shared_prompt_forward_under_lora_and_without_grad(tiny_model, tiny_tokenizer):
     from models.lora import add_lora
 
@@ -103,14 +138,19 @@ def test_shared_prompt_forward_under_lora_and_without_grad(tiny_model, tiny_toke
     torch.manual_seed(0)
     give_lora_b_weights(peft_model, 0.2)
     plain, plain_grads = _logprobs_and_grads(peft_model, batch, share=False)
-    shared, shared_grads = _logprobs_and_grads(peft_model, batch, share=True)
-    assert torch.allclose(shared, plain, atol=1e-5) and all("lora" in n for n in shared_grads)
-    for name, g in plain_grads.items():
-        assert (shared_grads[name] - g).norm() <= 1e-5 * g.norm(), name
+    assert head_weight(peft_model) is not None  # the head is not adapted: the loss projects with it
+    for share, projected in ((True, False), (False, True), (True, True)):
+        logp, grads = _logprobs_and_grads(peft_model, batch, share=share, projected=projected)
+        assert torch.allclose(logp, plain, atol=1e-5) and all("lora" in n for n in grads)
+        for name, g in plain_grads.items():
+            assert (grads[name] - g).norm() <= 1e-5 * g.norm(), name
     with torch.no_grad(), peft_model.disable_adapter():  # the reference pass
         ref_plain = completion_logits(peft_model, batch, share_prompts=False)
         ref_shared = completion_logits(peft_model, batch)
+        ref_projected = completion_logprobs(peft_model, batch)[0]
     assert torch.allclose(ref_shared, ref_plain, atol=1e-5)
+    ref = token_logprobs(ref_plain, batch.completion_ids)
+    assert torch.allclose(ref_projected, ref, atol=1e-5) and not torch.allclose(ref, plain, atol=1e-3)
 
 
 def test_shared_prompt_forward_under_bf16_autocast(tiny_model, tiny_tokenizer):

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from grpo.loss import aggregate, group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
+from grpo.loss import (
+    aggregate,
+    group_advantages,
+    grpo_loss,
+    projected_logprobs,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 
 # ---------- token_logprobs / token_logprobs_and_entropy
 
@@ -83,6 +90,56 @@ def test_token_entropy():
     assert torch.allclose(ent, want, atol=1e-5)
     assert torch.allclose(logp, token_logprobs(logits, ids, 0.7), atol=1e-6)
     assert not ent.requires_grad
+
+
+# ---------- projected_logprobs: the head's projection inside the loss
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4, 100])  # auto (all), one entry, chunks of 4 (the last short), all
+def test_projected_logprobs_equal_the_logits_path_values_entropy_and_gradients(chunk):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 13, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    h1, w1, h2, w2 = (t.clone().requires_grad_() for t in (hidden, weight, hidden, weight))
+    logp, ent = projected_logprobs(h1, w1, ids, 0.7, with_entropy=True, chunk_columns=chunk)
+    want, want_ent = token_logprobs_and_entropy(h2 @ w2.T, ids, 0.7)
+    assert torch.allclose(logp, want) and torch.allclose(ent, want_ent) and not ent.requires_grad
+    (logp * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert torch.allclose(h1.grad, h2.grad) and torch.allclose(w1.grad, w2.grad)
+    # and the hand-written backward against finite differences
+    assert torch.autograd.gradcheck(lambda h, w: projected_logprobs(h, w, ids, 0.7, chunk_columns=chunk)[0],
+                                    (hidden.clone().requires_grad_(), weight.clone().requires_grad_()))
+    _, none = projected_logprobs(hidden, weight, ids)
+    assert none.numel() == 0
+
+
+def test_projected_logprobs_frozen_head_and_bf16_autocast():
+    """A frozen head (LoRA) gets no gradient and costs none; under CUDA's policy forced on the CPU (fp32
+    weights, bf16 autocast) the products run in bf16 like the model's own head, the result is fp32,
+    and the gradients stay as close to the logits path's as bf16 lets them."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(4, 6, 16, generator=g).requires_grad_()
+    weight = torch.randn(40, 16, generator=g)
+    ids = torch.randint(0, 40, (4, 6), generator=g)
+    logp, _ = projected_logprobs(hidden, weight, ids, chunk_columns=15)
+    logp.sum().backward()
+    assert weight.grad is None and hidden.grad is not None
+    h1, w1 = hidden.detach().clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = projected_logprobs(h1, w1, ids, 0.7, chunk_columns=15)
+        logits = torch.nn.functional.linear(h2, w2)  # bf16, as the model's head under autocast
+        want = token_logprobs(logits, ids, 0.7)
+    assert ours.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    assert (ours - want).abs().max() < 0.05
+    ours.sum().backward()
+    want.sum().backward()
+    assert h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+    for a, b in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
+        assert (a - b).norm() <= 0.02 * b.norm()
 
 
 # ---------- group_advantages

@@ -272,19 +272,24 @@ def test_grpo_raises_held_out_accuracy(sft_tiny, tmp_path):
 
 
 def test_training_logits_are_freed_before_the_model_backward(tiny_model, tiny_tokenizer, monkeypatch):
-    """The [rows, C, V] logits of a micro-batch are needed only by the log-prob pass's backward: by
-    the time gradients reach the first layer they must be gone (Qwen3-0.6B: 0.6 GB at 4 x 512 tokens)."""
+    """Where the loss cannot project the hidden states itself (a LoRA or quantized head, DDP), the
+    [rows, C, V] logits of a micro-batch are needed only by the log-prob pass's backward: by the time
+    gradients reach the first layer they must be gone (Qwen3-0.6B: 0.6 GB at 4 x 512 tokens)."""
     import weakref
 
-    made, freed = [], []
-    real = grpo_step.completion_logits
+    import grpo.batch as gb
 
-    def recorded(*args, **kw):
-        logits = real(*args, **kw)
+    made, freed = [], []
+    real = gb._completion_forward
+
+    def recorded(model, batch, share, hidden):
+        assert not hidden
+        logits = real(model, batch, share, hidden)
         made.append(weakref.ref(logits))
         return logits
 
-    monkeypatch.setattr(grpo_step, "completion_logits", recorded)
+    monkeypatch.setattr(gb, "head_weight", lambda model: None)  # the logits path
+    monkeypatch.setattr(gb, "_completion_forward", recorded)
     tiny_model.model.layers[0].self_attn.q_proj.weight.register_hook(
         lambda grad: freed.append(made[-1]() is None))
     prompts = [tiny_tokenizer("q1?")["input_ids"], tiny_tokenizer("a longer question?")["input_ids"]]

@@ -38,10 +38,10 @@ def test_collate_masks_padding_and_keeps_eos_when_pad_is_eos(tiny_tokenizer):
 
 
 def test_target_position_loss_equals_the_full_logits_loss(tiny_model, tiny_tokenizer, monkeypatch):
-    """The loss through target positions only, a few positions at a time, gives the full-logits
-    cross-entropy's value and gradients, prompts of different lengths and pad == eos included, while
-    the model projects fewer positions onto the vocabulary."""
-    import grpo.loss
+    """The loss through target positions only, projected onto the vocabulary inside the loss, gives the
+    full-logits cross-entropy's value and gradients, prompts of different lengths and pad == eos
+    included: the model's head never runs, and only the target columns' hidden states are projected."""
+    import grpo.batch
     from sft.batching import completion_loss_sum_full
 
     records = make_synthetic("train", max_samples=6, seed=5)
@@ -49,7 +49,9 @@ def test_target_position_loss_equals_the_full_logits_loss(tiny_model, tiny_token
     kept = []
     head = tiny_model.lm_head
     hook = head.register_forward_hook(lambda m, i, o: kept.append(o.shape[1]))
-    monkeypatch.setattr(grpo.loss, "CPU_CHUNK_ELEMENTS", 7 * tiny_model.config.vocab_size)  # chunks of 7 positions
+    projected = grpo.batch.projected_logprobs
+    monkeypatch.setattr(grpo.batch, "projected_logprobs", lambda hidden, *a, **k:
+                        kept.append(("projected", hidden.shape[1])) or projected(hidden, *a, **k))
     results = []
     for fn in (completion_loss_sum, completion_loss_sum_full):
         tiny_model.zero_grad()
@@ -61,7 +63,7 @@ def test_target_position_loss_equals_the_full_logits_loss(tiny_model, tiny_token
     assert chunked == pytest.approx(full, rel=1e-5)
     assert all(torch.allclose(g_chunked[n], g_full[n], atol=1e-5 * g_full[n].abs().max(), rtol=0) for n in g_full)
     prompt_min = min(len(encode_prompt(tiny_tokenizer, r["question"])) for r in records)
-    assert kept == [batch["input_ids"].shape[1] - prompt_min, batch["input_ids"].shape[1]]
+    assert kept == [("projected", batch["input_ids"].shape[1] - prompt_min), batch["input_ids"].shape[1]]
 
 
 def test_loss_falls_lora_changes_base_does_not(tiny_model, tiny_tokenizer):
