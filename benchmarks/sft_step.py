@@ -1,4 +1,8 @@
-"""SFT step cost: the loss through target positions, chunked (ours), against full-vocabulary logits.
+"""SFT step cost, three ways to the same loss: ours (`projected`: the decoder's hidden states at the
+target positions, projected onto the vocabulary a chunk at a time inside the loss), `logits` (the
+model's head at the target positions, then a chunked log-softmax: the path before, and still the one
+for heads the loss cannot project itself) and `full` (full-vocabulary logits at every position, an
+fp32 copy, cross-entropy).
 
     python -m benchmarks.sft_step --model tiny
     python -m benchmarks.sft_step --model random:HuggingFaceTB/SmolLM2-135M-Instruct --data_dir $GSM8K_DIR --lora
@@ -8,6 +12,11 @@ alternated over --repeats processes: the model, AdamW, then --steps optimizer st
 --batch_size examples (GSM8K's train split with --data_dir, else the synthetic set) after one warm-up
 step. Prints s/step and the step's peak memory (CUDA: peak allocated; CPU: peak resident set, its
 high-water mark reset after the warm-up) beside the weights and AdamW state, and one JSON line.
+
+Where the memory goes: during the warm-up step every tensor autograd saves for the backward is
+tallied once (parameters excepted) by the innermost module whose forward made it (the loss's own
+tensors as "loss"): the activations the step must hold at its peak, beside the weights, the gradients
+and AdamW's state.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from benchmarks.common import BenchArgs
 from common.errors import run_cli
 from common.flags import flag
 
-WAYS = ("chunked", "full")
+WAYS = ("projected", "logits", "full")
 
 
 @dataclass
@@ -56,8 +65,49 @@ def _reset_peak(device: str) -> None:
         pass
 
 
+class SavedTally:
+    """Bytes autograd saves for the backward, per innermost module class (each storage counted once,
+    parameters never): a saved-tensor hook, and global module hooks that keep a stack of the modules
+    whose forward is running."""
+
+    def __init__(self, model: object) -> None:
+        import collections
+
+        self.bytes: collections.Counter = collections.Counter()
+        self.seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.stack: list[str] = []
+
+    def __enter__(self) -> SavedTally:
+        import torch
+
+        def enter(module: object, inputs: object) -> None:
+            self.stack.append(type(module).__name__)
+
+        def leave(module: object, inputs: object, output: object) -> None:  # returns None: the output stays
+            self.stack.pop()
+
+        self.hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+                      torch.nn.modules.module.register_module_forward_hook(leave)]
+        self.saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.saved.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.saved.__exit__(*exc)
+        for h in self.hooks:
+            h.remove()
+
+    def _pack(self, t: object) -> object:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes[self.stack[-1] if self.stack else "loss"] += storage.nbytes()
+        return t
+
+
 def worker(args: SFTStepArgs, device: str) -> dict:
     """One way's figures, in this process."""
+    import contextlib
     import time
 
     import torch
@@ -79,15 +129,21 @@ def worker(args: SFTStepArgs, device: str) -> dict:
                for i in range(0, len(examples), args.batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    loss_fn = completion_loss_sum if args.worker == "chunked" else completion_loss_sum_full
+    loss_fn = completion_loss_sum_full if args.worker == "full" else completion_loss_sum
+    if args.worker == "logits":
+        import grpo.batch
+
+        grpo.batch.head_weight = lambda model: None  # the head's own logits, as for a LoRA or 4-bit head
     times = []
     for k, batch in enumerate(batches):
         if k == 1:
             _reset_peak(device)
         batch = {name: v.to(device) for name, v in batch.items()}
         t0 = time.perf_counter()
-        with autocast(device):
+        with autocast(device), (SavedTally(model) if k == 0 else contextlib.nullcontext()) as tally:
             loss = loss_fn(model, batch) / int((batch["labels"][:, 1:] != -100).sum())
+        if k == 0:
+            saved = {name: b / 2**30 for name, b in tally.bytes.most_common()}
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,6 +156,8 @@ def worker(args: SFTStepArgs, device: str) -> dict:
     return {"way": args.worker, "seconds_per_step": sorted(times)[len(times) // 2], "peak_memory_gb": peak,
             "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
             "adamw_state_gb": 2 * sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "gradients_gb": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "saved_gb": saved,
             "tokens_per_step": sum(int(b["attention_mask"].sum()) for b in batches[1:]) / len(batches[1:]),
             "vocab_size": model.config.vocab_size, "loss": loss.item()}
 
@@ -127,22 +185,28 @@ def main(argv: list[str] | None = None) -> None:
             line = next(x for x in done.stdout.splitlines() if x.startswith("WORKER "))
             runs[way].append(json.loads(line[7:]))
     best = {way: min(r, key=lambda x: x["seconds_per_step"]) for way, r in runs.items()}
-    first = best["chunked"]
+    first = best["projected"]
     record = {"benchmark": "sft_step", "model": args.model, "device": device, "lora": args.lora,
               "batch_size": args.batch_size, "tokens_per_step": first["tokens_per_step"],
               "vocab_size": first["vocab_size"], "weights_gb": round(first["weights_gb"], 3),
               "adamw_state_gb": round(first["adamw_state_gb"], 3), "repeats": args.repeats,
               **{f"{way}_seconds_per_step": round(best[way]["seconds_per_step"], 3) for way in WAYS},
               **{f"{way}_peak_memory_gb": round(best[way]["peak_memory_gb"], 3) for way in WAYS},
-              "loss_difference": abs(best["chunked"]["loss"] - best["full"]["loss"]),
-              "speedup": round(best["full"]["seconds_per_step"] / best["chunked"]["seconds_per_step"], 2)}
+              "loss_difference": max(abs(best[way]["loss"] - best["full"]["loss"]) for way in WAYS),
+              "speedup": round(best["full"]["seconds_per_step"] / best["projected"]["seconds_per_step"], 2)}
     print(f"{args.model}{' + LoRA' if args.lora else ''} on {device}: batch {args.batch_size}, "
           f"{first['tokens_per_step']:.0f} tokens/step, vocabulary {first['vocab_size']}; weights "
           f"{first['weights_gb']:.3f} GB, AdamW state {first['adamw_state_gb']:.3f} GB")
     for way in WAYS:
         way_best = best[way]
-        print(f"  {way + ':':<9} {way_best['seconds_per_step']:7.3f} s/step, peak {way_best['peak_memory_gb']:.3f} GB")
-    print(f"  speedup:  {record['speedup']:.2f}x (fastest process of {args.repeats} each)")
+        saved = way_best["saved_gb"]
+        top = ", ".join(f"{name} {gb:.3f}" for name, gb in list(saved.items())[:5])
+        print(f"  {way + ':':<10} {way_best['seconds_per_step']:7.3f} s/step, "
+              f"peak {way_best['peak_memory_gb']:.3f} GB; "
+              f"saved for the backward {sum(saved.values()):.3f} GB (warm-up step: {top}), "
+              f"gradients {way_best['gradients_gb']:.3f} GB")
+        record[f"{way}_saved_gb"] = {name: round(gb, 6) for name, gb in saved.items()}
+    print(f"  speedup:   {record['speedup']:.2f}x, projected against full (fastest process of {args.repeats} each)")
     print("JSON " + json.dumps(record))
 
 

@@ -39,6 +39,44 @@ def test_step_benchmark():
         assert record[key] > 0, key
     assert record["processes"] == 1
     assert "forward+backward" in out
+    # the floor: a second run drew the same completions, its products were timed, and only the
+    # phases that multiply matrices have one
+    assert record["floor_steps_matched"] is True and "floor:" in out
+    assert record["matmul_gflop_per_step"] > 0 and 0 < record["floor_s"]
+    assert record["floor_share"] == pytest.approx(record["floor_s"] / record["median_time_per_step_s"], abs=2e-3)
+    for phase in ("generation", "reference", "backward"):
+        assert record[f"floor_{phase}_s"] > 0, phase
+    assert record["floor_optimizer_s"] == 0.0
+
+
+def test_matmul_counter_counts_each_product_by_step_and_phase():
+    from benchmarks.floor import MatmulCounter, floor, tagged_phases
+    from grpo.step import Timer
+
+    counter, timer = MatmulCounter(), Timer("cpu")
+    x, w = torch.randn(4, 8), torch.randn(16, 8)
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+    x @ w.T  # outside any phase: not counted
+    with tagged_phases(counter):
+        with timer("generation"):
+            x @ w.T  # 2 * 4 * 8 * 16 = 1,024 FLOPs
+            torch.bmm(torch.randn(3, 4, 8), torch.randn(3, 8, 2))  # 2 * 3 * 4 * 8 * 2 = 384
+            x + 1.0  # not a product
+        with timer("optimizer"):
+            pass
+        with timer("backward"):  # step 1: attention forward (2 products) and backward (5 products)
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    assert counter.step == 1 and counter.phase is None
+    assert Timer.__call__.__name__ == "__call__"  # the Timer is itself again
+    by_step_phase = {}
+    for (step, phase, sig), n in counter.counts.items():
+        by_step_phase[step, phase] = by_step_phase.get((step, phase), 0) + n * counter.flops[sig]
+    assert by_step_phase == {(0, "generation"): 1024 + 384, (1, "backward"): 2 * 2 * 5 * 5 * 4 * (2 + 5)}
+    result = floor(counter, range(2))
+    assert result["phases"]["generation"]["gflop"] == pytest.approx((1024 + 384) / 1e9 / 2)
+    assert result["timed_share_of_flops"] == 1.0 and result["timed_shapes"] == 4
+    assert all(p["floor_s"] > 0 for p in result["phases"].values())
+    assert floor(counter, range(1))["phases"].keys() == {"generation"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is not None,
@@ -99,10 +137,15 @@ def test_continuous_batching_benchmark():
                                               / record["static_tokens_per_s"]) <= 0.01
 
 
-def test_sft_step_benchmark_runs_both_ways_in_their_own_processes():
+def test_sft_step_benchmark_runs_each_way_in_its_own_process():
     out, record = run_json(["benchmarks.sft_step", "--model", "tiny", "--batch_size", "2", "--steps", "1",
                             "--device", "cpu"])
-    assert "chunked:" in out and "full:" in out
-    for way in ("chunked", "full"):
+    assert "projected:" in out and "logits:" in out and "full:" in out
+    for way in ("projected", "logits", "full"):
         assert record[f"{way}_seconds_per_step"] > 0 and record[f"{way}_peak_memory_gb"] > 0
-    assert record["loss_difference"] < 1e-4 and record["vocab_size"] == 512  # the same loss both ways
+    assert record["loss_difference"] < 1e-4 and record["vocab_size"] == 512  # the same loss every way
+    # what each way saves for the backward: the layers' activations, the logits (at the target
+    # positions, or an fp32 copy at every position) only where the head made them
+    projected, logits, full = (record[f"{way}_saved_gb"] for way in ("projected", "logits", "full"))
+    assert projected["Linear"] > 0 and logits["Linear"] > 0 and full["Linear"] > 0
+    assert full["loss"] > 2 * logits["loss"] > 2 * projected["loss"]
