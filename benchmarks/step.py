@@ -9,6 +9,10 @@ prints the median time_per_step_s, its split (generation, reference, forward+bac
 rollout tokens/s and peak memory, and one JSON line. `benchmarks.trl_step` times the same step under
 TRL, on the same model names.
 
+The floor (one process; skip it with --no_floor): the same steps run again under a counter of their
+matrix products, each distinct product is timed alone at its shapes (benchmarks/floor.py), and each
+phase's time is printed beside the time its matrix products alone take: the share of the floor reached.
+
 Data-parallel: `OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m benchmarks.step ...` runs
 the same steps with the prompts split across processes (times are the slowest rank's, tokens summed).
 """
@@ -30,6 +34,7 @@ class StepArgs(BenchArgs):
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1)
     lora: bool = flag(False, "LoRA instead of full fine-tuning")
     cuda_graphs: bool = flag(False, "rollouts replay the decode step from CUDA graphs")
+    floor: bool = flag(True, "skip the floor (a second, counted run of the steps)", name="--no_floor")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if not dist.is_main:
             return
         log = [json.loads(x) for x in (run / LOG_NAME).read_text().splitlines()]
+        counted = _counted_run(cfg, Path(tmp) / "counted", args.warmup) if args.floor and dist.world_size == 1 else None
     timed = log[args.warmup:]
     phases = {"time_per_step_s": "total", "generation_time_s": "generation", "reference_time_s": "reference",
               "backward_time_s": "forward+backward", "optimizer_time_s": "optimizer"}
@@ -79,7 +85,54 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  rollout           {record['median_rollout_tokens_per_s']:8.0f} tokens/s (median)")
     print(f"  peak memory       {record['peak_memory_gb']:8.3f} GB "
           f"(reserved {record['peak_memory_reserved_gb']:.3f} GB)")
+    if counted is not None:
+        record.update(_print_floor(counted, timed, record, phases))
     print_json(record)
+
+
+def _counted_run(cfg: object, out: object, warmup: int) -> tuple[dict, list[dict]]:
+    """The same steps again (same seed: the same completions) with every matrix product counted; the
+    floor over the timed steps, and this run's log (to check the steps matched)."""
+    import dataclasses
+    import json
+
+    from benchmarks.floor import MatmulCounter, floor, tagged_phases
+    from grpo.trainer import LOG_NAME, train_grpo
+
+    cfg = dataclasses.replace(cfg, grpo_output=str(out))
+    counter = MatmulCounter()
+    with tagged_phases(counter):
+        train_grpo(cfg)
+    log = [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
+    return floor(counter, range(warmup, cfg.max_steps)), log[warmup:]
+
+
+def _print_floor(counted: tuple[dict, list[dict]], timed: list[dict], record: dict, phases: dict[str, str]) -> dict:
+    """Each phase's median time beside its matrix products' time alone; the JSON fields."""
+    result, counted_log = counted
+    same = [x["completion_len_mean"] for x in counted_log] == [x["completion_len_mean"] for x in timed]
+    names = {"generation_time_s": "generation", "reference_time_s": "reference", "backward_time_s": "backward",
+             "optimizer_time_s": "optimizer"}
+    fields: dict = {"floor_steps_matched": same, "floor_timed_share_of_flops": result["timed_share_of_flops"]}
+    print(f"  floor: each phase's matrix products timed alone at their shapes "
+          f"({result['timed_shapes']} shapes, {result['timed_share_of_flops']:.0%} of the FLOPs; the rest at "
+          f"their op's rate){'' if same else '  [the counted run drew other completions: approximate]'}")
+    print(f"  {'':<17} {'time':>8} {'floor':>8} {'share':>6} {'GFLOP':>8}")
+    total_floor = total_flop = 0.0
+    for key, phase in names.items():
+        p = result["phases"].get(phase, {"gflop": 0.0, "floor_s": 0.0})
+        t = record[f"median_{key}"]
+        total_floor, total_flop = total_floor + p["floor_s"], total_flop + p["gflop"]
+        print(f"  {phases[key]:<17} {t:8.3f} {p['floor_s']:8.3f} {p['floor_s'] / t if t else 0:6.0%} {p['gflop']:8.1f}")
+        fields[f"floor_{phase}_s"] = round(p["floor_s"], 4)
+    t = record["median_time_per_step_s"]
+    print(f"  {'total':<17} {t:8.3f} {total_floor:8.3f} {total_floor / t:6.0%} {total_flop:8.1f}")
+    for shape in result["top_shapes"]:
+        print(f"    {shape['op']} {shape['shapes']}: {shape['share_of_flops']:.0%} of the FLOPs, "
+              f"{shape['gflop_per_s']:.0f} GFLOP/s alone")
+    fields.update(floor_s=round(total_floor, 4), floor_share=round(total_floor / t, 3),
+                  matmul_gflop_per_step=round(total_flop, 2), floor_top_shapes=result["top_shapes"])
+    return fields
 
 
 if __name__ == "__main__":
