@@ -94,7 +94,7 @@ class _ProjectedLogSoftmax(torch.autograd.Function):
                 e = (z - new_top[:, None]).exp_()
                 total = total * rescale + e.sum(-1)
                 if with_entropy:
-                    weighted = weighted * rescale + (e * z).sum(-1)
+                    weighted = weighted * rescale + torch.linalg.vecdot(e, z)  # sum e * z, no [N, chunk] product
                 top = new_top
                 inside = (ids >= v) & (ids < v + z.shape[1])
                 target = torch.where(inside, z.gather(-1, (ids - v).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1),
