@@ -152,11 +152,11 @@ def worker(args: SFTStepArgs, device: str) -> dict:
         if k > 0:
             times.append(time.perf_counter() - t0)
     cuda = device.startswith("cuda")
+    trained_gb = sum(p.numel() * p.element_size() for p in params) / 2**30  # one gradient, two AdamW moments each
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else _rss_gb("VmHWM")
     return {"way": args.worker, "seconds_per_step": sorted(times)[len(times) // 2], "peak_memory_gb": peak,
             "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-            "adamw_state_gb": 2 * sum(p.numel() * p.element_size() for p in params) / 2**30,
-            "gradients_gb": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "adamw_state_gb": 2 * trained_gb, "gradients_gb": trained_gb,
             "saved_gb": saved,
             "tokens_per_step": sum(int(b["attention_mask"].sum()) for b in batches[1:]) / len(batches[1:]),
             "vocab_size": model.config.vocab_size, "loss": loss.item()}

@@ -111,15 +111,14 @@ def _print_floor(counted: tuple[dict, list[dict]], timed: list[dict], record: di
     """Each phase's median time beside its matrix products' time alone; the JSON fields."""
     result, counted_log = counted
     same = [x["completion_len_mean"] for x in counted_log] == [x["completion_len_mean"] for x in timed]
-    names = {"generation_time_s": "generation", "reference_time_s": "reference", "backward_time_s": "backward",
-             "optimizer_time_s": "optimizer"}
     fields: dict = {"floor_steps_matched": same, "floor_timed_share_of_flops": result["timed_share_of_flops"]}
     print(f"  floor: each phase's matrix products timed alone at their shapes "
           f"({result['timed_shapes']} shapes, {result['timed_share_of_flops']:.0%} of the FLOPs; the rest at "
           f"their op's rate){'' if same else '  [the counted run drew other completions: approximate]'}")
     print(f"  {'':<17} {'time':>8} {'floor':>8} {'share':>6} {'GFLOP':>8}")
     total_floor = total_flop = 0.0
-    for key, phase in names.items():
+    for key in [k for k in phases if k != "time_per_step_s"]:
+        phase = key.removesuffix("_time_s")  # the log's phase times are named after grpo.step.Timer's phases
         p = result["phases"].get(phase, {"gflop": 0.0, "floor_s": 0.0})
         t = record[f"median_{key}"]
         total_floor, total_flop = total_floor + p["floor_s"], total_flop + p["gflop"]

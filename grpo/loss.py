@@ -145,16 +145,19 @@ def projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Te
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     H, N = hidden.shape[-1], ids.numel()
-    elements = CPU_CHUNK_ELEMENTS if device == "cpu" else GPU_CHUNK_ELEMENTS
-    chunk = chunk_columns or max(1024, elements // max(N, 1))
+    chunk = chunk_columns or max(1024, _chunk_elements(hidden) // max(N, 1))
     logp, entropy = _ProjectedLogSoftmax.apply(hidden.reshape(-1, H), weight, ids.reshape(-1), temperature, chunk,
                                                with_entropy, dtype)
     return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
 
 
+def _chunk_elements(x: torch.Tensor) -> int:
+    """How many logits one chunk may hold on `x`'s device."""
+    return CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
 def _chunk(logits: torch.Tensor, chunk_positions: int | None) -> int:
-    elements = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS
-    return chunk_positions or max(1, elements // logits.shape[-1])
+    return chunk_positions or max(1, _chunk_elements(logits) // logits.shape[-1])
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
