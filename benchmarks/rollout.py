@@ -3,6 +3,7 @@
     python -m benchmarks.rollout --model tiny --prompts 4 --num_generations 8 --max_new_tokens 128
     python -m benchmarks.rollout --model random:Qwen/Qwen3-0.6B --prompts 4 --num_generations 4 --device cuda
     python -m benchmarks.rollout --model tiny --lora   (a LoRA-wrapped model, as GRPO --lora rolls out)
+    python -m benchmarks.rollout --model random:meta-llama/Llama-3.2-1B-Instruct --dtype bfloat16 --device cpu
 
 Both are forced to exactly --max_new_tokens new tokens per sequence (no early stop), timed alternately
 over --repeats runs after a warm-up of each; prints tokens/s of each, the ratio, peak memory, and one
@@ -53,6 +54,8 @@ class RolloutArgs(BenchArgs):
     temperature: float = flag(0.7, "sampling temperature (0: greedy)", low=0)
     top_p: float = flag(1.0, "nucleus threshold", above=0, high=1)
     repeats: int = flag(3, "timed runs of each, alternated", low=1)
+    dtype: str | None = flag(None, "the model's dtype, float32 or bfloat16, for both sides (default: bf16 on CUDA, "
+                                   "fp32 on the CPU)", choices=("float32", "bfloat16"))
     lora: bool = flag(False, "wrap the model in rank-16 LoRA adapters (non-zero B)")
     count_launches: bool = flag(False, "also count kernel launches per decode step (CPU: aten ops per step) with "
                                        "torch.profiler")
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     from sampling.engine import left_pad
 
     device = args.device or default_device()
-    model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device,
+                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
     if args.lora:
         from models.lora import add_lora
 

@@ -86,6 +86,19 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+FEW_ROWS = 32  # up to this many rows, the CPU's products go as (w @ x.T).T
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for rows x [B, in] and a weight w [out, in]. On the CPU, for a few rows, as (w @ x.T).T:
+    there MKL's sgemm runs x @ w.T well below the rate of reading the weight, and w @ x.T near it
+    (Llama-3.2-1B's products at 8 rows: 620 against 400 ms a step here); from ~32 rows on x @ w.T is
+    as fast or faster (2x at 64 rows on a vocabulary head)."""
+    if x.is_cuda or x.shape[0] > FEW_ROWS:
+        return x @ w.T
+    return torch.mm(w, x.T).T.contiguous()
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -181,7 +194,7 @@ class DecodeWeights:
         bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # [B, 1, 1, width]
         h = self.embed[token]  # [B, hidden]
         for i, (ln1, wqkv, bqkv, qk_norm, wo, ln2, wgu, wdown) in enumerate(self.layers):
-            qkv = _rms(h, ln1, self.eps) @ wqkv.T
+            qkv = _linear(_rms(h, ln1, self.eps), wqkv)
             if bqkv.numel():  # Qwen2
                 qkv = qkv + bqkv
             qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
@@ -198,10 +211,10 @@ class DecodeWeights:
             # one query per row: grouped heads as a [B, KV, H/KV, D] x [B, KV, D, width] product
             scores = (qk[:, :H].reshape(B, KV, H // KV, D) @ ks.transpose(-1, -2)) * self.head_dim**-0.5
             probs = torch.softmax(scores.float() + bias, dim=-1).to(vs.dtype)
-            h = h + (probs @ vs).reshape(B, H * D) @ wo.T
-            gate, up = (_rms(h, ln2, self.eps) @ wgu.T).chunk(2, dim=-1)
-            h = h + (F.silu(gate) * up) @ wdown.T
-        return _rms(h, self.norm, self.eps) @ self.lm_head.T
+            h = h + _linear((probs @ vs).reshape(B, H * D), wo)
+            gate, up = _linear(_rms(h, ln2, self.eps), wgu).chunk(2, dim=-1)
+            h = h + _linear(F.silu(gate) * up, wdown)
+        return _linear(_rms(h, self.norm, self.eps), self.lm_head)
 
 
 class DecodeState:

@@ -21,10 +21,11 @@ def run_json(args):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_rollout_benchmark(lora):
-    extra = ["--lora"] if lora else []
+    extra = ["--lora", "--dtype", "bfloat16"] if lora else []  # both sides' model in bf16 (CPUs with bf16 products)
     out, record = run_json(["benchmarks.rollout", "--model", "tiny", "--prompts", "2", "--num_generations", "2",
                             "--max_new_tokens", "8", "--repeats", "1", "--device", "cpu", *extra])
     assert "speedup" in out and record["lora"] is lora
+    assert record["dtype"] == ("bfloat16" if lora else "float32")
     assert record["ours_tokens_per_s"] > 0 and record["generate_tokens_per_s"] > 0
     assert abs(record["speedup"] - record["ours_tokens_per_s"] / record["generate_tokens_per_s"]) <= 0.01
 

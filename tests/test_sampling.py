@@ -330,6 +330,21 @@ def _tensor_bytes(obj) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8, 32, 33])
+def test_the_decode_steps_cpu_product_is_x_times_w_transposed(rows, dtype):
+    """The lean step's products on the CPU go as (w @ x.T).T up to FEW_ROWS rows (faster there), as
+    x @ w.T above: the same values either way, handed on contiguous (the logits' row-wise sampling
+    passes and views rely on it)."""
+    from sampling.fast_decode import _linear
+
+    x, w = torch.randn(rows, 96, dtype=dtype), torch.randn(200, 96, dtype=dtype)
+    out = _linear(x, w)
+    assert out.is_contiguous() and out.shape == (rows, 200) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), (x.float() @ w.float().T), atol=0.2 if dtype == torch.bfloat16 else 1e-4,
+                               rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_decode_weights_copy_a_tied_embedding_once(tiny_model):
     """bf16 decode weights of an fp32 model: one copy of each weight, the tied embedding serving as the
     output head too (Qwen3-0.6B: ~300 MB saved), q/k norms expanded to one [H + KV, D] weight a layer."""
