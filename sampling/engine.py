@@ -50,34 +50,35 @@ def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
-def _padded_width(V: int) -> int:
-    """Vocabulary width rounded up to whole blocks when the draw goes in two levels."""
-    return V if V <= 2 * BLOCK else -(-V // BLOCK) * BLOCK
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one index per row of `weights` [B, W] (>= 0, unnormalized), drawn with probability proportional to
+    its weight, each row's total weight [B, 1]), from one uniform per row (torch.multinomial draws one
+    random number per entry on CPU).
 
-
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of `weights` [B, W] (>= 0, unnormalized), with probability proportional to
-    its weight, from one uniform per row (torch.multinomial draws one random number per entry on CPU).
-
-    Wide rows (W a multiple of BLOCK) go by inverse CDF in two levels: pick a block from the block
-    sums, then the entry inside it, so no cumulative sum runs over the whole 151,936-entry vocabulary."""
+    Wide rows go by inverse CDF in two levels: pick a block of BLOCK entries (the last one may be short)
+    from the block sums, then the entry inside it, so no cumulative sum runs over the whole
+    151,936-entry vocabulary."""
     B, W = weights.shape
     u = torch.rand((B, 1), device=weights.device, generator=generator, dtype=weights.dtype)
     u.clamp_(min=torch.finfo(u.dtype).tiny)  # rand can return 0.0, which would pick a leading zero-weight entry
-    if W <= 2 * BLOCK:
+    n = W // BLOCK
+    if n < 2:
         cdf = weights.cumsum(-1)
-        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=W - 1)
-    blocks = weights.view(B, W // BLOCK, BLOCK)
-    sums = blocks.sum(-1)
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=W - 1), cdf[:, -1:]
+    sums = weights[:, : n * BLOCK].view(B, n, BLOCK).sum(-1)
+    if W > n * BLOCK:
+        sums = torch.cat([sums, weights[:, n * BLOCK:].sum(-1, keepdim=True)], dim=-1)
     cdf = sums.cumsum(-1)
-    u = u * cdf[:, -1:]
-    b = torch.searchsorted(cdf, u).clamp_(max=W // BLOCK - 1)  # [B, 1]
-    inner = blocks.gather(1, b[:, :, None].expand(B, 1, BLOCK)).squeeze(1).cumsum(-1)  # [B, BLOCK]
+    total = cdf[:, -1:]
+    u = u * total
+    b = torch.searchsorted(cdf, u).clamp_(max=sums.shape[1] - 1)  # [B, 1]
+    columns = b * BLOCK + torch.arange(BLOCK, device=weights.device)  # [B, BLOCK], past W in a short block
+    inner = weights.gather(1, columns.clamp(max=W - 1)).masked_fill_(columns >= W, 0.0).cumsum(-1)
     # what is left of u inside the block, kept within (0, block total] against rounding so the pick
-    # never lands on a zero-weight entry at either end
+    # never lands on a zero-weight entry at either end (nor past the end of a short block)
     left = (u - (cdf.gather(1, b) - sums.gather(1, b))).clamp_(min=torch.finfo(weights.dtype).tiny)
     j = torch.searchsorted(inner, torch.minimum(left, inner[:, -1:]))
-    return (b * BLOCK + j).squeeze(-1)
+    return (b * BLOCK + j).squeeze(-1), total
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
@@ -106,19 +107,19 @@ def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
         logits = logits.float()
         token = _argmax(logits)
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    z = logits.float() / temperature
-    top = z.amax(dim=-1, keepdim=True)
-    B, V = z.shape
-    padded = torch.empty((B, _padded_width(V)), dtype=torch.float32, device=z.device)
-    padded[:, V:] = 0.0
-    weights = torch.sub(z, top, out=padded[:, :V]).exp_()  # softmax * total, never overflows
-    total = weights.sum(dim=-1, keepdim=True)
+    logits = logits.float()
+    top = logits.amax(dim=-1, keepdim=True)
+    # softmax(logits / T) * total as (logits - top) / T in one pass, then exp in place: never overflows
+    weights = torch.add(top / -temperature, logits, alpha=1 / temperature).exp_()
     if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        total = weights.sum(dim=-1, keepdim=True)
         sorted_w, order = weights.sort(dim=-1, descending=True)
         sorted_w.masked_fill_(sorted_w.cumsum(-1) - sorted_w >= top_p * total, 0.0)
         weights.scatter_(-1, order, sorted_w)
-    token = _draw(padded, generator)
-    logp = (z.gather(-1, token[:, None]) - top - total.log()).squeeze(-1)
+        token = _draw(weights, generator)[0]
+    else:
+        token, total = _draw(weights, generator)
+    logp = ((logits.gather(-1, token[:, None]) - top) / temperature - total.log()).squeeze(-1)
     return token, logp
 
 

@@ -94,16 +94,18 @@ def test_two_level_argmax_is_argmax_ties_and_short_last_block_included(V):
         assert torch.equal(_argmax(x), x.argmax(dim=-1))
 
 
-def test_two_level_draw_follows_the_weights_over_a_large_vocabulary():
-    # 3 blocks of 1,024 entries; mass spread over all three blocks, zero-weight
-    # entries on both sides of each block edge that must never be drawn
-    V, n = 3072, 40_000
+@pytest.mark.parametrize("V", [3072, 2600])
+def test_two_level_draw_follows_the_weights_over_a_large_vocabulary(V):
+    # 3 blocks of 1,024 entries (or a short third one, as 151,936 = 148 x 1,024 + 384); mass spread over
+    # all three blocks, zero-weight entries on both sides of each block edge that must never be drawn
+    n = 40_000
     weights = torch.zeros(V)
-    picks = {3: 1.0, 1023: 2.0, 1025: 1.0, 2047: 0.5, 2048: 3.0, 2999: 2.5}
+    picks = {3: 1.0, 1023: 2.0, 1025: 1.0, 2047: 0.5, 2048: 3.0, V - 1: 2.5}
     for i, w in picks.items():
         weights[i] = w
     gen = torch.Generator().manual_seed(0)
-    drawn = _draw(weights.repeat(n, 1), gen)
+    drawn, total = _draw(weights.repeat(n, 1), gen)
+    assert torch.allclose(total, torch.full((n, 1), 10.0))
     freq = torch.bincount(drawn, minlength=V).float() / n
     assert set(drawn.unique().tolist()) == set(picks)
     for i, w in picks.items():
@@ -116,8 +118,8 @@ def test_draw_never_picks_a_zero_weight_entry_when_rand_returns_zero(monkeypatch
     small = torch.tensor([[0.0, 0.0, 2.0, 1.0]])
     large = torch.zeros(1, 3072)
     large[0, 1500] = 1.0  # block 0 has no mass at all
-    assert _draw(small, None).tolist() == [2]
-    assert _draw(large, None).tolist() == [1500]
+    assert _draw(small, None)[0].tolist() == [2]
+    assert _draw(large, None)[0].tolist() == [1500]
 
 
 def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
@@ -332,15 +334,16 @@ def _tensor_bytes(obj) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 8, 32, 33])
-def test_the_decode_steps_cpu_product_is_x_times_w_transposed(rows, dtype):
+@pytest.mark.parametrize("out_features", [200, 9000])  # one piece of the transposing copy, or three
+def test_the_decode_steps_cpu_product_is_x_times_w_transposed(rows, dtype, out_features):
     """The lean step's products on the CPU go as (w @ x.T).T up to FEW_ROWS rows (faster there), as
     x @ w.T above: the same values either way, handed on contiguous (the logits' row-wise sampling
     passes and views rely on it)."""
     from sampling.fast_decode import _linear
 
-    x, w = torch.randn(rows, 96, dtype=dtype), torch.randn(200, 96, dtype=dtype)
+    x, w = torch.randn(rows, 96, dtype=dtype), torch.randn(out_features, 96, dtype=dtype)
     out = _linear(x, w)
-    assert out.is_contiguous() and out.shape == (rows, 200) and out.dtype == dtype
+    assert out.is_contiguous() and out.shape == (rows, out_features) and out.dtype == dtype
     torch.testing.assert_close(out.float(), (x.float() @ w.float().T), atol=0.2 if dtype == torch.bfloat16 else 1e-4,
                                rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
 
