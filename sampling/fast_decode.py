@@ -1,14 +1,17 @@
 """A lean decode step on the model's own weights: one token per row, no module overhead.
 
 Three families share it: Qwen3 (q/k RMS norm), Qwen2/Qwen2.5 (q/k/v biases) and Llama (Llama-2/3,
-SmolLM2; Llama-3's rope scaling is in the rotary inv_freq the model built). Per layer the q/k/v and
-gate/up projections are fused into one matmul each; keys and values live in preallocated
-[B, kv_heads, slots, head_dim] buffers filled in place; attention reads only the slots written so far.
-Used for full-precision models of those families, with or without LoRA adapters; 4-bit and other
-models take the `transformers` forward. Weights are gathered once per rollout, so they follow training
-updates. LoRA adapters are merged into these rollout copies (W + scale * B @ A), never into the model's
-own weights: no merge/unmerge round trip that would drift bf16 weights, and no per-token adapter cost.
-A tied embedding (Qwen3-0.6B's) is copied once and serves as the output head too.
+SmolLM2; Llama-3's rope scaling is in the rotary inv_freq the model built). On CUDA, per layer the
+q/k/v and gate/up projections are fused into one matmul each (fewer launches); on the CPU they stay
+apart and the step reads the model's own weights where the dtype matches (no copy: the products read
+the same bytes either way, and a 1B model's 4 GB of layer copies cost time and memory every rollout).
+Keys and values live in preallocated [B, kv_heads, slots, head_dim] buffers filled in place; attention
+reads only the slots written so far. Used for full-precision models of those families, with or without
+LoRA adapters; 4-bit and other models take the `transformers` forward. Weights are gathered once per
+rollout, so they follow training updates. LoRA adapters are merged into these rollout copies
+(W + scale * B @ A), never into the model's own weights: no merge/unmerge round trip that would drift
+bf16 weights, and no per-token adapter cost. A tied embedding (Qwen3-0.6B's) is copied once and serves
+as the output head too.
 """
 
 from __future__ import annotations
@@ -86,17 +89,27 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+Weight = torch.Tensor | tuple[torch.Tensor, ...]  # one weight, or the pieces of a fused one, kept apart
+
+
+def _pieces(item: Weight) -> tuple[torch.Tensor, ...]:
+    return item if isinstance(item, tuple) else (item,)
+
+
 FEW_ROWS = 32  # up to this many rows, the CPU's products go as (w @ x.T).T
 COPY_COLUMNS = 4096  # columns per piece of that product's transposing copy
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ w.T for rows x [B, in] and a weight w [out, in]. On the CPU, for a few rows, as (w @ x.T).T:
     there MKL's sgemm runs x @ w.T well below the rate of reading the weight, and w @ x.T near it
     (Llama-3.2-1B's products at 8 rows: 620 against 400 ms a step here); from ~32 rows on x @ w.T is
     as fast or faster (2x at 64 rows on a vocabulary head). The [out, B] product is copied to [B, out]
     a few thousand columns at a time: in one piece, the transposing copy of a vocabulary's logits
-    takes 12x a plain copy (6 ms for 16 x 151,936), in cache-sized pieces about a third of that."""
+    takes 12x a plain copy (6 ms for 16 x 151,936), in cache-sized pieces about a third of that.
+    A tuple of weights (unfused q/k/v or gate/up) gives their outputs side by side, as the fused one would."""
+    if isinstance(w, tuple):
+        return torch.cat([_linear(x, piece) for piece in w], dim=-1)
     if x.is_cuda or x.shape[0] > FEW_ROWS:
         return x @ w.T
     product = torch.mm(w, x.T)  # [out, B]
@@ -115,18 +128,20 @@ def _tied(model: Any) -> bool:
     return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def _sources(model: Any) -> Iterator[torch.Tensor]:
+def _sources(model: Any, fuse: bool) -> Iterator[Weight]:
     """The decode step's weights in a fixed order, one at a time (a fused one is built only when asked
     for), as the model holds them: per layer ln1, wqkv, bqkv, qk_norm, wo, ln2, wgate_up, wdown; then
-    the embedding, the final norm and (untied models only) the head. A family without q/k/v biases or
-    q/k norms yields an empty tensor in their place."""
+    the embedding, the final norm and (untied models only) the head. Without `fuse`, wqkv and wgate_up
+    come as tuples of the model's own weights (adapters merged). A family without q/k/v biases or q/k
+    norms yields an empty tensor in their place."""
     cfg = model.config
     w = effective_weight
     empty = torch.empty(0, device=model.model.embed_tokens.weight.device)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         yield layer.input_layernorm.weight
-        yield torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)])
+        qkv = (w(a.q_proj), w(a.k_proj), w(a.v_proj))
+        yield torch.cat(qkv) if fuse else qkv
         biases = [_bias(x) for x in (a.q_proj, a.k_proj, a.v_proj)]
         yield empty if all(b is None for b in biases) else torch.cat(
             [b if b is not None else torch.zeros(x.out_features, device=empty.device)
@@ -136,7 +151,8 @@ def _sources(model: Any) -> Iterator[torch.Tensor]:
             [a.q_norm.weight.expand(cfg.num_attention_heads, -1), a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
         yield w(a.o_proj)
         yield layer.post_attention_layernorm.weight
-        yield torch.cat([w(m.gate_proj), w(m.up_proj)])
+        gate_up = (w(m.gate_proj), w(m.up_proj))
+        yield torch.cat(gate_up) if fuse else gate_up
         yield w(m.down_proj)
     yield model.model.embed_tokens.weight
     yield model.model.norm.weight
@@ -145,7 +161,7 @@ def _sources(model: Any) -> Iterator[torch.Tensor]:
 
 
 class DecodeWeights:
-    """Decode-step weights of `model` in `dtype` (fused copies) and the shapes they need."""
+    """Decode-step weights of `model` in `dtype` (fused copies on CUDA) and the shapes they need."""
 
     PER_LAYER = 8
 
@@ -157,8 +173,10 @@ class DecodeWeights:
         self.dtype = dtype
         self.inv_freq = model.model.rotary_emb.inv_freq.float()
         self.scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
+        self.fused = model.model.embed_tokens.weight.is_cuda
         with torch.no_grad():
-            flat = [t.to(dtype) for t in _sources(model)]
+            flat = [tuple(t.to(dtype) for t in item) if isinstance(item, tuple) else item.to(dtype)
+                    for item in _sources(model, self.fused)]
         n = len(model.model.layers) * self.PER_LAYER
         self.layers = [tuple(flat[i: i + self.PER_LAYER]) for i in range(0, n, self.PER_LAYER)]
         self.embed, self.norm = flat[n], flat[n + 1]
@@ -166,14 +184,15 @@ class DecodeWeights:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every weight the step reads, each once, in `_sources`' order."""
-        out = [t for layer in self.layers for t in layer] + [self.embed, self.norm]
+        out = [t for layer in self.layers for item in layer for t in _pieces(item)] + [self.embed, self.norm]
         return out if self.lm_head is self.embed else out + [self.lm_head]
 
     @torch.no_grad()
     def load(self, model: Any) -> None:
         """Copy `model`'s current weights (adapters merged) into these tensors in place: the same
         addresses, so CUDA graphs captured on them stay valid, and no second set is ever held."""
-        for dst, src in zip(self.tensors(), _sources(_base(model)), strict=True):
+        sources = (t for item in _sources(_base(model), self.fused) for t in _pieces(item))
+        for dst, src in zip(self.tensors(), sources, strict=True):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
 

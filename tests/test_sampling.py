@@ -362,6 +362,21 @@ def test_decode_weights_copy_a_tied_embedding_once(tiny_model):
     assert fast.lm_head.data_ptr() == fast.embed.data_ptr()
 
 
+def test_cpu_decode_weights_in_the_models_dtype_are_the_models_own(tiny_model):
+    """On the CPU, q/k/v and gate/up stay apart (no fused copy): in the model's dtype every weight the
+    step reads is one of the model's own parameters, so a rollout copies no weights at all."""
+    from sampling.fast_decode import DecodeWeights
+
+    fast = DecodeWeights(tiny_model, torch.float32)
+    assert not fast.fused
+    params = {p.data_ptr() for p in tiny_model.parameters()}
+    matrices = [fast.embed, fast.lm_head]
+    for _ln1, wqkv, _bqkv, _qk_norm, wo, _ln2, wgate_up, wdown in fast.layers:
+        assert len(wqkv) == 3 and len(wgate_up) == 2
+        matrices += [*wqkv, wo, *wgate_up, wdown]
+    assert all(t.data_ptr() in params for t in matrices)
+
+
 def test_prefill_leaves_no_autocast_weight_copies_behind(tiny_model, tiny_tokenizer, prompts):
     """Under the trainer's bf16 autocast (CUDA's policy, forced on the CPU) the prefill casts every fp32
     weight to bf16; autocast would keep those casts cached until the trainer's autocast ends, i.e. through
