@@ -50,6 +50,17 @@ def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def _per_block(x: torch.Tensor, reduce: Any) -> torch.Tensor:
+    """`reduce` (torch.sum or torch.amax) over each BLOCK of x's [B, V] columns, the last block possibly
+    short: [B, ceil(V / BLOCK)]. A view of the whole blocks, no padded copy."""
+    B, V = x.shape
+    n = V // BLOCK
+    out = reduce(x[:, : n * BLOCK].view(B, n, BLOCK), dim=-1)
+    if V > n * BLOCK:
+        out = torch.cat([out, reduce(x[:, n * BLOCK:], dim=-1, keepdim=True)], dim=-1)
+    return out
+
+
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(one index per row of `weights` [B, W] (>= 0, unnormalized), drawn with probability proportional to
     its weight, each row's total weight [B, 1]), from one uniform per row (torch.multinomial draws one
@@ -61,13 +72,10 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[tor
     B, W = weights.shape
     u = torch.rand((B, 1), device=weights.device, generator=generator, dtype=weights.dtype)
     u.clamp_(min=torch.finfo(u.dtype).tiny)  # rand can return 0.0, which would pick a leading zero-weight entry
-    n = W // BLOCK
-    if n < 2:
+    if W < 2 * BLOCK:
         cdf = weights.cumsum(-1)
         return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=W - 1), cdf[:, -1:]
-    sums = weights[:, : n * BLOCK].view(B, n, BLOCK).sum(-1)
-    if W > n * BLOCK:
-        sums = torch.cat([sums, weights[:, n * BLOCK:].sum(-1, keepdim=True)], dim=-1)
+    sums = _per_block(weights, torch.sum)
     cdf = sums.cumsum(-1)
     total = cdf[:, -1:]
     u = u * total
@@ -85,14 +93,10 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the CPU's
     argmax runs on one thread (2.8 ms for 16 x 151,936 here), its max over blocks is vectorized, so
     find the first block holding the row's maximum, then the maximum inside it (~0.5 ms)."""
-    B, V = x.shape
-    n = V // BLOCK
-    if n < 2:
+    V = x.shape[1]
+    if V < 2 * BLOCK:
         return x.argmax(dim=-1)
-    maxima = x[:, : n * BLOCK].view(B, n, BLOCK).amax(dim=-1)  # [B, n]
-    if V > n * BLOCK:
-        maxima = torch.cat([maxima, x[:, n * BLOCK:].amax(dim=-1, keepdim=True)], dim=-1)
-    b = maxima.argmax(dim=-1, keepdim=True)  # the first block holding the maximum
+    b = _per_block(x, torch.amax).argmax(dim=-1, keepdim=True)  # the first block holding the maximum
     # that block's columns (the short last block repeats its final column after it: never first)
     columns = (b * BLOCK + torch.arange(BLOCK, device=x.device)).clamp_(max=V - 1)
     return columns.gather(1, x.gather(1, columns).argmax(dim=-1, keepdim=True)).squeeze(-1)
