@@ -10,6 +10,8 @@
 # replaced (the preset is a demo; use train_sft.py/train_grpo.py with --resume for long runs).
 # DATASET (a data file, a folder with train/test files, or a hub dataset id; README, Your own data) and
 # QUESTION_FIELD / ANSWER_FIELD / SOLUTION_FIELD run the stages on your own data (SFT needs solutions).
+# SEED (default 42) seeds SFT's and GRPO's data order and sampling; the same SEED on the same machine
+# gives the same figures to the last digit, another SEED (or machine) shows the run-to-run spread.
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=real
@@ -18,11 +20,15 @@ for arg in "$@"; do
   case "$arg" in
     --tiny) preset=tiny ;;
     --smoke) smoke=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $arg (use --tiny, or nothing for the real recipe)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-./runs/$preset}
+SEED=${SEED:-42}
+case "$SEED" in
+  ''|*[!0-9]*) echo "error: SEED must be a whole number >= 0 (got '$SEED')" >&2; exit 2 ;;
+esac
 
 scripts/setup.sh
 PY=.venv/bin/python
@@ -101,9 +107,9 @@ evaluate() {  # evaluate <model>
 }
 stage reward-selftest $PY -m rewards
 # SFT and GRPO print a progress line every tenth of their steps (output is not a terminal here)
-stage sft  $PY train_sft.py  "${SFT_DATA[@]}" "${SFT[@]}" --sft_output "$OUT/sft" --overwrite
-stage grpo $PY train_grpo.py "${GRPO_DATA[@]}" "${GRPO[@]}" --sft_output "$OUT/sft" --grpo_output "$OUT/grpo" \
-  --overwrite
+stage sft  $PY train_sft.py  "${SFT_DATA[@]}" "${SFT[@]}" --seed "$SEED" --sft_output "$OUT/sft" --overwrite
+stage grpo $PY train_grpo.py "${GRPO_DATA[@]}" "${GRPO[@]}" --seed "$SEED" --sft_output "$OUT/sft" \
+  --grpo_output "$OUT/grpo" --overwrite
 evaluate sft
 evaluate grpo
 models=(sft grpo)
@@ -111,7 +117,7 @@ if [ -n "${MORE_SFT_STEPS:-}" ]; then
   # Is it GRPO, or just more training? The SFT model trained on, on all the worked solutions there are,
   # for at least as long as GRPO ran (both stage times are printed), evaluated the same way.
   stage sft-more $PY train_sft.py "${SFT_DATA[@]}" "${SFT[@]}" --model_name "$OUT/sft" --max_steps "$MORE_SFT_STEPS" \
-    ${MORE_SFT_LR:+--learning_rate "$MORE_SFT_LR"} --sft_output "$OUT/sft_more" --overwrite
+    ${MORE_SFT_LR:+--learning_rate "$MORE_SFT_LR"} --seed "$SEED" --sft_output "$OUT/sft_more" --overwrite
   evaluate sft_more
   models+=(sft_more)
 fi

@@ -135,6 +135,13 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def is_measured(field: str) -> bool:
+    """Whether a log field is measured (wall times, rates, memory, the timestamp) rather than computed. The
+    computed ones are the same, to the bit, when the same command runs again on the same machine
+    (tests/test_determinism.py); the measured ones never are."""
+    return "time" in field or field.endswith("_per_s") or field.startswith("peak_memory")
+
+
 class JsonlLog:
     """One JSON line per step, flushed at once; non-finite floats are written as null."""
 

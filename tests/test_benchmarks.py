@@ -30,6 +30,7 @@ def test_rollout_benchmark(lora):
     assert abs(record["speedup"] - record["ours_tokens_per_s"] / record["generate_tokens_per_s"]) <= 0.01
 
 
+@pytest.mark.slow  # 10-16 s: a benchmark CLI end to end, in several processes
 def test_step_benchmark():
     out, record = run_json(["benchmarks.step", "--model", "tiny", "--max_new_tokens", "8", "--steps", "2",
                             "--warmup", "1", "--device", "cpu"])
@@ -107,6 +108,7 @@ def test_cuda_checks_without_a_gpu_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 10-16 s: a benchmark CLI end to end, in several processes
 def test_rollout_benchmark_counts_work_per_decode_step():
     out, record = run_json(["benchmarks.rollout", "--model", "tiny", "--prompts", "2", "--num_generations", "2",
                             "--max_new_tokens", "8", "--repeats", "1", "--device", "cpu", "--count_launches"])
@@ -138,6 +140,7 @@ def test_continuous_batching_benchmark():
                                               / record["static_tokens_per_s"]) <= 0.01
 
 
+@pytest.mark.slow  # 10-16 s: a benchmark CLI end to end, in several processes
 def test_sft_step_benchmark_runs_each_way_in_its_own_process():
     out, record = run_json(["benchmarks.sft_step", "--model", "tiny", "--batch_size", "2", "--steps", "1",
                             "--device", "cpu"])

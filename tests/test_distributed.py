@@ -112,7 +112,7 @@ def test_torchrun_grpo_cli_writes_one_log_one_checkpoint_one_model(tmp_path):
                               resume=True, device="cpu", show_progress=False))
 
 
-def test_torchrun_sft_cli_and_sharded_eval(tmp_path, sft_tiny):
+def test_torchrun_sft_cli_leaves_one_log_one_checkpoint_one_model(tmp_path):
     out = tmp_path / "sft"
     torchrun("train_sft.py", "--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "3",
              "--batch_size", "8", "--eval_samples", "8", "--eval_max_new_tokens", "16", "--sft_output", str(out),
@@ -123,6 +123,10 @@ def test_torchrun_sft_cli_and_sharded_eval(tmp_path, sft_tiny):
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text()) == {
         "step": 3, "total_steps": 3, "world_size": 2}
 
+
+@pytest.mark.slow
+def test_sharded_eval_equals_one_process(tmp_path, sft_tiny):
+    """On a model that answers some problems right (the shared SFT), so a wrong tally would show."""
     model_dir, _ = sft_tiny
     args = ["-m", "eval", "--model", str(model_dir), "--dataset", "synthetic", "--max_samples", "30",
             "--max_new_tokens", "40", "--batch_size", "8", "--device", "cpu", "--no_progress"]

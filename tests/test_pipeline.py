@@ -1,12 +1,14 @@
 import json
 import os
 import subprocess
-import sys
+
+import pytest
 
 from tests.conftest import ROOT
 from viz.plots import PLOTS
 
 
+@pytest.mark.slow  # ~50 s: ten stages, each its own process
 def test_offline_preset_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OUT": str(out)}
@@ -32,24 +34,26 @@ def test_failing_stage_is_named(tmp_path):
     assert "== [grpo]" not in result.stdout  # fails fast
     result = subprocess.run(["bash", "run_training.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "unknown argument" in result.stderr
+    result = subprocess.run(["bash", "run_training.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "SEED": "1.5"})
+    assert result.returncode == 2 and result.stderr == "error: SEED must be a whole number >= 0 (got '1.5')\n"
 
 
 def test_seed_interface_dispatches(tmp_path):
+    """train.py --mode sft|grpo|eval runs each stage (in this process: the stages' own CLIs run as
+    processes elsewhere); --mode both asks for the stages one at a time."""
+    import train
+    from common.errors import UserError
+
     sft, grpo = tmp_path / "sft", tmp_path / "grpo"
-    base = [sys.executable, "train.py", "--sft_output", str(sft), "--grpo_output", str(grpo), "--dataset",
-            "synthetic", "--max_samples", "16", "--batch_size", "8"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(base + ["--mode", "sft", "--model_name", "tiny", "--max_steps", "1", "--eval_samples", "2",
-                               "--eval_max_new_tokens", "4", "--no_progress"], cwd=ROOT, capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(base + ["--mode", "grpo", "--max_steps", "1", "--max_completion_length", "8",
-                               "--no_progress"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    base = ["--sft_output", str(sft), "--grpo_output", str(grpo), "--dataset", "synthetic", "--max_samples", "16",
+            "--batch_size", "8"]
+    train.main(base + ["--mode", "sft", "--model_name", "tiny", "--max_steps", "1", "--eval_samples", "2",
+                       "--eval_max_new_tokens", "4", "--no_progress"])
+    train.main(base + ["--mode", "grpo", "--max_steps", "1", "--max_completion_length", "8", "--no_progress"])
     assert json.loads((grpo / "run_config.json").read_text())["start_model"] == str(sft)
-    r = subprocess.run(base + ["--mode", "eval", "--max_new_tokens", "4", "--no_progress"], cwd=ROOT,
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and (grpo / "eval" / "eval_summary.json").is_file(), r.stderr[-2000:]
-    r = subprocess.run(base + ["--mode", "both", "--max_steps", "1"], cwd=ROOT, capture_output=True, text=True,
-                       env=env)
-    assert r.returncode == 2 and "separately" in r.stderr
+    train.main(base + ["--mode", "eval", "--max_new_tokens", "4", "--no_progress"])
+    assert (grpo / "eval" / "eval_summary.json").is_file()
+    with pytest.raises(UserError, match="separately"):
+        train.main(base + ["--mode", "both", "--max_steps", "1"])
+
