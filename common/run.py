@@ -106,9 +106,10 @@ class Run:
             self.log = None
 
     def save_final(self, model: Any, tokenizer: Any, *, lora: bool, base_model: str, dtype: Any,
-                   message: str) -> None:
+                   message: str, prompt_format: Any = None) -> None:
         """The trained model where `from_pretrained(<out>)` finds it (LoRA merged into a fresh base, the
-        adapter also in <out>/adapter), then `message`. Other ranks wait for it, so the job ends complete."""
+        adapter also in <out>/adapter), the prompt format it was trained with beside it (the next stage
+        reads it), then `message`. Other ranks wait for it, so the job ends complete."""
         from models.lora import merged_copy_for_saving
 
         self.close()
@@ -121,6 +122,10 @@ class Run:
                          else model)
                 final.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
+                if prompt_format is not None:
+                    from data.prompt import save_format
+
+                    save_format(prompt_format, tmp)
 
             atomic_files_into(self.out, write)
             print(message)

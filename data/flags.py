@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from common.flags import flag
 from data.tables import Fields
 
-DATA = "data"
+DATA, PROMPT = "data", "prompt (shared by SFT, GRPO and eval; saved beside the model)"
 
 
 @dataclass
@@ -20,6 +20,17 @@ class DataFlags:
     answer_field: str = flag("answer", "its answer column: a bare number, or a solution ending in '#### N'",
                              group=DATA)
     solution_field: str = flag("answer", "its worked-solution column (SFT's targets; GSM8K's answers)", group=DATA)
+    # the prompt (data/prompt.py): None = the one saved beside the model (prompt_format.json), else the default
+    system_prompt: str | None = flag(None, "a system message before the question (default: none, or the one the "
+                                           "model was trained with)", group=PROMPT)
+    instruction: str | None = flag(None, "the user turn's instruction; '{question}' in it places the question, "
+                                         "else the question comes first and this on the next line (default: "
+                                         "answer as '#### <number>')", group=PROMPT)
+    chat_template_kwargs: str | None = flag(None, "JSON object passed to the chat template (default: "
+                                                  "'{\"enable_thinking\": false}')", group=PROMPT)
+    enable_thinking: bool = flag(False, "Qwen3's thinking mode: the model thinks in <think>...</think>, the answer "
+                                        "is read after it (shorthand for --chat_template_kwargs "
+                                        "'{\"enable_thinking\": true}')", group=PROMPT)
 
     def fields(self) -> Fields:
         return Fields(self.question_field, self.answer_field, self.solution_field)

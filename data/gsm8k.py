@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from common.errors import fail
+from rewards import parse_number
 
 SPLITS = ("train", "test")
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
@@ -21,10 +22,14 @@ class Record(TypedDict, total=False):
 
 
 def final_answer(solution: str) -> str:
-    """The ground truth after the last '####' of a gold solution, verbatim but stripped."""
+    """The ground truth after the last '####' of a gold solution, verbatim but stripped; it must be a number
+    (a `#### abc` gold answer would score every completion 0 and train on nothing, silently)."""
     if "####" not in solution:
         raise ValueError("solution has no '####' final answer")
-    return solution.rsplit("####", 1)[1].strip()
+    final = solution.rsplit("####", 1)[1].strip()
+    if parse_number(final) is None:
+        raise ValueError(f"the solution's '####' is followed by {final[:40]!r}, not a number")
+    return final
 
 
 def _record(question: object, solution: object) -> Record:

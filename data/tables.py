@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import fail
-from data.gsm8k import Record
+from data.gsm8k import Record, final_answer
 from rewards import parse_number
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -81,10 +81,10 @@ def _answer(value: Any, where: str) -> tuple[str, str | None]:
         fail(f"{where}: {value!r} is not a number (nor a solution ending in '#### N')")
     text = str(value).strip()
     if "####" in text:
-        final = text.rsplit("####", 1)[1].strip()
-        if parse_number(final) is None:
-            fail(f"{where}: the solution's '####' is followed by {final[:40]!r}, not a number")
-        return final, text
+        try:
+            return final_answer(text), text
+        except ValueError as exc:
+            fail(f"{where}: {exc}")
     if parse_number(text) is None:
         fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N')")
     return text, None

@@ -34,6 +34,9 @@ class EvalArgs(DataFlags):
     num_samples: int = flag(1, "k completions per problem (needs --temperature > 0)", low=1)
     temperature: float = flag(0.0, "0: greedy", low=0)
     top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1)
+    top_k: int = flag(0, "sample only from the K most likely tokens (0: all)", low=0)
+    min_p: float = flag(0.0, "sample only tokens at least this share of the most likely one's probability", low=0,
+                        high=1)
     seed: int = flag(0, "sampling seed", low=0)
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
     device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)")
@@ -73,10 +76,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from common.distributed import distributed_run
     from data import load_records
+    from data.prompt import resolve_format, warn_thinking
     from eval.evaluate import evaluate, write_results
     from models import load_model_and_tokenizer
     from sampling.cuda_graphs import check_cuda_graphs
 
+    fmt = resolve_format(args, args.model)
+    warn_thinking(fmt, args.max_new_tokens, args.temperature <= 0, "eval")
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
     shots, shot_indices = fewshot(args)
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
@@ -86,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                                         temperature=args.temperature, top_p=args.top_p,
+                                        top_k=args.top_k, min_p=args.min_p,
                                         show_progress=args.show_progress, cuda_graphs=args.cuda_graphs,
                                         max_prompt_length=args.max_prompt_length, shots=shots,
-                                        continuous=args.continuous)
+                                        continuous=args.continuous, prompt_format=fmt)
     if not dist.is_main:
         return
     summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size,

@@ -9,7 +9,15 @@ from typing import Any
 
 from common.errors import fail
 from data import Record
-from data.prompt import MAX_PROMPT_LENGTH, prompts_within
+from data.prompt import (
+    DEFAULT_FORMAT,
+    MAX_PROMPT_LENGTH,
+    PromptFormat,
+    answer_text,
+    prompts_within,
+    think_token_ids,
+    thinking_span,
+)
 from eval.metrics import summarize
 from rewards import answers_match, extract_answer, extract_last_number
 from sampling import sample
@@ -25,11 +33,14 @@ def evaluate(
     num_samples: int = 1,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     show_progress: bool = True,
     cuda_graphs: bool = False,
     max_prompt_length: int = MAX_PROMPT_LENGTH,
     shots: Sequence[tuple[str, str]] = (),
     continuous: bool = True,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
     Two scores per completion: `correct` (strict: the number after the last `####`) and
@@ -37,7 +48,9 @@ def evaluate(
     by the same numeric comparison. `shots`: few-shot (question, solution) turns before each problem.
     Problems whose prompt is longer than `max_prompt_length` tokens are skipped and counted in the
     summary's `prompts_skipped` (the scores are over the others). `continuous`: decode with continuous
-    batching (sampling/continuous.py) where the model allows it.
+    batching (sampling/continuous.py) where the model allows it. `prompt_format`: the prompt
+    (data/prompt.py); with thinking on, answers are read after the thinking only, and the summary has
+    `thinking_tokens_mean` and `thinking_closed_rate`.
 
     Under torchrun each rank answers every world_size-th record; the scored answers are gathered so every
     rank returns the same summary and the predictions in record order (rank 0 writes them).
@@ -48,7 +61,8 @@ def evaluate(
 
     dist = current()
     asked = len(records)
-    records, all_prompts, skipped = prompts_within(tokenizer, records, max_prompt_length, shots)
+    records, all_prompts, skipped = prompts_within(tokenizer, records, max_prompt_length, shots, prompt_format)
+    think = think_token_ids(tokenizer) if prompt_format.thinking else None
     if not records:
         fail(f"every one of the {asked} problems has a prompt longer than --max_prompt_length {max_prompt_length} "
              f"tokens; raise --max_prompt_length")
@@ -59,17 +73,21 @@ def evaluate(
     with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
         out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     batch_size=batch_size, progress=bar, cuda_graphs=cuda_graphs, continuous=continuous)
+                     top_k=top_k, min_p=min_p, batch_size=batch_size, progress=bar, cuda_graphs=cuda_graphs,
+                     continuous=continuous)
     wall = time.perf_counter() - start
     scored_here = []  # (record index, scored sample, completion text)
     for j, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):
         i = mine[j]
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
-        extracted, last = extract_answer(completion), extract_last_number(completion)
+        answer = answer_text(completion, prompt_format)
+        extracted, last = extract_answer(answer), extract_last_number(answer)
         gold = records[i]["answer"]
-        scored_here.append((i, {"extracted": extracted, "correct": answers_match(extracted, gold),
-                                "extracted_flexible": last, "correct_flexible": answers_match(last, gold),
-                                "truncated": truncated, "num_tokens": len(tokens)}, completion))
+        scored = {"extracted": extracted, "correct": answers_match(extracted, gold), "extracted_flexible": last,
+                  "correct_flexible": answers_match(last, gold), "truncated": truncated, "num_tokens": len(tokens)}
+        if think is not None:
+            scored["thinking_tokens"], scored["thinking_closed"] = thinking_span(tokens, think)
+        scored_here.append((i, scored, completion))
     gathered = dist.gather_objects((scored_here, wall))
     groups: list[list[dict[str, Any]]] = [[] for _ in records]
     texts: list[list[str]] = [[] for _ in records]
@@ -84,7 +102,11 @@ def evaluate(
     summary = summarize(groups, [r["answer"] for r in records])
     total_tokens = sum(s["num_tokens"] for g in groups for s in g)
     summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
-                   max_new_tokens=max_new_tokens, prompts_skipped=skipped)
+                   max_new_tokens=max_new_tokens, prompts_skipped=skipped, prompt_format=prompt_format.to_json())
+    if think is not None:
+        samples = [s for g in groups for s in g]
+        summary.update(thinking_tokens_mean=sum(s["thinking_tokens"] for s in samples) / max(1, len(samples)),
+                       thinking_closed_rate=sum(s["thinking_closed"] for s in samples) / max(1, len(samples)))
     return summary, predictions
 
 

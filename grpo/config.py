@@ -9,6 +9,7 @@ from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, SCALES
+from rewards.functions import OVERLONG_CACHE, REWARD_FORMATS
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
                                             "memory", "run")
@@ -31,6 +32,10 @@ class GRPOConfig(TrainDataFlags):
                                            "so keep 512", low=1, group=ROLLOUT)
     temperature: float = flag(0.7, "sampling temperature (also used in the logprobs)", above=0, group=ROLLOUT)
     top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1, group=ROLLOUT)
+    top_k: int = flag(0, "sample only from the K most likely tokens (0: all). Any cut (top_p, top_k, min_p) makes "
+                         "rollouts slightly off-policy: the loss counts the whole softmax", low=0, group=ROLLOUT)
+    min_p: float = flag(0.0, "sample only tokens at least this share of the most likely one's probability",
+                        low=0, high=1, group=ROLLOUT)
     dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: roll out further prompts until every group of the "
                                          "step has rewards that differ (a signal); see --max_extra_rollouts",
                                   group=ROLLOUT)
@@ -60,10 +65,19 @@ class GRPOConfig(TrainDataFlags):
                                            "they carry exactly no gradient, so by default they are skipped)",
                                      name="--no_skip_zero_advantage", group=LOSS)
     reward: tuple[str, ...] = flag(("numeric",), "a reward: numeric (the exact answer), format ('#### N' and a "
-                                   "finished turn) or module:function (TRL's signature); give it several times to "
-                                   "sum several", group=LOSS)
+                                   "finished turn), overlong (DAPO's length penalty) or module:function (called as "
+                                   "TRL calls rewards); give it several times to sum several", group=LOSS)
     reward_weights: tuple[float, ...] | None = flag(None, "one weight per --reward, in order (default: 1 each)",
                                                     group=LOSS)
+    reward_format: str = flag("text", "how rewards get prompts and completions: text, or messages (chat "
+                                      "messages, as TRL hands conversational data: completions[i][0]['content'])",
+                              choices=REWARD_FORMATS, group=LOSS)
+    overlong_cache: int = flag(OVERLONG_CACHE, "the `overlong` reward's soft interval: completions longer than "
+                                               "--max_completion_length minus this lose up to 1 (DAPO)", low=0,
+                               group=LOSS)
+    mask_truncated_completions: bool = flag(False, "completions cut at --max_completion_length leave the loss and "
+                                                   "its normalizers (they keep their rewards in the group's "
+                                                   "statistics; logged as masked_rows)", group=LOSS)
     lora: bool = flag(False, "train LoRA adapters (reference = adapter disabled)", group=MEMORY)
     lora_r: int = flag(16, "LoRA rank", low=1, group=MEMORY)
     lora_alpha: int = flag(32, "LoRA alpha", low=1, group=MEMORY)

@@ -201,14 +201,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
               max_completion_length: int | None = None, num_items_in_batch: float | None = None) -> torch.Tensor:
-    """Reduce a [B, T] per-token quantity to a scalar the way `loss_type` says (TRL's formulas)."""
+    """Reduce a [B, T] per-token quantity to a scalar the way `loss_type` says (TRL's formulas). A row whose
+    mask is all 0 (a completion taken out of the loss by --mask_truncated_completions) counts in no
+    normalizer: not in grpo's mean over rows, not in dr_grpo's rows x length."""
+    rows = mask.any(-1).sum().clamp(min=1)  # rows with no token (masked out of the loss) do not count
     if loss_type == "grpo":  # mean over sequences of each sequence's token mean
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows
     if loss_type == "bnpo":  # token mean over the batch
         return masked_mean(per_token, mask)
     if loss_type == "dr_grpo":  # constant normalizer: no length bias
         length = max_completion_length if max_completion_length is not None else per_token.shape[1]
-        return (per_token * mask).sum() / (per_token.shape[0] * length)
+        return (per_token * mask).sum() / (rows * length)
     if loss_type == "dapo":  # token sum over the completion tokens of the whole optimizer step
         denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
         return (per_token * mask).sum() / denominator

@@ -21,6 +21,11 @@ Where we depart from the paper's GRPO (Shao et al., 2024, DeepSeekMath), and why
   those of the distribution the completions were drawn from.
 - One update per rollout by default (`num_iterations` 1, so the ratio is exactly 1 and the clip never
   binds); the paper's several updates per batch are `--num_iterations`.
+- `--mask_truncated_completions` (off by default) takes completions cut at the length limit out of the
+  loss and out of every normalizer, rows included (TRL zeroes their tokens but still counts them in
+  grpo's mean over rows); they keep their rewards in the group's statistics.
+- Rollouts cut by `--top_p`/`--top_k`/`--min_p` are slightly off-policy: the loss uses the whole
+  softmax at the temperature.
 
 Under torchrun each rank takes prompts_per_step / W prompts (a group never spans ranks); rewards are
 gathered so advantages and metrics are the whole batch's, and each micro-batch's loss is scaled so
@@ -38,9 +43,11 @@ from typing import Any
 import torch
 
 from common.distributed import Dist, no_sync_unless
+from data.prompt import DEFAULT_FORMAT, PromptFormat
 from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
 from grpo.loss import group_advantages, grpo_loss
+from rewards.functions import TrainerState
 
 LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss")  # summed with the loss weights; others by tokens
 
@@ -60,6 +67,7 @@ class Policy:
     device: str
     rewards: list[tuple[str, Any, float]]  # (name, function, weight): the advantage uses the weighted sum
     graphs: Any = False
+    prompt: PromptFormat = DEFAULT_FORMAT  # how questions become prompts (data/prompt.py)
 
     def autocast(self) -> Any:
         from models import autocast
@@ -67,8 +75,9 @@ class Policy:
         return autocast(self.device)
 
     def reward_sum(self, scores: torch.Tensor) -> torch.Tensor:
-        """The advantage's reward: [rows, reward functions] scores summed with their weights."""
-        return scores @ torch.tensor([w for _, _, w in self.rewards])
+        """The advantage's reward: [rows, reward functions] scores summed with their weights, a reward's
+        None (NaN) skipped."""
+        return scores.nan_to_num(0.0) @ torch.tensor([w for _, _, w in self.rewards])
 
 
 @dataclass
@@ -92,6 +101,8 @@ class StepStats:
     times: dict[str, float]
     extra_rollouts: int = 0  # --dynamic_sampling's further rollouts this step
     prompts_sampled: int = 0  # this rank's prompts rolled out, the extra ones included
+    masked_rows: int = 0  # this rank's rows out of the loss (--mask_truncated_completions)
+    thinking: list[tuple[int, bool]] | None = None  # per completion (thinking tokens, closed) when thinking is on
 
 
 class Timer:
@@ -200,14 +211,18 @@ def loss_weight(loss_type: str, rows: int, step_rows: int) -> float:
     rows, exactly as well. bnpo's token mean is over the micro-batch's own tokens (TRL's per-device
     batch): weighted by its share of rows, the step's loss is the row-weighted mean of the micro-batches'
     token means, which depends on --micro_batch_size (dapo is its exact step-wide version)."""
-    return 1.0 if loss_type == "dapo" else rows / step_rows
+    return 1.0 if loss_type == "dapo" else rows / max(step_rows, 1)
 
 
-def trained_rows(s: int, end: int, advantages: torch.Tensor, skip: bool) -> torch.Tensor:
+def trained_rows(s: int, end: int, advantages: torch.Tensor, skip: bool,
+                 live: torch.Tensor | None = None) -> torch.Tensor:
     """The rows of micro-batch [s, end) that go through the forward and backward: all of them, or with
     `skip` only those whose advantage is not 0 (with beta 0 a row's whole gradient is A x d ratio, so
-    a row with A = 0, e.g. every row of a group whose rewards are all equal, contributes exactly 0)."""
+    a row with A = 0, e.g. every row of a group whose rewards are all equal, contributes exactly 0);
+    with `live` ([B] bool) only the rows still in the loss (--mask_truncated_completions takes cut ones out)."""
     rows = torch.arange(s, end, device=advantages.device)
+    if live is not None:
+        rows = rows[live[rows]]
     return rows[advantages[rows] != 0] if skip else rows
 
 
@@ -218,7 +233,7 @@ def normalizer(loss_type: str, kept: int, full: int, full_tokens: float, step_ro
     dr_grpo weigh the kept rows' mean by their share of the step's rows; bnpo keeps the whole
     micro-batch's token count as its normalizer (as a token sum over it); dapo is unchanged."""
     if loss_type == "bnpo":
-        return "dapo", full_tokens, loss_weight("bnpo", full, step_rows)
+        return "dapo", max(full_tokens, 1.0), loss_weight("bnpo", full, step_rows)
     return loss_type, num_items, loss_weight(loss_type, kept, step_rows)
 
 
@@ -233,22 +248,44 @@ def _rollout(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers:
     with policy.autocast():
         out = sample(policy.model, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      num_samples=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
-                     temperature=cfg.temperature, top_p=cfg.top_p, cuda_graphs=policy.graphs)
+                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                     cuda_graphs=policy.graphs)
     return out.token_ids, out.truncated
 
 
-def _scores(policy: Policy, texts: list[str], records: list[dict[str, Any]], truncated: list[bool],
-            G: int) -> torch.Tensor:
-    """[rows, reward functions] of this rank's completions. Each function gets the completions, their
-    answers and the records' other columns (and `truncated`)."""
+def _scores(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], prompts: list[list[int]],
+            completions: list[list[int]], truncated: list[bool], state: TrainerState) -> torch.Tensor:
+    """[rows, reward functions] of this rank's completions, NaN where a reward returned None. Each
+    function is called as TRL calls rewards (rewards/functions.py): prompts, completions, completion_ids,
+    every column of the records, `truncated` and `trainer_state`."""
+    from data.prompt import build_messages
     from rewards.functions import score
 
+    G, tok = cfg.num_generations, policy.tokenizer
     rows = [r for r in records for _ in range(G)]
+    texts = tok.batch_decode(completions, skip_special_tokens=True)
+    if cfg.reward_format == "messages":
+        prompt_of = [build_messages(r["question"], fmt=policy.prompt) for r in records]
+        shown = [[{"role": "assistant", "content": t}] for t in texts]
+    else:
+        prompt_of, shown = tok.batch_decode(prompts), texts
     names = sorted({k for r in records for k in r.get("columns", {})})
     columns = {k: [r.get("columns", {}).get(k) for r in rows] for k in names}
-    scores = score([(n, fn) for n, fn, _ in policy.rewards], texts, [r["answer"] for r in rows],
-                   {**columns, "truncated": list(truncated)})
-    return torch.tensor([scores[n] for n, _, _ in policy.rewards], dtype=torch.float32).T
+    kwargs = {**columns, "question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+              "solution": [r.get("solution") for r in rows], "truncated": list(truncated),
+              "prompts": [prompt_of[i // G] for i in range(len(rows))], "completions": shown,
+              "completion_ids": [list(c) for c in completions], "trainer_state": state}
+    scores = score([(n, fn) for n, fn, _ in policy.rewards], kwargs)
+    table = torch.tensor([[math.nan if v is None else v for v in scores[n]] for n, _, _ in policy.rewards],
+                         dtype=torch.float32).T
+    unscored = (~table.isnan()).sum(1).eq(0).nonzero()
+    if unscored.numel():
+        i = int(unscored[0])
+        from common.errors import fail
+
+        fail(f"no reward scored completion {i} of question {rows[i]['question'][:60]!r}: every reward returned "
+             f"None for it; give a reward that applies to every row (or a default value)")
+    return table
 
 
 @dataclass
@@ -274,17 +311,17 @@ class Groups:
                       torch.cat([self.scores, other.scores]))
 
 
-def _sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], step: int, rollout_hook: Any,
-                   timer: Timer) -> Groups:
+def _sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], state: TrainerState,
+                   rollout_hook: Any, timer: Timer) -> Groups:
     """1 and 2 of the box for `records`: G completions per prompt, and their rewards."""
     from data.prompt import encode_prompt
 
-    prompts = [encode_prompt(policy.tokenizer, r["question"]) for r in records]
+    prompts = [encode_prompt(policy.tokenizer, r["question"], fmt=policy.prompt) for r in records]
     with timer("generation"):
-        completions, truncated = _rollout(policy, cfg, prompts, [r["answer"] for r in records], step, rollout_hook)
+        completions, truncated = _rollout(policy, cfg, prompts, [r["answer"] for r in records], state.global_step,
+                                          rollout_hook)
     with timer("reward"):
-        texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scores = _scores(policy, texts, records, truncated, cfg.num_generations)
+        scores = _scores(policy, cfg, records, prompts, completions, truncated, state)
     return Groups(list(records), prompts, completions, truncated, scores)
 
 
@@ -301,13 +338,13 @@ def with_signal_first(rewards: torch.Tensor, G: int, n: int) -> list[int]:
     return order[:n]
 
 
-def _dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], step: int,
+def _dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], state: TrainerState,
                     rollout_hook: Any, draw_more: Any, timer: Timer) -> tuple[Groups, int, int]:
     """DAPO's dynamic sampling: sample further prompts (draw_more(attempt) gives this rank's next
     ones) until every rank holds as many groups with a signal as it has prompts, at most
     --max_extra_rollouts times; keep those groups first, all-equal ones only to fill what is missing.
     Returns (the groups, the extra rollouts, the prompts sampled on this rank)."""
-    groups = _sample_groups(policy, cfg, records, step, rollout_hook, timer)
+    groups = _sample_groups(policy, cfg, records, state, rollout_hook, timer)
     extra, G, share = 0, cfg.num_generations, len(records)
     if not cfg.dynamic_sampling:
         return groups, 0, share
@@ -316,7 +353,7 @@ def _dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[d
         if dist.all_reduce(torch.tensor(float(min(signal, share)), device=policy.device), "min").item() >= share:
             break  # every rank has enough: ranks leave the loop together, their collectives stay in step
         extra += 1
-        groups = groups + _sample_groups(policy, cfg, draw_more(extra), step, rollout_hook, timer)
+        groups = groups + _sample_groups(policy, cfg, draw_more(extra), state, rollout_hook, timer)
     sampled = len(groups.records)
     return groups.take(with_signal_first(policy.reward_sum(groups.scores), G, share), G), extra, sampled
 
@@ -337,12 +374,14 @@ def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) ->
 
 
 def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], step: int,
-              rollout_hook: Any = None, draw_more: Any = None) -> StepStats:
-    """One step on this rank's `records` (its share of the step's prompts); see the module docstring.
-    `draw_more(attempt)` gives further prompts for --dynamic_sampling."""
+              rollout_hook: Any = None, draw_more: Any = None, state: TrainerState | None = None) -> StepStats:
+    """One step (0-based `step`) on this rank's `records` (its share of the step's prompts); see the module
+    docstring. `draw_more(attempt)` gives further prompts for --dynamic_sampling; `state` is what the
+    rewards get as `trainer_state` (default: this step of --max_steps, epoch 0)."""
     timer, G, device = Timer(policy.device), cfg.num_generations, policy.device
+    state = state or TrainerState(step, cfg.max_steps or 0, 0.0)
     # 1. rollout and 2. rewards (with --dynamic_sampling, until the groups carry a signal)
-    groups, extra, sampled = _dynamic_groups(policy, cfg, dist, records, step, rollout_hook, draw_more, timer)
+    groups, extra, sampled = _dynamic_groups(policy, cfg, dist, records, state, rollout_hook, draw_more, timer)
     policy.model.train()
     everything = dist.all_gather(groups.scores.to(device).contiguous()).cpu()  # [W * B, rewards], rank 0's first
     rewards = policy.reward_sum(everything)
@@ -351,7 +390,11 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     completions, B, W = groups.completions, len(groups.completions), dist.world_size
     advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
     batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
+    if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
+        batch.completion_mask[torch.tensor(groups.truncated, dtype=torch.bool, device=device)] = 0
+    live = batch.completion_mask.any(-1)  # the rows in the loss
     num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()  # dapo's normalizer
+    step_rows = int(dist.all_reduce(live.sum().float()).item())  # grpo's and dr_grpo's
 
     with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
         micro, T = cfg.micro_batch_size, cfg.temperature
@@ -362,16 +405,18 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     sums: dict[str, float] = {}
     entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
     skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
+    drop = live if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
     for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched
         with timer("backward"):
             for s in range(0, B, micro):
                 full_mask = batch.completion_mask[s: s + micro]
-                rows = trained_rows(s, min(s + micro, B), advantages, skip)
+                rows = trained_rows(s, min(s + micro, B), advantages, skip, drop)
                 if rows.numel() == 0:
                     continue  # no row of it carries a gradient
                 mb = batch.rows(rows)  # cut to its own widths: completion columns [:w] of the batch
-                loss_type, items, weight = normalizer(cfg.loss_type, rows.numel(), full_mask.shape[0],
-                                                      full_mask.sum().item(), B * W, num_items)
+                kept, full = int(live[rows].sum()), int(live[s: s + micro].sum())  # rows in the loss
+                loss_type, items, weight = normalizer(cfg.loss_type, kept, full, full_mask.sum().item(), step_rows,
+                                                      num_items)
                 w = mb.completion_width
                 metrics, entropy = micro_batch_backward(
                     policy.train_model, mb, None if old is None else old[rows, :w],
@@ -387,7 +432,15 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
             skipped += was_skipped
     return StepStats(sums, entropy_sum, entropy_tokens, backward_rows, num_items, rewards, parts, all_advantages,
                      [len(c) for c in completions], groups.truncated, grad_norm, skipped, lr, timer.totals,
-                     extra, sampled)
+                     extra, sampled, int(B - live.sum()), _thinking_spans(policy, completions))
+
+
+def _thinking_spans(policy: Policy, completions: list[list[int]]) -> list[tuple[int, bool]] | None:
+    """Each completion's (thinking tokens, whether its think block closed), when thinking is on."""
+    from data.prompt import think_token_ids, thinking_span
+
+    think = think_token_ids(policy.tokenizer) if policy.prompt.thinking else None
+    return None if think is None else [thinking_span(c, think) for c in completions]
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:
@@ -407,17 +460,21 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
     times = dict(zip(phases, phase_times))
     keys = sorted(stats.sums)
     summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens,
-                                          stats.backward_rows, stats.prompts_sampled], device=device,
-                                          dtype=torch.float64)).tolist()
-    *summed, entropy_tokens, backward_rows, prompts_sampled = summed
-    per_completion = torch.tensor([[n, t] for n, t in zip(stats.lengths, stats.truncated)], device=device)
-    lengths, truncated = dist.all_gather(per_completion).cpu().T.tolist()
+                                          stats.backward_rows, stats.prompts_sampled, stats.masked_rows],
+                                          device=device, dtype=torch.float64)).tolist()
+    *summed, entropy_tokens, backward_rows, prompts_sampled, masked_rows = summed
+    spans = stats.thinking or [(0, True)] * len(stats.lengths)
+    per_completion = torch.tensor([[n, t, th, closed] for n, t, (th, closed) in
+                                   zip(stats.lengths, stats.truncated, spans)], device=device)
+    lengths, truncated, thinking, closed = dist.all_gather(per_completion).cpu().T.tolist()
+    think_fields = {} if stats.thinking is None else {
+        "thinking_tokens_mean": sum(thinking) / len(thinking), "thinking_closed_rate": sum(closed) / len(closed)}
     n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
     return {
         **{k: v / n_iter for k, v in zip(keys, summed[:-1])},
         "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-        **{f"reward_{name}_{stat}": getattr(values, stat)().item() for name, values in stats.reward_parts.items()
-           for stat in ("mean", "std")},
+        **{f"reward_{name}_{stat}": getattr(values[~values.isnan()], stat)().item()  # a None (NaN) is ignored
+           for name, values in stats.reward_parts.items() for stat in ("mean", "std")},
         "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
         "grad_norm": stats.grad_norm, "learning_rate": stats.learning_rate,
         "time_per_step_s": time_per_step, "generation_time_s": times["generation"],
@@ -431,6 +488,7 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
         "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
         "frac_reward_zero_std": (~has_signal(rewards, cfg.num_generations)).float().mean().item(),
         "extra_rollouts": stats.extra_rollouts, "prompts_sampled": int(prompts_sampled),
+        "masked_rows": int(masked_rows),
         "peak_memory_gb": peak, "peak_memory_reserved_gb": reserved, "skipped_updates": stats.skipped,
-        "world_size": dist.world_size,
+        "world_size": dist.world_size, **think_fields,
     }

@@ -26,6 +26,7 @@ from common.run import Run
 from common.runs import CHECKPOINT, now_iso, seed_everything
 from grpo.config import GRPOConfig
 from grpo.step import Policy, extra_prompts, grpo_step, step_prompts, step_record
+from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
 
 LOG_NAME = "grpo_training_logs.jsonl"
@@ -54,11 +55,12 @@ def _start_model(cfg: GRPOConfig) -> str:
     return cfg.sft_output
 
 
-def _rewards(cfg: GRPOConfig, reward_funcs: list[Any] | None) -> list[tuple[str, Any, float]]:
+def _rewards(cfg: GRPOConfig, reward_funcs: list[Any] | None, thinking: bool) -> list[tuple[str, Any, float]]:
     """(name, function, weight) of each reward: the API's functions, else --reward; checked before any work."""
-    from rewards.functions import named
+    from rewards.functions import RewardSettings, named
 
-    funcs = named(reward_funcs if reward_funcs is not None else cfg.reward)
+    funcs = named(reward_funcs if reward_funcs is not None else cfg.reward,
+                  RewardSettings(cfg.max_completion_length, cfg.overlong_cache, thinking))
     if not funcs:
         fail("no reward: give --reward (numeric, format or module:function) at least once")
     weights = cfg.reward_weights or (1.0,) * len(funcs)
@@ -68,7 +70,7 @@ def _rewards(cfg: GRPOConfig, reward_funcs: list[Any] | None) -> list[tuple[str,
 
 
 def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_steps: int,
-            rewards: list[tuple[str, Any, float]]) -> Policy:
+            rewards: list[tuple[str, Any, float]], fmt: Any) -> Policy:
     """The model to train (fp32 master weights for full fine-tuning: bf16 weights drop lr-1e-6 updates;
     compute is bf16 autocast on CUDA), its frozen reference, AdamW and the LR schedule."""
     from common.schedule import make_scheduler
@@ -91,14 +93,14 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
     updates = total_steps * cfg.num_iterations
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
     return Policy(model, wrap_ddp(model, dist, device), ref_model, tokenizer, optimizer, scheduler, device, rewards,
-                  DecodeGraphs() if cfg.cuda_graphs else False)  # graphs captured once, replayed every step
+                  DecodeGraphs() if cfg.cuda_graphs else False, fmt)  # graphs captured once, replayed every step
 
 
-def _fitting_prompts(cfg: GRPOConfig, tokenizer: Any, records: list[Any], dist: Dist) -> tuple[list[Any], int]:
+def _fitting_prompts(cfg: GRPOConfig, policy: Policy, records: list[Any], dist: Dist) -> tuple[list[Any], int]:
     """The training records whose prompt fits --max_prompt_length, and how many were skipped (said once)."""
     from data.prompt import prompts_within
 
-    kept, _, skipped = prompts_within(tokenizer, records, cfg.max_prompt_length)
+    kept, _, skipped = prompts_within(policy.tokenizer, records, cfg.max_prompt_length, fmt=policy.prompt)
     if not kept:
         fail(f"every training prompt is longer than --max_prompt_length {cfg.max_prompt_length} tokens; raise it")
     if skipped and dist.is_main:
@@ -134,30 +136,37 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
                eval_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run GRPO as configured; returns the last log record.
 
-    The Python API: `reward_funcs` (functions with TRL's signature, or names as --reward takes them)
-    replace `cfg.reward`, weighted by `cfg.reward_weights`; `train_records` / `eval_records` (dicts with
-    the question and answer columns `cfg` names, other keys reaching the rewards) replace `cfg.dataset`.
+    The Python API: `reward_funcs` (functions, called as TRL calls rewards: rewards/functions.py; or names
+    as --reward takes them) replace `cfg.reward`, weighted by `cfg.reward_weights`; `train_records` /
+    `eval_records` (dicts with the question and answer columns `cfg` names, other keys reaching the
+    rewards) replace `cfg.dataset`.
     `rollout_hook(step, prompts, answers) -> list[list[int]] | None` may supply fixed completions (token
     ids) instead of sampling (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
     from data import run_records
+    from data.prompt import resolve_format, warn_thinking
     from eval.evaluate import eval_fields
     from models import default_device
 
     dist = current()
     device = cfg.device or default_device()
     _validate(cfg, dist, device)
-    rewards = _rewards(cfg, reward_funcs)
     start_model = _start_model(cfg)
+    fmt = resolve_format(cfg, start_model)
+    if dist.is_main:
+        warn_thinking(fmt, cfg.max_completion_length, False, "GRPO's rollouts")
+        warn_thinking(fmt, cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_every > 0,
+                      "GRPO's held-out evals")
+    rewards = _rewards(cfg, reward_funcs, fmt.thinking)
     train_records, eval_records = run_records(cfg, train_records, eval_records)
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
-    policy = _policy(cfg, start_model, dist, device, total_steps, rewards)
-    train_records, skipped = _fitting_prompts(cfg, policy.tokenizer, train_records, dist)
+    policy = _policy(cfg, start_model, dist, device, total_steps, rewards, fmt)
+    train_records, skipped = _fitting_prompts(cfg, policy, train_records, dist)
     if dist.rank > 0:
         seed_everything(cfg.seed + dist.rank)  # each rank samples its own completions
     step = run.start(policy.model, policy.optimizer, policy.scheduler, cfg.lora, device, total_steps)
@@ -166,7 +175,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         with policy.autocast():
             return eval_fields(run.evaluate(policy.model, policy.tokenizer, eval_records,
                                             batch_size=cfg.eval_batch_size, cuda_graphs=cfg.cuda_graphs,
-                                            max_prompt_length=cfg.max_prompt_length,
+                                            max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
                                             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length))
 
     if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
@@ -181,7 +190,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         indices, epoch = step_prompts(step, len(train_records), cfg.prompts_per_step, cfg.seed, dist.rank,
                                       dist.world_size)
         stats = grpo_step(policy, cfg, dist, [train_records[i] for i in indices], step, rollout_hook,
-                          draw_more=_draw_more(cfg, train_records, step, dist))
+                          draw_more=_draw_more(cfg, train_records, step, dist),
+                          state=TrainerState(step, total_steps, epoch))
         step += 1
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device,
                   "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start),
@@ -206,5 +216,5 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     bar.close()
     run.save_final(policy.model, policy.tokenizer, lora=cfg.lora, base_model=start_model,
                    dtype=torch.bfloat16 if (device.startswith("cuda") and cfg.lora) else torch.float32,
-                   message=f"saved: final model + tokenizer in {run.out}")
+                   prompt_format=fmt, message=f"saved: final model + tokenizer in {run.out}")
     return record

@@ -8,15 +8,17 @@ the offline demo need no network.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_VERSION = "v3"
+TINY_VERSION = "v4"  # v4: <think> and </think> no longer special (as in Qwen3); same ids and weights as v3
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
-SPECIAL_TOKENS = [PAD, IM_START, EOS, "<think>", "</think>"]
+THINK_TOKENS = ("<think>", "</think>")
+SPECIAL_TOKENS = [PAD, IM_START, EOS, *THINK_TOKENS]
 TINY_VOCAB = 512
 
 # Qwen3's template for what we use: system/user/assistant turns, and in non-thinking mode an empty
@@ -80,9 +82,15 @@ def build_tiny_tokenizer() -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_tokenizer_corpus(), trainer)
+    # As in Qwen3's tokenizer, <think> and </think> are added tokens that are not special: decoding with
+    # skip_special_tokens keeps them, so a completion's thinking can be told from its answer.
+    spec = json.loads(bpe.to_str())
+    for added in spec["added_tokens"]:
+        added["special"] = added["content"] not in THINK_TOKENS
+    bpe = Tokenizer.from_str(json.dumps(spec))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS, pad_token=PAD, bos_token=None, unk_token=None,
-        additional_special_tokens=[IM_START, "<think>", "</think>"], model_max_length=4096,
+        additional_special_tokens=[IM_START], model_max_length=4096,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "left"

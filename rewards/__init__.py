@@ -2,6 +2,7 @@
 
 from rewards.numeric import (
     REL_TOLERANCE,
+    after_thinking,
     answers_match,
     completion_text,
     extract_answer,
@@ -12,6 +13,7 @@ from rewards.numeric import (
 
 __all__ = [
     "REL_TOLERANCE",
+    "after_thinking",
     "answers_match",
     "completion_text",
     "extract_answer",

@@ -1,13 +1,26 @@
-"""Reward functions for GRPO: the built-ins and your own, with TRL's signature.
+"""Reward functions for GRPO: the built-ins and your own, called the way TRL calls them.
 
-    def my_reward(completions: list[str], answer: list[str], **columns) -> list[float]: ...
+Every reward is called with keyword arguments only, as TRL's GRPOTrainer does:
 
-`completions` are the decoded completions; `answer` the records' final answers (one per completion,
-repeated over a group); `columns` the records' other columns as lists of the same length, plus
-`truncated` (True where the completion hit the length limit). `--reward module:function` imports one
-(the module from the working directory or the Python path); `--reward` may be given several times,
-with `--reward_weights` (one per reward, in order; default 1 each): the advantage uses the weighted
-sum. A reward that raises, returns the wrong length or a non-finite value stops the run in one line.
+    reward(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns) -> list
+
+- `completions`: the decoded completions, or with `--reward_format messages` each as a chat
+  `[{"role": "assistant", "content": text}]` (as TRL hands conversational data; `c[0]["content"]`).
+- `prompts`: each completion's prompt, the text the model saw (the chat template applied), or with
+  `--reward_format messages` its chat messages (system prompt, few-shot turns, the question).
+- `completion_ids`: each completion's token ids, without padding.
+- `columns`: every column of the records, one entry per completion (repeated over a group): `question`,
+  `answer` (the final answer), `solution` (None for answer-only data), the dataset's other columns, and
+  `truncated` (True where the completion hit the length limit).
+- `trainer_state`: `.global_step` (updates done), `.max_steps`, `.epoch`.
+
+So TRL-style rewards (`def f(completions, **kwargs)`, `def f(prompts, completions, answer, **kwargs)`)
+and this project's own style (`def f(completions, answer, **columns)`) both work. A reward returns one
+number per completion, or None for a row it does not apply to (multi-task data): the weighted sum then
+skips it and its mean ignores it; a row that no reward scores stops the run in one line. A reward that
+raises, returns the wrong length, or a NaN or infinite value stops the run in one line naming it.
+`--reward module:function` imports one (from the working directory or the Python path); `--reward`
+may be given several times, with `--reward_weights` (one per reward, in order; default 1 each).
 """
 
 from __future__ import annotations
@@ -16,34 +29,93 @@ import importlib
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.errors import fail
-from rewards.numeric import extract_answer, numeric_reward
+from rewards.numeric import after_thinking, extract_answer, numeric_reward
 
 RewardFn = Callable[..., Sequence[float]]
 
 
-def numeric(completions: list[str], answer: list[str], **columns: Any) -> list[float]:
+def numeric(completions: list[Any], answer: list[str], **columns: Any) -> list[float]:
     """1.0 when the number after the last `####` equals the answer (rewards/numeric.py), else 0.0."""
     return numeric_reward(completions, answer)
 
 
-def format_reward(completions: list[str], answer: list[str], truncated: list[bool] | None = None,
-                  **columns: Any) -> list[float]:
+def format_reward(completions: list[Any], truncated: list[bool] | None = None, **columns: Any) -> list[float]:
     """1.0 for a `#### N` answer in a finished turn (not cut at the length limit), whatever N is."""
     cut = truncated or [False] * len(completions)
     return [float(extract_answer(c) is not None and not t) for c, t in zip(completions, cut)]
 
 
-BUILTIN: dict[str, RewardFn] = {"numeric": numeric, "format": format_reward}
+def after_thinking_of(reward: RewardFn) -> RewardFn:
+    """`reward` reading only what follows each completion's thinking (`after_thinking`): the built-ins
+    with --enable_thinking."""
+
+    def wrapped(completions: list[Any], **kwargs: Any) -> Sequence[float]:
+        return reward(completions=[after_thinking(c) for c in completions], **kwargs)
+
+    wrapped.__name__ = reward.__name__
+    return wrapped
 
 
-def resolve(spec: str) -> tuple[str, RewardFn]:
-    """(name, function) for a built-in name or `module:function`."""
+REWARD_FORMATS = ("text", "messages")  # --reward_format: how prompts and completions reach the rewards
+OVERLONG_CACHE = 64  # tokens: DAPO's soft-punishment interval before the limit (their L_cache; --overlong_cache)
+
+
+def overlong_penalty(length: int, max_length: int, cache: int = OVERLONG_CACHE) -> float:
+    """DAPO's soft overlong punishment (Yu et al., 2025, eq. 13) of a completion of `length` tokens under
+    a limit of `max_length`: 0 up to max_length - cache, then falling linearly to -1 at max_length
+    (-1 beyond it too). A cache of 0 punishes only a completion that reaches the limit (a rollout never
+    runs past it, so DAPO's literal "-1 beyond the limit" would punish nothing)."""
+    start = max_length - cache
+    if length >= max_length:
+        return -1.0
+    if length <= start:
+        return 0.0
+    return (start - length) / cache
+
+
+def soft_overlong_punishment(max_length: int, cache: int = OVERLONG_CACHE) -> RewardFn:
+    """The built-in `overlong` reward for completions limited to `max_length` tokens: DAPO's soft
+    punishment of each completion's length (`overlong_penalty`). Add it to `numeric` (`--reward numeric
+    --reward overlong`) so a completion cut at the limit scores below a wrong one that finished instead of
+    alike (DAPO's "reward noise")."""
+
+    def overlong(completion_ids: list[list[int]], **columns: Any) -> list[float]:
+        return [overlong_penalty(len(ids), max_length, cache) for ids in completion_ids]
+
+    return overlong
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """What the built-ins are made from: the run's completion limit, --overlong_cache, and whether the
+    model thinks first (then `numeric` and `format` read only the answer after the thinking)."""
+
+    max_length: int = 512
+    overlong_cache: int = OVERLONG_CACHE
+    thinking: bool = False
+
+
+def _reads_answers(reward: RewardFn) -> Callable[[RewardSettings], RewardFn]:
+    return lambda s: after_thinking_of(reward) if s.thinking else reward
+
+
+# name -> how the built-in reward is made from the run's settings; adding one is one entry here
+BUILTIN: dict[str, Callable[[RewardSettings], RewardFn]] = {
+    "numeric": _reads_answers(numeric),
+    "format": _reads_answers(format_reward),
+    "overlong": lambda s: soft_overlong_punishment(s.max_length, s.overlong_cache),
+}
+
+
+def resolve(spec: str, settings: RewardSettings = RewardSettings()) -> tuple[str, RewardFn]:
+    """(name, function) for a built-in name (made from `settings`) or `module:function`."""
     if spec in BUILTIN:
-        return spec, BUILTIN[spec]
+        return spec, BUILTIN[spec](settings)
     if ":" not in spec:
         fail(f"--reward {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not module:function")
     module_name, fn_name = spec.split(":", 1)
@@ -59,12 +131,12 @@ def resolve(spec: str) -> tuple[str, RewardFn]:
     return fn_name, fn
 
 
-def named(funcs: Sequence[RewardFn | str]) -> list[tuple[str, RewardFn]]:
-    """Each reward with a unique name for the log (`reward_<name>_mean`): specs resolved, functions by
-    their __name__, repeats numbered."""
+def named(funcs: Sequence[RewardFn | str], settings: RewardSettings = RewardSettings()) -> list[tuple[str, RewardFn]]:
+    """Each reward with a unique name for the log (`reward_<name>_mean`): specs resolved (`resolve`),
+    functions by their __name__, repeats numbered."""
     out: list[tuple[str, RewardFn]] = []
     for f in funcs:
-        name, fn = resolve(f) if isinstance(f, str) else (getattr(f, "__name__", "reward"), f)
+        name, fn = resolve(f, settings) if isinstance(f, str) else (getattr(f, "__name__", "reward"), f)
         taken = {n for n, _ in out}
         base, k = name, 2
         while name in taken:
@@ -73,23 +145,34 @@ def named(funcs: Sequence[RewardFn | str]) -> list[tuple[str, RewardFn]]:
     return out
 
 
-def score(funcs: list[tuple[str, RewardFn]], completions: list[str], answer: list[str],
-          columns: dict[str, list[Any]]) -> dict[str, list[float]]:
-    """Each reward's values for the completions, checked: one finite number per completion."""
+@dataclass(frozen=True)
+class TrainerState:
+    """What TRL hands rewards as `trainer_state`: the fields its rewards read."""
+
+    global_step: int  # optimizer steps done before this rollout
+    max_steps: int
+    epoch: float
+
+
+def score(funcs: list[tuple[str, RewardFn]], kwargs: dict[str, Any]) -> dict[str, list[float | None]]:
+    """Each reward's values for the completions in `kwargs` (the keyword arguments above), checked: one
+    finite number, or None, per completion."""
+    n = len(kwargs["completions"])
     scores = {}
     for name, fn in funcs:
         try:
-            values = fn(completions, answer, **columns)
+            values = fn(**kwargs)
         except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
             fail(f"reward {name} raised {type(exc).__name__}: {exc}")
         try:
-            values = [float(v) for v in values]
+            values = [None if v is None else float(v) for v in values]
         except (TypeError, ValueError):
-            fail(f"reward {name} must return a list of numbers, one per completion (got {type(values).__name__})")
-        if len(values) != len(completions):
-            fail(f"reward {name} returned {len(values)} values for {len(completions)} completions")
-        bad = next((v for v in values if not math.isfinite(v)), None)
+            fail(f"reward {name} must return a list of numbers (or None), one per completion "
+                 f"(got {type(values).__name__})")
+        if len(values) != n:
+            fail(f"reward {name} returned {len(values)} values for {n} completions")
+        bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
         if bad is not None:
-            fail(f"reward {name} returned a non-finite value ({bad})")
+            fail(f"reward {name} returned a non-finite value ({bad}); return None for a row it does not apply to")
         scores[name] = values
     return scores

@@ -106,8 +106,24 @@ def answers_match(predicted: str | None, gold: Any) -> bool:
     return abs(pred_value - gold_value) <= REL_TOLERANCE * max(1.0, abs(gold_value))
 
 
-def numeric_reward(completions: list[Any], answers: list[Any]) -> list[float]:
-    """1.0 for each completion whose `####` answer equals its ground truth, else 0.0."""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def after_thinking(completion: Any) -> str:
+    """The answer part of a completion from a thinking model: what follows its last `</think>`; nothing
+    when a `<think>` never closes (a completion cut inside its reasoning has no answer, whatever tentative
+    `#### N` it wrote there); the whole text when it has no think block."""
+    text = completion_text(completion)
+    end = text.rfind(THINK_CLOSE)
+    if end >= 0:
+        return text[end + len(THINK_CLOSE):]
+    return "" if THINK_OPEN in text else text
+
+
+def numeric_reward(completions: list[Any], answers: list[Any], thinking: bool = False) -> list[float]:
+    """1.0 for each completion whose `####` answer equals its ground truth, else 0.0; with `thinking`,
+    only the answer after the thinking counts (`after_thinking`)."""
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    return [1.0 if answers_match(extract_answer(c), a) else 0.0 for c, a in zip(completions, answers)]
+    read = after_thinking if thinking else completion_text
+    return [1.0 if answers_match(extract_answer(read(c)), a) else 0.0 for c, a in zip(completions, answers)]

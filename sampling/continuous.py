@@ -86,9 +86,9 @@ class _Rows:
         self.job, self.pos_host = [self.job[r] for r in busy], [self.pos_host[r] for r in busy]
 
     def step(self, temperature: float, top_p: float, generator: torch.Generator | None, eos: int | None,
-             pad: int) -> None:
+             pad: int, top_k: int = 0, min_p: float = 0.0) -> None:
         """Sample every row's next token, record it, mark rows that end, and run the decode step."""
-        token, logp = _sample_token(self.logits, temperature, top_p, generator)
+        token, logp = _sample_token(self.logits, temperature, top_p, generator, top_k, min_p)
         token = token.masked_fill(self.finished, pad)
         rows = torch.arange(len(self.job), device=token.device)
         column = self.t.clamp(max=self.tokens.shape[1] - 1)
@@ -118,6 +118,8 @@ def rollout_continuous(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     rows: int = 32,
     generator: torch.Generator | None = None,
     sync_every: int | None = None,
@@ -164,7 +166,7 @@ def rollout_continuous(
                 break
             if not waiting:
                 decoding.compact()
-        decoding.step(temperature, top_p, generator, None if stop_at else eos_token_id, pad_token_id)
+        decoding.step(temperature, top_p, generator, None if stop_at else eos_token_id, pad_token_id, top_k, min_p)
         step += 1
 
     token_ids = [r[0] for r in results]

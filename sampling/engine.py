@@ -102,11 +102,16 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return columns.gather(1, x.gather(1, columns).argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
-def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                  top_k: int = 0, min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0.
 
-    The log-probability is under softmax(logits / temperature), before top-p, as the loss computes it."""
+    Sampling draws from softmax(logits / temperature) cut as transformers' warpers cut it, in their order:
+    the `top_k` most likely tokens (0: all; ties with the k-th kept), then the smallest set whose mass
+    reaches `top_p` of what is left, then those at least `min_p` times as likely as the most likely one;
+    the draw is over what remains, renormalized. The log-probability is under the whole
+    softmax(logits / temperature), before any cut, as the loss computes it: a cut makes the rollout
+    slightly off-policy for the loss (the cut tokens had probability the loss still counts)."""
     if temperature <= 0:
         logits = logits.float()
         token = _argmax(logits)
@@ -114,12 +119,17 @@ def _sample_token(logits: torch.Tensor, temperature: float, top_p: float,
     logits = logits.float()
     top = logits.amax(dim=-1, keepdim=True)
     # softmax(logits / T) * total as (logits - top) / T in one pass, then exp in place: never overflows
-    weights = torch.add(top / -temperature, logits, alpha=1 / temperature).exp_()
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        total = weights.sum(dim=-1, keepdim=True)
-        sorted_w, order = weights.sort(dim=-1, descending=True)
-        sorted_w.masked_fill_(sorted_w.cumsum(-1) - sorted_w >= top_p * total, 0.0)
-        weights.scatter_(-1, order, sorted_w)
+    weights = torch.add(top / -temperature, logits, alpha=1 / temperature).exp_()  # the most likely: 1.0
+    if top_p < 1.0 or 0 < top_k < weights.shape[-1] or min_p > 0.0:
+        total = weights.sum(dim=-1, keepdim=True)  # the whole softmax's, for the log-probability
+        if 0 < top_k < weights.shape[-1]:
+            weights.masked_fill_(weights < weights.topk(top_k, dim=-1).values[:, -1:], 0.0)
+        if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+            sorted_w, order = weights.sort(dim=-1, descending=True)
+            sorted_w.masked_fill_(sorted_w.cumsum(-1) - sorted_w >= top_p * sorted_w.sum(-1, keepdim=True), 0.0)
+            weights.scatter_(-1, order, sorted_w)
+        if min_p > 0.0:
+            weights.masked_fill_(weights < min_p, 0.0)
         token = _draw(weights, generator)[0]
     else:
         token, total = _draw(weights, generator)
@@ -241,6 +251,8 @@ def rollout(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     ignore_eos: bool = False,
     generator: torch.Generator | None = None,
     fast: bool | None = None,
@@ -248,7 +260,8 @@ def rollout(
     sync_every: int | None = None,
     stop_at: list[int] | None = None,
 ) -> Completions:
-    """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature.
+    """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature
+    (`top_p`, `top_k`, `min_p`: `_sample_token`).
 
     `fast` picks the lean decode step (default: whenever the model supports it); `cuda_graphs` replays
     that step from CUDA graphs (CUDA only; models without the lean step ignore it): True for graphs of
@@ -281,7 +294,7 @@ def rollout(
     # sample, record, stop rows at eos, feed the token back; the host looks at `finished` only every
     # `sync_every` steps (rows finished in between decode on, their tokens recorded as padding)
     for t in range(max_new_tokens):
-        token, logp = _sample_token(logits, temperature, top_p, generator)
+        token, logp = _sample_token(logits, temperature, top_p, generator, top_k, min_p)
         token = token.masked_fill(finished, pad_token_id)
         tokens[alive, t] = token
         logprobs[alive, t] = logp.masked_fill(finished, 0.0)
@@ -322,6 +335,8 @@ def sample(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     batch_size: int | None = None,
     progress: Any = None,
     cuda_graphs: bool | DecodeGraphs = False,
@@ -342,7 +357,8 @@ def sample(
 
         out = rollout_continuous(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                  num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, rows=batch_size * num_samples, progress=progress, stop_at=stop_at)
+                                 top_p=top_p, top_k=top_k, min_p=min_p, rows=batch_size * num_samples,
+                                 progress=progress, stop_at=stop_at)
         model.train(was_training)
         return out
     if cuda_graphs is True:
@@ -351,7 +367,7 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         chunk = rollout(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, cuda_graphs=cuda_graphs,
+                        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, cuda_graphs=cuda_graphs,
                         stop_at=None if stop_at is None else
                         stop_at[start * num_samples: (start + batch_size) * num_samples])
         out.prompt_index += [start + i for i in chunk.prompt_index]

@@ -24,6 +24,8 @@ def sample_with_generate(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     batch_size: int | None = None,
     progress: Any = None,
 ) -> Completions:
@@ -46,7 +48,8 @@ def sample_with_generate(
             generated = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                 do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                top_k=None if greedy else 0,  # 0: no top-k cut, so samples follow softmax(logits / T)
+                top_k=None if greedy else top_k,  # 0: no top-k cut (transformers' default is 50)
+                min_p=None if greedy or min_p == 0 else min_p,
                 num_return_sequences=num_samples, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             )
             for row_index, row in enumerate(generated[:, ids.shape[1]:].tolist()):

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from data import Record
-from data.prompt import encode_sft_example
+from data.prompt import DEFAULT_FORMAT, PromptFormat, encode_sft_example
 
 
-def encode_records(tokenizer: Any, records: list[Record], max_length: int,
-                   strip_calculator: bool = True) -> tuple[list[tuple[list[int], list[int]]], int]:
+def encode_records(tokenizer: Any, records: list[Record], max_length: int, strip_calculator: bool = True,
+                   fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(the examples that fit in `max_length` tokens, how many did not: skipped, never cut mid-answer)."""
-    encoded = [encode_sft_example(tokenizer, r["question"], r["solution"], max_length, strip_calculator)
+    encoded = [encode_sft_example(tokenizer, r["question"], r["solution"], max_length, strip_calculator, fmt)
                for r in records]
     kept = [e for e in encoded if e is not None]
     return kept, len(encoded) - len(kept)

@@ -81,6 +81,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
 
     from common.schedule import make_scheduler
     from data import require_solutions, run_records
+    from data.prompt import resolve_format, warn_thinking
     from eval.evaluate import eval_fields
     from models import default_device, default_dtype
     from sft.batching import collate, encode_records
@@ -90,13 +91,15 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; drop --full_finetune or --use_4bit")
     dist, device = current(), cfg.device or default_device()
     check_4bit(cfg.use_4bit, dist, device)
+    fmt = resolve_format(cfg, cfg.model_name)  # before any model loads: a bad flag is one line
+    warn_thinking(fmt, cfg.eval_max_new_tokens, True, "SFT's evals")
     run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     seed_everything(cfg.seed)
     source = cfg.dataset if train_records is None else "train_records"
     train_records, eval_records = run_records(cfg, train_records, eval_records)
     require_solutions(train_records, source, cfg.fields())
     model, tokenizer = _model(cfg, device)
-    examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator)
+    examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator, fmt)
     if not examples:
         fail(f"every training example is longer than --max_length {cfg.max_length} tokens; raise --max_length")
     if too_long and dist.is_main:
@@ -117,7 +120,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     step = run.start(model, optimizer, scheduler, not cfg.full_finetune, device, total_steps)
 
     def evaluate() -> dict[str, Any]:
-        return run.evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size,
+        return run.evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size, prompt_format=fmt,
                             max_new_tokens=cfg.eval_max_new_tokens)
 
     if step == 0 and cfg.eval_every > 0:
@@ -159,7 +162,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     bar.close()
     summary = summary or evaluate()  # resumed at the end: nothing trained, still report
     run.save_final(model, tokenizer, lora=not cfg.full_finetune, base_model=cfg.model_name,
-                   dtype=default_dtype(device), message=(
+                   dtype=default_dtype(device), prompt_format=fmt, message=(
                        f"after SFT: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}, "
                        f"truncation rate {summary['truncation_rate']:.3f} on {len(eval_records)} held-out problems\n"
                        f"saved: model + tokenizer in {run.out}"

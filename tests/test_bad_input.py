@@ -40,6 +40,21 @@ CASES = [  # (CLI, its main, arguments, the error line's start)
     ("train_grpo.py", train_grpo.main, ["--max_prompt_length", "0"], "--max_prompt_length must be >= 1 (got 0)"),
     ("train_grpo.py", train_grpo.main, ["--dist_backend", "mpi"], "argument --dist_backend: invalid choice"),
     ("train_grpo.py", train_grpo.main, ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ("train_grpo.py", train_grpo.main, ["--top_k", "-1"], "--top_k must be >= 0 (got -1)"),
+    ("train_grpo.py", train_grpo.main, ["--min_p", "1.5"], "--min_p must be >= 0 and <= 1 (got 1.5)"),
+    ("train_grpo.py", train_grpo.main, ["--overlong_cache", "-4"], "--overlong_cache must be >= 0 (got -4)"),
+    ("train_grpo.py", train_grpo.main, ["--reward_format", "xml"], "--reward_format must be one of text, messages"),
+    ("train_grpo.py", train_grpo.main, ["--model_name", "tiny", "--chat_template_kwargs", "thinking"],
+     "--chat_template_kwargs must be a JSON object"),
+    ("train_grpo.py", train_grpo.main, ["--model_name", "tiny", "--instruction", "{q}"],
+     "--instruction may hold {question} and no other placeholder (got {q}"),
+    ("train_sft.py", train_sft.main, ["--model_name", "tiny", "--chat_template_kwargs", "[1]"],
+     "--chat_template_kwargs must be a JSON object"),
+    ("python -m eval", eval.__main__.main, ["--model", "tiny", "--top_k", "2.5"],
+     "--top_k must be a whole number >= 0 (got 2.5)"),
+    ("python -m eval", eval.__main__.main, ["--model", "tiny", "--min_p", "nan"], "--min_p must be >= 0 and <= 1"),
+    ("python -m eval", eval.__main__.main, ["--model", "tiny", "--instruction", "{x} {question}"],
+     "--instruction may hold {question} and no other placeholder"),
     ("train_sft.py", train_sft.main, ["--batch_size", "0"], "--batch_size must be >= 1 (got 0)"),
     ("train_sft.py", train_sft.main, ["--warmup_ratio", "2"], "--warmup_ratio must be >= 0 and <= 1 (got 2.0)"),
     ("train_sft.py", train_sft.main, ["--num_epochs", "1.5"], "--num_epochs must be a whole number >= 1 (got 1.5)"),
@@ -100,7 +115,7 @@ def test_every_numeric_and_choice_flag_has_a_declared_range():
             if base in (int, float) or meta["choices"]:
                 assert meta["choices"] or any(meta[k] is not None for k in ("low", "high", "above")), (cls, f.name)
                 counted += 1
-    assert counted >= 75, counted
+    assert counted >= 89, counted
 
 
 def _broken_copy(tmp_path, name, tiny):

@@ -124,3 +124,69 @@ def test_sft_example_masks_exactly_the_prompt(tiny_tokenizer):
     assert turn == tiny_tokenizer.decode(ids) + "\n"
     assert encode_sft_example(tiny_tokenizer, question, solution, max_length=len(ids) - 1) is None  # never cut
     assert encode_sft_example(tiny_tokenizer, question, solution, max_length=len(ids)) == (ids, labels)
+
+
+def test_prompt_format_system_instruction_and_thinking_on_the_template(tiny_tokenizer):
+    """A system prompt comes first, `{question}` places the question in the instruction, and thinking on
+    leaves the generation prompt open at `<|im_start|>assistant\\n` (Qwen3's thinking mode)."""
+    from data.prompt import PromptFormat, build_messages
+
+    fmt = PromptFormat(system_prompt="You are terse.", instruction="Q: {question} Answer as '#### N'.",
+                       chat_template_kwargs={"enable_thinking": True})
+    assert fmt.thinking and build_messages(" 2+2? ", fmt=fmt) == [
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Q: 2+2? Answer as '#### N'."}]
+    assert render_prompt(tiny_tokenizer, "2+2?", fmt=fmt) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nQ: 2+2? Answer as '#### N'.<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    plain = PromptFormat(instruction="")
+    assert render_prompt(tiny_tokenizer, "2+2?", fmt=plain) == f"<|im_start|>user\n2+2?<|im_end|>\n{GEN_PROMPT_END}"
+
+
+def test_thinking_sft_target_thinks_with_the_solution_and_answers_after(tiny_tokenizer):
+    from data.prompt import PromptFormat, answer_text
+
+    fmt = PromptFormat(chat_template_kwargs={"enable_thinking": True})
+    ids, labels = encode_sft_example(tiny_tokenizer, "Ann has 3. How many?", "Ann has 3.\n#### 3", fmt=fmt)
+    target = tiny_tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True)
+    assert target == "<think>\nAnn has 3.\n</think>\n\n#### 3"  # <think> survives decoding, as on Qwen3
+    assert answer_text(target, fmt) == "\n\n#### 3"
+
+
+@pytest.mark.parametrize("text,thinking,want", [
+    ("<think>\nso 3?\n#### 3", True, None),  # cut inside its reasoning: no answer, whatever it tried there
+    ("<think>\nso 3?\n#### 3\n</think>\n\n#### 4", True, "4"),
+    ("<think>a</think> #### 2 <think>b</think>\n#### 5", True, "5"),  # after the last </think>
+    ("#### 7", True, "7"),  # no think block: the whole text
+    ("<think>\nso 3?\n#### 3", False, "3"),  # thinking off: read as before
+])
+def test_answers_are_read_after_the_thinking(text, thinking, want):
+    from data.prompt import PromptFormat, answer_text
+    from rewards import extract_answer, numeric_reward
+
+    fmt = PromptFormat(chat_template_kwargs={"enable_thinking": thinking})
+    assert extract_answer(answer_text(text, fmt)) == want
+    assert numeric_reward([text], [want or "3"], thinking=thinking) == [1.0 if want else 0.0]
+
+
+def test_thinking_span_counts_tokens_to_the_last_close(tiny_tokenizer):
+    from data.prompt import think_token_ids, thinking_span
+
+    think = think_token_ids(tiny_tokenizer)
+    assert think == tuple(tiny_tokenizer.convert_tokens_to_ids(["<think>", "</think>"]))
+    ids = tiny_tokenizer("<think>\nab\n</think>\n#### 3", add_special_tokens=False)["input_ids"]
+    n, closed = thinking_span(ids, think)
+    assert closed and ids[n] == think[1] and n == ids.index(think[1])
+    assert thinking_span(ids[:3], think) == (3, False) and thinking_span([5, 6], think) == (0, True)
+
+
+def test_bad_prompt_flags_are_one_line():
+    from data.prompt import check_instruction, parse_template_kwargs
+
+    with pytest.raises(UserError, match=r"--chat_template_kwargs must be a JSON object .*got 'thinking'"):
+        parse_template_kwargs("thinking")
+    with pytest.raises(UserError, match=r"--chat_template_kwargs must be a JSON object .*got '\[1\]'"):
+        parse_template_kwargs("[1]")
+    with pytest.raises(UserError, match=r"--instruction may hold \{question\} and no other placeholder \(got "
+                                        r"\{answer\}"):
+        check_instruction("Solve {question}, then {answer}")
+    check_instruction("Solve {question}.")

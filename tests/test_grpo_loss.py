@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from grpo.loss import (
+    LOSS_TYPES,
     aggregate,
     group_advantages,
     grpo_loss,
@@ -297,7 +298,8 @@ def _reference_loss(logp, old, ref, adv, mask, beta, el, eh, loss_type, max_len,
         per_seq.append(seq_sum / max(seq_n, 1))
         total += seq_sum
         count += seq_n
-    return {"grpo": sum(per_seq) / B, "bnpo": total / max(count, 1), "dr_grpo": total / (B * max_len),
+    rows = max(1, sum(any(m) for m in mask))  # a row with no token (masked out) counts in no normalizer
+    return {"grpo": sum(per_seq) / rows, "bnpo": total / max(count, 1), "dr_grpo": total / (rows * max_len),
             "dapo": total / n_items}[loss_type]
 
 
@@ -342,3 +344,16 @@ def test_sequence_level_ratios_gspo_by_hand():
     assert same.item() == pytest.approx(token.item())  # on-policy both levels give ratio 1
     with pytest.raises(ValueError, match="importance_sampling_level"):
         grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, importance_sampling_level="group")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_a_row_with_no_token_counts_in_no_normalizer(loss_type):
+    """Under DDP a completion taken out of the loss (--mask_truncated_completions) still runs, with an
+    all-zero mask: every aggregation must equal the one without that row at all."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 5), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
+    out = torch.zeros(3, 5)
+    with_empty = aggregate(torch.cat([x, torch.randn(1, 5)]), torch.cat([mask, out[:1]]), loss_type,
+                           max_completion_length=8, num_items_in_batch=9.0)
+    without = aggregate(x, mask, loss_type, max_completion_length=8, num_items_in_batch=9.0)
+    assert with_empty.item() == pytest.approx(without.item(), rel=1e-6)

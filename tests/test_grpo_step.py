@@ -22,11 +22,11 @@ def _varied_rollouts(tokenizer):
     return hook
 
 
-def _one_step(out, tiny_tokenizer, **overrides):
+def _one_step(out, tiny_tokenizer, hook=None, **overrides):
     cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=4,
                num_generations=4, max_completion_length=64, device="cpu", learning_rate=1e-3, beta=0.04,
                show_progress=False, seed=3, save_every=10)
-    train_grpo(GRPOConfig(**{**cfg, **overrides}), rollout_hook=_varied_rollouts(tiny_tokenizer))
+    train_grpo(GRPOConfig(**{**cfg, **overrides}), rollout_hook=(hook or _varied_rollouts)(tiny_tokenizer))
     from safetensors.torch import load_file
 
     return json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors"))
@@ -197,3 +197,52 @@ def test_dynamic_sampling_rolls_out_more_prompts_until_every_group_has_a_signal(
         assert line["backward_rows"] == 4 * min(4, sum(signal))
     assert cap == 1 or all(line["frac_reward_zero_std"] == 0 for line in lines)
     assert cap == 8 or any(line["frac_reward_zero_std"] > 0 for line in lines)
+
+
+def _some_rows_cut(tokenizer):
+    """Per group of 4: a right answer that finished, a wrong one that finished, a right one cut at the
+    limit (no end-of-turn) and a wrong one cut; lengths differ, so every normalizer shows."""
+    def hook(step, prompts, answers):
+        rows = []
+        for g, answer in enumerate(answers):
+            for k, (right, finished) in enumerate([(True, True), (False, True), (True, False), (False, False)]):
+                text = (f"#### {answer}" if right else "#### 0") + " and more" * (k + g)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                rows.append(ids + [tokenizer.eos_token_id] if finished else ids)
+        return rows
+    return hook
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_masked_truncated_rows_leave_the_loss_but_keep_their_rewards(tmp_path, tiny_tokenizer, loss_type):
+    """--mask_truncated_completions, checked against the loss computed by hand. With beta 0 and one update
+    the ratio is 1, so each token's loss is -A: dapo (and bnpo in one micro-batch) -sum A_i n_i / sum n_i,
+    grpo -sum A_i / rows, dr_grpo -sum A_i n_i / (rows x max length), each over the finished rows only,
+    while A_i comes from the rewards of all four rows of the group (the cut ones included)."""
+    from grpo.loss import group_advantages
+
+    seen = []
+    L = 64
+
+    def recorded(tokenizer):
+        hook = _some_rows_cut(tokenizer)
+        return lambda *a: seen.append(hook(*a)) or seen[-1]
+
+    log, _ = _one_step(tmp_path / "mask", tiny_tokenizer, recorded, beta=0.0, loss_type=loss_type, micro_batch_size=16,
+                       mask_truncated_completions=True, max_completion_length=L)
+    rows = seen[0]
+    finished = torch.tensor([tiny_tokenizer.eos_token_id in r for r in rows])
+    n = torch.tensor([float(len(r)) for r in rows])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0] * 4)  # right / wrong, cut or not: the numeric reward
+    A = group_advantages(rewards, 4)
+    A, n = A[finished], n[finished]
+    expected = {"dapo": -(A * n).sum() / n.sum(), "bnpo": -(A * n).sum() / n.sum(),
+                "grpo": -A.sum() / len(A), "dr_grpo": -(A * n).sum() / (len(A) * L)}[loss_type]
+    assert log["masked_rows"] == 8 and log["reward_mean"] == pytest.approx(0.5)
+    assert log["grpo_loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert log["backward_rows"] == 8  # the cut rows skip the forward and backward
+    if loss_type != "bnpo":  # micro-batches of 2 add up to the same update
+        small, _ = _one_step(tmp_path / "mask2", tiny_tokenizer, _some_rows_cut, beta=0.0, loss_type=loss_type,
+                             micro_batch_size=2, mask_truncated_completions=True, max_completion_length=L)
+        assert small["grpo_loss"] == pytest.approx(log["grpo_loss"], rel=1e-5, abs=1e-7)
+        assert small["grad_norm"] == pytest.approx(log["grad_norm"], rel=1e-5)

@@ -99,6 +99,24 @@ def test_malformed_data_is_one_line_naming_file_row_and_column(tmp_path, content
     assert str(info.value).startswith(str(path)) and says in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_gold_answer_that_is_not_a_number_is_one_line_in_every_data_form(tmp_path):
+    """`#### abc` would score every completion 0 and train on nothing: GSM8K's files, a data file of any
+    form and rows handed to the API all refuse it the same way."""
+    from data import as_records, load_gsm8k
+
+    bad = {"question": "How many?", "answer": "Some work.\n#### abc"}
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps(bad))
+    with pytest.raises(UserError, match=r"train\.jsonl:2: bad GSM8K line \(the solution's '####' is followed by "
+                                        r"'abc', not a number\)"):
+        load_gsm8k("train", data_dir=str(tmp_path))
+    (tmp_path / "own.csv").write_text("question,answer\nHow many?,\"work\n#### abc\"\n")
+    with pytest.raises(UserError, match=r"own\.csv: row 1, column 'answer': the solution's '####' is followed by "
+                                        r"'abc', not a number"):
+        load_records(str(tmp_path / "own.csv"), "train")
+    with pytest.raises(UserError, match=r"train_records: row 1, column 'answer': .*'abc', not a number"):
+        as_records([bad], Fields(), "train_records")
+
+
 def test_sft_on_answer_only_data_says_it_needs_solutions(tmp_path):
     path = _csv(tmp_path / "p.csv", _rows(10))
     result = subprocess.run([sys.executable, "train_sft.py", "--model_name", "tiny", "--dataset", str(path), *FIELDS,
@@ -154,7 +172,8 @@ def by_level(completions, answer, level, truncated, **columns):
     train = load_records(str(path), "train", fields=cfg.fields())
     assert got["n"] == 4 and len(got["level"]) == 4 and got["level"][0] == got["level"][1]  # a group's rows
     assert set(got["level"]) <= {"0", "1", "2"} and set(got["answer"]) <= {r["answer"] for r in train}
-    assert len(got["truncated"]) == 4 and got["others"] == []
+    assert len(got["truncated"]) == 4
+    assert got["others"] == ["completion_ids", "prompts", "question", "solution", "trainer_state"]
     assert "reward_by_level_mean" in record
 
 
@@ -167,7 +186,7 @@ BROKEN = [
     (lambda completions, answer, **columns: [1.0], "reward bad returned 1 values for 4 completions"),
     (lambda completions, answer, **columns: [float("nan")] * len(completions),
      "reward bad returned a non-finite value (nan)"),
-    (lambda completions, answer, **columns: None, "reward bad must return a list of numbers"),
+    (lambda completions, answer, **columns: None, "reward bad must return a list of numbers (or None)"),
 ]
 
 
@@ -233,3 +252,86 @@ def test_the_readme_python_api_example_runs(tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("reward_numeric_mean") and "reward_short_mean" in last and "eval_accuracy" in last
     assert (tmp_path / "runs" / "api_example" / "model.safetensors").is_file()
+
+
+# Rewards written as TRL's docs and the Unsloth Qwen3 GRPO notebook write them (TRL itself is not imported).
+def reward_len(completions, **kwargs):  # TRL's docs: standard format
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def format_reward_func(completions, **kwargs):  # TRL's docs: conversational format
+    import re
+
+    return [1.0 if re.search(r"####", c[0]["content"]) else 0.0 for c in completions]
+
+
+def correctness_reward_func(prompts, completions, answer, **kwargs):  # Unsloth: prompts first, messages
+    responses = [completion[0]["content"] for completion in completions]
+    assert prompts[0][-1]["role"] == "user" and isinstance(prompts[0][-1]["content"], str)
+    return [2.0 if r.strip().endswith(f"#### {a}") else 0.0 for r, a in zip(responses, answer)]
+
+
+def scheduled(completions, trainer_state, completion_ids, **kwargs):  # TRL's trainer_state, completion_ids
+    return [trainer_state.global_step / trainer_state.max_steps - len(ids) / 100 for ids in completion_ids]
+
+
+def math_only(completions, task, answer, **kwargs):  # multi-task data: None where it does not apply
+    return [None if t != "math" else float(c[0]["content"].endswith(f"#### {a}"))
+            for c, t, a in zip(completions, task, answer)]
+
+
+def count_only(completions, task, **kwargs):
+    return [None if t != "count" else float(len(c[0]["content"]) < 12) for c, t in zip(completions, task)]
+
+
+def _fixed_rollouts(tokenizer, texts):
+    """Each prompt's group gets these completion texts, finished with the end-of-turn token."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    return lambda step, prompts, answers: [list(i) for _ in prompts for i in ids]
+
+
+def test_trl_style_rewards_get_what_trl_passes(tmp_path, tiny_tokenizer):
+    """Rewards from TRL's docs and Unsloth's notebook run unchanged with --reward_format messages: the logged
+    means equal the values computed by hand on the fixed completions; trainer_state counts the steps."""
+    from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
+
+    rows = [{"question": f"What is {a} + 1?", "answer": a + 1} for a in range(8)]
+    texts = ["It is #### 0", "no idea, sorry, none at all"]
+    cfg = GRPOConfig(model_name="tiny", grpo_output=str(tmp_path / "o"), max_steps=2, prompts_per_step=2,
+                     num_generations=2, max_completion_length=16, device="cpu", show_progress=False, beta=0.0,
+                     reward_format="messages")
+    train_grpo(cfg, reward_funcs=[format_reward_func, correctness_reward_func, scheduled], train_records=rows,
+               eval_records=rows, rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+    log = [json.loads(x) for x in (tmp_path / "o" / LOG_NAME).read_text().splitlines()]
+    assert [x["reward_format_reward_func_mean"] for x in log] == [0.5, 0.5]
+    assert [x["reward_correctness_reward_func_mean"] for x in log] == [0.0, 0.0]  # no answer is 0 here
+    lengths = [len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+    for step, x in enumerate(log):
+        assert x["reward_scheduled_mean"] == pytest.approx(step / 2 - sum(lengths) / 2 / 100)
+    cfg.reward_format, cfg.grpo_output = "text", str(tmp_path / "t")
+    train_grpo(cfg, reward_funcs=[reward_len], train_records=rows, eval_records=rows,
+               rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+    line = json.loads((tmp_path / "t" / LOG_NAME).read_text().splitlines()[0])
+    assert line["reward_reward_len_mean"] == pytest.approx(sum(-abs(20 - len(t)) for t in texts) / 2)
+
+
+def test_none_rewards_skip_rows_of_other_tasks(tmp_path, tiny_tokenizer):
+    """Two tasks, one reward each returning None for the other's rows: each mean is over its own rows,
+    the advantage's sum skips the Nones; a row that no reward scores is one line."""
+    from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
+
+    rows = [{"question": f"Task {i}: what is {i} + 1?", "answer": i + 1, "task": "math" if i % 2 else "count"}
+            for i in range(8)]
+    cfg = GRPOConfig(model_name="tiny", grpo_output=str(tmp_path / "o"), max_steps=1, prompts_per_step=8,
+                     num_generations=2, max_completion_length=16, device="cpu", show_progress=False, beta=0.0,
+                     reward_format="messages", seed=5)
+    texts = ["short", "a much longer completion"]
+    train_grpo(cfg, reward_funcs=[math_only, count_only], train_records=rows, eval_records=rows,
+               rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+    line = json.loads((tmp_path / "o" / LOG_NAME).read_text())
+    assert line["reward_math_only_mean"] == 0.0 and line["reward_count_only_mean"] == 0.5
+    assert line["reward_mean"] == 0.25  # over all 16 rows: count rows 1 or 0, math rows 0
+    with pytest.raises(UserError, match=r"^no reward scored completion 0 of question .*every reward returned None"):
+        train_grpo(GRPOConfig(**{**cfg.__dict__, "grpo_output": str(tmp_path / "x")}), reward_funcs=[math_only],
+                   train_records=[dict(r, task="count") for r in rows], eval_records=rows,
+                   rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))

@@ -57,3 +57,53 @@ def test_seed_interface_dispatches(tmp_path):
     with pytest.raises(UserError, match="separately"):
         train.main(base + ["--mode", "both", "--max_steps", "1"])
 
+
+def test_prompt_settings_travel_from_sft_to_grpo_to_eval(tmp_path, capsys):
+    """SFT saves its prompt format beside the model; GRPO samples from the same prompt and saves it again;
+    eval reads it back. A flag that differs from the saved one is used and said once, naming both."""
+    from data.prompt import PROMPT_FILE
+    from grpo.trainer import GRPOConfig, train_grpo
+    from sft.trainer import SFTConfig, train_sft
+
+    prompt = dict(system_prompt="Be brief.", instruction="Q: {question}", enable_thinking=True)
+    sft = tmp_path / "sft"
+    train_sft(SFTConfig(model_name="tiny", dataset="synthetic", sft_output=str(sft), max_steps=1, batch_size=4,
+                        eval_samples=2, eval_max_new_tokens=4, device="cpu", show_progress=False, **prompt))
+    saved = json.loads((sft / PROMPT_FILE).read_text())
+    assert saved == {"system_prompt": "Be brief.", "instruction": "Q: {question}",
+                     "chat_template_kwargs": {"enable_thinking": True}}
+    assert "warning: SFT's evals: thinking is on" in capsys.readouterr().out
+
+    seen = []
+
+    def hook(step, prompts, answers):
+        seen.extend(prompts)
+        return [[5, 6, 2]] * (4 * len(prompts))
+
+    grpo = tmp_path / "grpo"
+    train_grpo(GRPOConfig(sft_output=str(sft), dataset="synthetic", grpo_output=str(grpo), max_steps=1,
+                          prompts_per_step=2, max_completion_length=8, device="cpu", show_progress=False),
+               rollout_hook=hook)
+    from models import load_tokenizer
+
+    text = load_tokenizer("tiny").decode(seen[0])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: ")
+    assert text.endswith("<|im_start|>assistant\n")  # thinking on: no empty think block
+    assert json.loads((grpo / PROMPT_FILE).read_text()) == saved
+    out = capsys.readouterr().out
+    assert "warning: GRPO's rollouts: thinking is on but completions stop at 8 tokens" in out
+    assert "differs" not in out
+
+    train_grpo(GRPOConfig(sft_output=str(sft), dataset="synthetic", grpo_output=str(tmp_path / "g2"), max_steps=1,
+                          prompts_per_step=2, max_completion_length=8, device="cpu", show_progress=False,
+                          instruction="Solve: {question}"), rollout_hook=hook)
+    said = [line for line in capsys.readouterr().out.splitlines() if "differs" in line]
+    assert said == [f"warning: --instruction 'Solve: {{question}}' differs from the 'Q: {{question}}' that {sft} was "
+                    f"trained with ({sft / PROMPT_FILE}); using 'Solve: {{question}}'"]
+
+    from eval.__main__ import main as eval_main
+
+    eval_main(["--model", str(grpo), "--dataset", "synthetic", "--max_samples", "3", "--max_new_tokens", "6",
+               "--output", str(tmp_path / "eval"), "--device", "cpu", "--no_progress"])
+    summary = json.loads((tmp_path / "eval" / "eval_summary.json").read_text())
+    assert summary["prompt_format"] == saved and 0 <= summary["thinking_closed_rate"] <= 1

@@ -102,3 +102,37 @@ def test_every_gold_solution_scores_one():
     failures = [r["answer"] for r, x in zip(records, rewards) if x != 1.0]
     assert not failures, failures[:10]
     assert sum("," in r["answer"] for r in records) == 93
+
+
+@pytest.mark.parametrize("length,want", [(0, 0.0), (448, 0.0), (449, -1 / 64), (480, -0.5), (511, -63 / 64),
+                                         (512, -1.0), (600, -1.0)])
+def test_overlong_penalty_by_hand_at_the_boundaries(length, want):
+    """DAPO's soft punishment with L_max 512 and L_cache 64: 0 up to 448 tokens, (448 - len) / 64 after,
+    -1 from the limit on."""
+    from rewards.functions import overlong_penalty, soft_overlong_punishment
+
+    assert overlong_penalty(length, 512, 64) == pytest.approx(want)
+    assert soft_overlong_punishment(512, 64)(completion_ids=[[0] * length]) == [pytest.approx(want)]
+
+
+def test_overlong_with_no_cache_punishes_only_the_limit():
+    from rewards.functions import overlong_penalty
+
+    assert [overlong_penalty(n, 8, 0) for n in (7, 8, 9)] == [0.0, -1.0, -1.0]
+
+
+def test_overlong_builtin_takes_the_runs_limit_and_cache():
+    from rewards.functions import RewardSettings, named
+
+    [(name, fn)] = named(["overlong"], RewardSettings(max_length=100, overlong_cache=20))
+    assert name == "overlong" and fn(completion_ids=[[1] * 80, [1] * 90, [1] * 100]) == [0.0, -0.5, -1.0]
+
+
+def test_builtins_read_after_the_thinking_when_it_is_on():
+    from rewards.functions import RewardSettings, named
+
+    (_, numeric), (_, fmt) = named(["numeric", "format"], RewardSettings(thinking=True))
+    cut = "<think>\nmaybe #### 4"
+    done = "<think>\nmaybe #### 3\n</think>\n#### 4"
+    assert numeric(completions=[cut, done], answer=["4", "4"]) == [0.0, 1.0]
+    assert fmt(completions=[cut, done], truncated=[True, False]) == [0.0, 1.0]

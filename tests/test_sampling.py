@@ -138,6 +138,41 @@ def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
     assert set(token.tolist()) <= set(nucleus.tolist()) and len(set(token.tolist())) == len(nucleus)
 
 
+@pytest.mark.parametrize("top_k,top_p,min_p", [(3, 1.0, 0.0), (0, 1.0, 0.3), (4, 0.8, 0.0), (5, 0.9, 0.2)])
+def test_top_k_and_min_p_draw_from_the_renormalized_cut_of_transformers(top_k, top_p, min_p):
+    """The kept tokens are those transformers' own warpers keep (top-k, then top-p, then min-p, on the same
+    logits at the same temperature), drawn in proportion to their renormalized probabilities; the
+    log-probability stays the whole softmax's (what the loss computes)."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 1000, generator=g) * 2
+    logits[0, :6] = torch.tensor([9.0, 8.6, 8.3, 8.0, 7.5, 7.4])
+    T, n = 0.8, 20_000
+    scores = logits / T
+    for warper, on in ((TopKLogitsWarper(max(top_k, 1)), top_k > 0), (TopPLogitsWarper(top_p), top_p < 1.0),
+                       (MinPLogitsWarper(max(min_p, 1e-9)), min_p > 0)):
+        scores = warper(None, scores) if on else scores
+    want = torch.softmax(scores[0], -1)  # transformers' cut, renormalized
+    token, logp = _sample_token(logits.repeat(n, 1), T, top_p, torch.Generator().manual_seed(5), top_k, min_p)
+    freq = torch.bincount(token, minlength=1000).float() / n
+    kept = set(want.nonzero().squeeze(-1).tolist())
+    assert set(token.tolist()) == kept and 1 < len(kept) < 6, kept
+    assert torch.allclose(freq, want, atol=0.01), (freq[:6], want[:6])
+    assert torch.allclose(logp, torch.log_softmax(logits[0] / T, -1)[token], atol=1e-5)
+
+
+def test_top_k_1_is_greedy_through_every_decoding_path(tiny_model, tiny_tokenizer, prompts):
+    """top_k and min_p reach the sampler on each path: the lean step, continuous batching and generate
+    (the reference) all give the greedy completions at temperature 1 with top_k 1 (or min_p 1)."""
+    greedy = sample(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=10)).token_ids
+    hot = dict(kwargs(tiny_tokenizer, max_new_tokens=10), temperature=1.0)
+    assert sample(tiny_model, prompts[:4], **hot, top_k=1).token_ids == greedy
+    assert sample(tiny_model, prompts[:4], **hot, min_p=1.0, continuous=True).token_ids == greedy
+    assert sample_with_generate(tiny_model, prompts[:4], **hot, top_k=1).token_ids == greedy
+    assert sample(tiny_model, prompts[:4], **hot).token_ids != greedy  # temperature 1 alone does sample
+
+
 def test_sample_batches_prompts_and_restores_train_mode(tiny_model, tiny_tokenizer, prompts):
     tiny_model.train()
     whole = sample(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=8))
