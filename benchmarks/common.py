@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from common.flags import flag
+from common.flags import DEVICE, flag
 
 MODELS_HELP = ("tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, random:Qwen/Qwen2.5-0.5B-Instruct, "
                "random:HuggingFaceTB/SmolLM2-135M-Instruct, random:meta-llama/Llama-3.2-1B-Instruct, a folder or a "
@@ -24,7 +24,7 @@ class BenchArgs:
     """The flags every benchmark takes; each benchmark adds its own in a subclass."""
 
     model: str = flag("tiny", MODELS_HELP)
-    device: str | None = flag(None, "cpu or cuda (default: cuda when available)")
+    device: str | None = flag(None, "cpu or cuda (default: cuda when available)", text=DEVICE)
 
 # Peak memory bandwidth (GB/s) by GPU name, for the decode roofline.
 GPU_BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100": 2039, "A10G": 600,

@@ -15,21 +15,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import typing
 from typing import Any, NoReturn
 
 from common.errors import fail
 
+DEVICE = (r"cpu|cuda(:[0-9]+)?", "cpu, cuda or cuda:N")  # `text=` of every --device flag
+
 
 def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # noqa: A002
          above: float | None = None, choices: tuple[str, ...] | None = None, group: str | None = None,
-         name: str | None = None, cli: bool = True, required: bool = False) -> Any:
+         name: str | None = None, cli: bool = True, required: bool = False,
+         text: tuple[str, str] | None = None) -> Any:
     """A dataclass field that is also a CLI flag. `low`/`high`: inclusive bounds; `above`: exclusive
-    lower bound; `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default
-    turns the field off); `cli=False`: a field with no flag (set by the code that calls the trainer);
-    `required`: the CLI needs it (the field's default is then only the Python API's)."""
+    lower bound; `text`: (regular expression, its description in words) a text value must match;
+    `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default turns the
+    field off); `cli=False`: a field with no flag (set by the code that calls the trainer); `required`:
+    the CLI needs it (the field's default is then only the Python API's)."""
     meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli,
-                required=required)
+                required=required, text=text)
     return dataclasses.field(default=default, metadata={"flag": meta})
 
 
@@ -169,6 +174,8 @@ def check(cfg: Any) -> None:
             if value not in meta["choices"]:
                 fail(f"{name} must be {describe(meta)} (got {value})")
             continue
+        if meta["text"] and not re.fullmatch(meta["text"][0], str(value)):
+            fail(f"{name} must be {meta['text'][1]} (got {value})")
         if isinstance(value, (int, float)) and not _in_range(value, meta):
             fail(f"{name} must be {describe(meta)} (got {value})")
 

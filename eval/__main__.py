@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.distributed import add_backend_argument
 from common.errors import fail, run_cli
-from common.flags import flag, parse_flags
+from common.flags import DEVICE, flag, parse_flags
 from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 
@@ -39,7 +39,7 @@ class EvalArgs(DataFlags):
                         high=1)
     seed: int = flag(0, "sampling seed", low=0)
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
-    device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)")
+    device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)", text=DEVICE)
     cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only)")
     continuous: bool = flag(True, "decode in static batches of --batch_size prompts instead of continuous batching",
                             name="--static_batches")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.flags import flag
+from common.flags import DEVICE, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
@@ -93,5 +93,5 @@ class GRPOConfig(TrainDataFlags):
     eval_batch_size: int = flag(32, "prompts per eval batch", low=1, group=RUN)
     resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint", group=RUN)
     overwrite: bool = flag(False, "replace whatever --grpo_output holds", group=RUN)
-    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN)
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN, text=DEVICE)
     show_progress: bool = flag(True, "no progress bar (the log is still written)", name="--no_progress", group=RUN)

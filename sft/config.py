@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.flags import flag
+from common.flags import DEVICE, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 
@@ -39,5 +39,5 @@ class SFTConfig(TrainDataFlags):
     save_every: int = flag(100, "checkpoint every N optimizer steps (and at the end)", low=1)
     resume: bool = flag(False, "continue the run in --sft_output from its last checkpoint")
     overwrite: bool = flag(False, "replace whatever --sft_output holds")
-    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", text=DEVICE)
     show_progress: bool = flag(True, "no progress bars (logs still written)", name="--no_progress")
