@@ -12,7 +12,7 @@ stage uses the saved one unless told otherwise, and a flag that differs from it 
 
 With thinking on (`enable_thinking: true`) the prompt ends at `<|im_start|>assistant\n`, the model thinks
 in `<think> ... </think>` and answers after it: an answer is read only after the last `</think>`, and a
-completion whose `<think>` never closes has no answer (`answer_text`). An SFT target is then the worked
+completion whose thinking never closes has no answer (`answer_text`). An SFT target is then the worked
 solution as the thinking and its `#### N` line as the answer.
 """
 
@@ -121,7 +121,7 @@ def save_format(fmt: PromptFormat, folder: Path) -> None:
 
 def answer_text(completion: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
     """The part of a completion that holds its answer: with thinking on, what follows the thinking
-    (`rewards.after_thinking`: nothing when a `<think>` never closes); else the whole completion."""
+    (`rewards.after_thinking`: nothing when it never closes); else the whole completion."""
     return after_thinking(completion) if fmt.thinking else completion
 
 
@@ -133,12 +133,12 @@ def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
 
 
 def thinking_span(ids: Sequence[int], think: tuple[int, int]) -> tuple[int, bool]:
-    """(tokens of a completion's thinking, whether its think block closed): the tokens up to its last
-    `</think>`, or all of them when a `<think>` never closes; (0, True) with no think block."""
-    open_id, close_id = think
+    """(tokens of a thinking completion's thinking, whether it closed): the tokens before its last
+    `</think>`, or all of them when it never closes (as `answer_text` reads it: no answer then)."""
+    close_id = think[1]
     if close_id in ids:
         return len(ids) - list(reversed(ids)).index(close_id) - 1, True
-    return (len(ids), False) if open_id in ids else (0, True)
+    return len(ids), False
 
 
 def warn_thinking(fmt: PromptFormat, max_new_tokens: int, greedy: bool, stage: str) -> None:

@@ -110,14 +110,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def after_thinking(completion: Any) -> str:
-    """The answer part of a completion from a thinking model: what follows its last `</think>`; nothing
-    when a `<think>` never closes (a completion cut inside its reasoning has no answer, whatever tentative
-    `#### N` it wrote there); the whole text when it has no think block."""
+    """The answer part of a completion from a thinking model: what follows its last `</think>`, and nothing
+    when it has none: a completion cut inside its reasoning has no answer, whatever tentative `#### N` it
+    wrote there. (A thinking model always closes its think block when it finishes, and templates such as
+    Qwen3-Thinking-2507's open it in the prompt, so the completion may hold `</think>` alone.)"""
     text = completion_text(completion)
     end = text.rfind(THINK_CLOSE)
-    if end >= 0:
-        return text[end + len(THINK_CLOSE):]
-    return "" if THINK_OPEN in text else text
+    return text[end + len(THINK_CLOSE):] if end >= 0 else ""
 
 
 def numeric_reward(completions: list[Any], answers: list[Any], thinking: bool = False) -> list[float]:

@@ -156,7 +156,8 @@ def test_thinking_sft_target_thinks_with_the_solution_and_answers_after(tiny_tok
     ("<think>\nso 3?\n#### 3", True, None),  # cut inside its reasoning: no answer, whatever it tried there
     ("<think>\nso 3?\n#### 3\n</think>\n\n#### 4", True, "4"),
     ("<think>a</think> #### 2 <think>b</think>\n#### 5", True, "5"),  # after the last </think>
-    ("#### 7", True, "7"),  # no think block: the whole text
+    ("#### 7", True, None),  # thinking on and never closed (a template may open <think> in the prompt)
+    ("plan...</think>\n#### 7", True, "7"),  # opened in the prompt (Qwen3-Thinking-2507), closed here
     ("<think>\nso 3?\n#### 3", False, "3"),  # thinking off: read as before
 ])
 def test_answers_are_read_after_the_thinking(text, thinking, want):
@@ -166,6 +167,8 @@ def test_answers_are_read_after_the_thinking(text, thinking, want):
     fmt = PromptFormat(chat_template_kwargs={"enable_thinking": thinking})
     assert extract_answer(answer_text(text, fmt)) == want
     assert numeric_reward([text], [want or "3"], thinking=thinking) == [1.0 if want else 0.0]
+    if not thinking:
+        assert numeric_reward([text], ["3"], thinking=True) == [0.0]
 
 
 def test_thinking_span_counts_tokens_to_the_last_close(tiny_tokenizer):
@@ -176,7 +179,7 @@ def test_thinking_span_counts_tokens_to_the_last_close(tiny_tokenizer):
     ids = tiny_tokenizer("<think>\nab\n</think>\n#### 3", add_special_tokens=False)["input_ids"]
     n, closed = thinking_span(ids, think)
     assert closed and ids[n] == think[1] and n == ids.index(think[1])
-    assert thinking_span(ids[:3], think) == (3, False) and thinking_span([5, 6], think) == (0, True)
+    assert thinking_span(ids[:3], think) == (3, False) and thinking_span([5, 6], think) == (2, False)
 
 
 def test_bad_prompt_flags_are_one_line():
