@@ -90,6 +90,8 @@ def test_prompt_settings_travel_from_sft_to_grpo_to_eval(tmp_path, capsys):
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: ")
     assert text.endswith("<|im_start|>assistant\n")  # thinking on: no empty think block
     assert json.loads((grpo / PROMPT_FILE).read_text()) == saved
+    line = json.loads((grpo / "grpo_training_logs.jsonl").read_text().splitlines()[-1])
+    assert line["thinking_tokens_mean"] == 3 and line["thinking_closed_rate"] == 0.0  # [5, 6, eos]: never closed
     out = capsys.readouterr().out
     assert "warning: GRPO's rollouts: thinking is on but completions stop at 8 tokens" in out
     assert "differs" not in out
