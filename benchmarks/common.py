@@ -109,4 +109,4 @@ def median(values: list[float]) -> float:
 
 
 def print_json(record: dict[str, Any]) -> None:
-    print("JSON " + json.dumps(record))
+    print("JSON " + json.dumps(record), flush=True)

@@ -6,12 +6,14 @@
 
 Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) and
 prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
-rollout tokens/s and peak memory, and one JSON line. `benchmarks.trl_step` times the same step under
-TRL, on the same model names.
+rollout tokens/s and peak memory, and a JSON line, flushed before the floor study starts (a run stopped
+during it keeps these figures). `benchmarks.trl_step` times the same step under TRL, on the same model
+names.
 
 The floor (one process; skip it with --no_floor): the same steps run again under a counter of their
 matrix products, each distinct product is timed alone at its shapes (benchmarks/floor.py), and each
-phase's time is printed beside the time its matrix products alone take: the share of the floor reached.
+phase's time is printed beside the time its matrix products alone take: the share of the floor reached,
+then the JSON line again with the floor's fields (the last JSON line is the fullest).
 
 Data-parallel: `OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m benchmarks.step ...` runs
 the same steps with the prompts split across processes (times are the slowest rank's, tokens summed).
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     import tempfile
     from pathlib import Path
 
-    from benchmarks.common import median, print_json
+    from benchmarks.common import print_json
     from common.distributed import distributed_run
     from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 
@@ -59,11 +61,23 @@ def main(argv: list[str] | None = None) -> None:
         train_grpo(cfg)
         if not dist.is_main:
             return
-        log = [json.loads(x) for x in (run / LOG_NAME).read_text().splitlines()]
-        counted = _counted_run(cfg, Path(tmp) / "counted", args.warmup) if args.floor and dist.world_size == 1 else None
-    timed = log[args.warmup:]
-    phases = {"time_per_step_s": "total", "generation_time_s": "generation", "reference_time_s": "reference",
-              "backward_time_s": "forward+backward", "optimizer_time_s": "optimizer"}
+        timed = [json.loads(x) for x in (run / LOG_NAME).read_text().splitlines()][args.warmup:]
+        record = _timed_record(args, cfg, timed)
+        print_json(record)  # flushed now: a run stopped during the floor study still leaves its figures
+        if args.floor and dist.world_size == 1:
+            counted = _counted_run(cfg, Path(tmp) / "counted", args.warmup)
+            record.update(_print_floor(counted, timed, record, PHASES))
+            print_json(record)  # the same record with the floor's fields: the last JSON line is the fullest
+
+
+PHASES = {"time_per_step_s": "total", "generation_time_s": "generation", "reference_time_s": "reference",
+          "backward_time_s": "forward+backward", "optimizer_time_s": "optimizer"}
+
+
+def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
+    """The timed steps' figures (medians, peak memory), printed as a table."""
+    from benchmarks.common import median
+
     record = {"benchmark": "step", "model": args.model, "device": timed[0]["device"], "lora": args.lora,
               "cuda_graphs": args.cuda_graphs, "processes": timed[0]["world_size"],
               "completions_per_step": cfg.prompts_per_step * cfg.num_generations,
@@ -73,21 +87,19 @@ def main(argv: list[str] | None = None) -> None:
               "peak_memory_reserved_gb": round(max(x["peak_memory_reserved_gb"] for x in timed), 3),
               "median_rollout_tokens_per_s": round(median([x["tokens_generated"] / x["generation_time_s"]
                                                            for x in timed]), 1)}
-    for key in phases:
+    for key in PHASES:
         record[f"median_{key}"] = round(median([x[key] for x in timed]), 4)
     print(f"{args.model} on {record['device']}{' (CUDA graphs)' if args.cuda_graphs else ''} x "
           f"{record['processes']} process(es): "
           f"{record['completions_per_step']} completions/step, "
           f"micro-batches of {cfg.micro_batch_size}, up to {args.max_new_tokens} new tokens "
           f"(mean {record['completion_len_mean']})")
-    for key, name in phases.items():
+    for key, name in PHASES.items():
         print(f"  {name:<17} {record[f'median_{key}']:8.3f} s  (median of {len(timed)})")
     print(f"  rollout           {record['median_rollout_tokens_per_s']:8.0f} tokens/s (median)")
     print(f"  peak memory       {record['peak_memory_gb']:8.3f} GB "
           f"(reserved {record['peak_memory_reserved_gb']:.3f} GB)")
-    if counted is not None:
-        record.update(_print_floor(counted, timed, record, phases))
-    print_json(record)
+    return record
 
 
 def _counted_run(cfg: object, out: object, warmup: int) -> tuple[dict, list[dict]]:

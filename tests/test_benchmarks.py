@@ -11,12 +11,13 @@ import torch
 from tests.conftest import ROOT
 
 
-def run_json(args):
+def run_json(args, lines=1):
+    """(stdout, the last JSON line) of a benchmark run that prints `lines` JSON lines."""
     result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [x for x in result.stdout.splitlines() if x.startswith("JSON ")]
-    assert len(lines) == 1, result.stdout
-    return result.stdout, json.loads(lines[0][5:])
+    found = [x for x in result.stdout.splitlines() if x.startswith("JSON ")]
+    assert len(found) == lines, result.stdout
+    return result.stdout, json.loads(found[-1][5:])
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -33,7 +34,11 @@ def test_rollout_benchmark(lora):
 @pytest.mark.slow  # 10-16 s: a benchmark CLI end to end, in several processes
 def test_step_benchmark():
     out, record = run_json(["benchmarks.step", "--model", "tiny", "--max_new_tokens", "8", "--steps", "2",
-                            "--warmup", "1", "--device", "cpu"])
+                            "--warmup", "1", "--device", "cpu"], lines=2)
+    # the timed figures come out (flushed) before the floor study starts, then again with the floor's
+    first = json.loads(out.split("JSON ", 1)[1].splitlines()[0])
+    assert out.index("JSON ") < out.index("floor:") and "floor_s" not in first
+    assert {k: record[k] for k in first} == first
     assert record["completions_per_step"] == 16 and record["micro_batch_size"] == 4 and record["steps"] == 2
     for key in ("median_time_per_step_s", "median_generation_time_s", "median_reference_time_s",
                 "median_backward_time_s", "median_optimizer_time_s", "peak_memory_gb",

@@ -43,3 +43,11 @@ def test_cuda_checks_fit_their_time_budget_by_construction():
                              " start=0; BUDGET_S=480; SECONDS=400; part_limit 300"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "80", result.stdout + result.stderr
+
+
+def test_cuda_checks_step_parts_skip_the_floor_study():
+    """On a GPU the floor (a second, op-counted run) would eat the step part's cap before the one figure
+    the A10G plan needs, the 512-token step's peak memory, is printed."""
+    text = (ROOT / "scripts" / "cuda_checks.sh").read_text().replace("\\\n", " ")
+    steps = [line for line in text.splitlines() if "-m benchmarks.step" in line]
+    assert len(steps) == 2 and all("--no_floor" in line for line in steps)
