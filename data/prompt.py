@@ -62,16 +62,16 @@ class PromptFormat:
 DEFAULT_FORMAT = PromptFormat()
 
 
-def parse_template_kwargs(text: str | None, flag: str = "--chat_template_kwargs") -> dict[str, Any] | None:
-    """A JSON object of chat-template keyword arguments, or a one-line error naming the flag."""
+def parse_template_kwargs(text: str | None) -> dict[str, Any] | None:
+    """--chat_template_kwargs as a dict (None when not given), or a one-line error."""
     if text is None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        fail(f"{flag} must be a JSON object such as '{{\"enable_thinking\": true}}' (got {text!r}: {exc.msg})")
+    except json.JSONDecodeError:
+        value = None
     if not isinstance(value, dict):
-        fail(f"{flag} must be a JSON object such as '{{\"enable_thinking\": true}}' (got {text!r})")
+        fail(f"--chat_template_kwargs must be a JSON object such as '{{\"enable_thinking\": true}}' (got {text!r})")
     return value
 
 
@@ -125,20 +125,25 @@ def answer_text(completion: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
     return after_thinking(completion) if fmt.thinking else completion
 
 
-def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
-    """The ids of `<think>` and `</think>` when each is one token of `tokenizer` (Qwen3's and `tiny`'s)."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)]
-    unk = getattr(tokenizer, "unk_token_id", None)
-    return None if any(i is None or i == unk for i in ids) else (ids[0], ids[1])
+def think_close_id(tokenizer: Any) -> int | None:
+    """The id of `</think>` when it is one token of `tokenizer` (Qwen3's and `tiny`'s), else None."""
+    close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+    return None if close_id is None or close_id == getattr(tokenizer, "unk_token_id", None) else close_id
 
 
-def thinking_span(ids: Sequence[int], think: tuple[int, int]) -> tuple[int, bool]:
+def thinking_span(ids: Sequence[int], close_id: int) -> tuple[int, bool]:
     """(tokens of a thinking completion's thinking, whether it closed): the tokens before its last
     `</think>`, or all of them when it never closes (as `answer_text` reads it: no answer then)."""
-    close_id = think[1]
     if close_id in ids:
         return len(ids) - list(reversed(ids)).index(close_id) - 1, True
     return len(ids), False
+
+
+def thinking_fields(spans: Sequence[tuple[int, bool]]) -> dict[str, float]:
+    """The GRPO log's and the eval summary's thinking figures over (thinking tokens, closed) spans."""
+    n = max(1, len(spans))
+    return {"thinking_tokens_mean": sum(t for t, _ in spans) / n,
+            "thinking_closed_rate": sum(closed for _, closed in spans) / n}
 
 
 def warn_thinking(fmt: PromptFormat, max_new_tokens: int, greedy: bool, stage: str) -> None:

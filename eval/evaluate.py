@@ -15,7 +15,8 @@ from data.prompt import (
     PromptFormat,
     answer_text,
     prompts_within,
-    think_token_ids,
+    think_close_id,
+    thinking_fields,
     thinking_span,
 )
 from eval.metrics import summarize
@@ -62,7 +63,7 @@ def evaluate(
     dist = current()
     asked = len(records)
     records, all_prompts, skipped = prompts_within(tokenizer, records, max_prompt_length, shots, prompt_format)
-    think = think_token_ids(tokenizer) if prompt_format.thinking else None
+    think = think_close_id(tokenizer) if prompt_format.thinking else None
     if not records:
         fail(f"every one of the {asked} problems has a prompt longer than --max_prompt_length {max_prompt_length} "
              f"tokens; raise --max_prompt_length")
@@ -104,9 +105,7 @@ def evaluate(
     summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
                    max_new_tokens=max_new_tokens, prompts_skipped=skipped, prompt_format=prompt_format.to_json())
     if think is not None:
-        samples = [s for g in groups for s in g]
-        summary.update(thinking_tokens_mean=sum(s["thinking_tokens"] for s in samples) / max(1, len(samples)),
-                       thinking_closed_rate=sum(s["thinking_closed"] for s in samples) / max(1, len(samples)))
+        summary.update(thinking_fields([(s["thinking_tokens"], s["thinking_closed"]) for g in groups for s in g]))
     return summary, predictions
 
 

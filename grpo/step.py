@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from common.distributed import Dist, no_sync_unless
-from data.prompt import DEFAULT_FORMAT, PromptFormat
+from data.prompt import DEFAULT_FORMAT, PromptFormat, thinking_fields
 from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
 from grpo.loss import group_advantages, grpo_loss
@@ -393,6 +393,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
         batch.completion_mask[torch.tensor(groups.truncated, dtype=torch.bool, device=device)] = 0
     live = batch.completion_mask.any(-1)  # the rows in the loss
+    live_host = live.tolist()  # counted on the host once, not per micro-batch
     num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()  # dapo's normalizer
     step_rows = int(dist.all_reduce(live.sum().float()).item())  # grpo's and dr_grpo's
 
@@ -414,7 +415,8 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                 if rows.numel() == 0:
                     continue  # no row of it carries a gradient
                 mb = batch.rows(rows)  # cut to its own widths: completion columns [:w] of the batch
-                kept, full = int(live[rows].sum()), int(live[s: s + micro].sum())  # rows in the loss
+                full = sum(live_host[s: s + micro])  # rows in the loss; of them trained: all (DDP) or `rows`
+                kept = rows.numel() if drop is not None else full
                 loss_type, items, weight = normalizer(cfg.loss_type, kept, full, full_mask.sum().item(), step_rows,
                                                       num_items)
                 w = mb.completion_width
@@ -432,15 +434,15 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
             skipped += was_skipped
     return StepStats(sums, entropy_sum, entropy_tokens, backward_rows, num_items, rewards, parts, all_advantages,
                      [len(c) for c in completions], groups.truncated, grad_norm, skipped, lr, timer.totals,
-                     extra, sampled, int(B - live.sum()), _thinking_spans(policy, completions))
+                     extra, sampled, B - sum(live_host), _thinking_spans(policy, completions))
 
 
 def _thinking_spans(policy: Policy, completions: list[list[int]]) -> list[tuple[int, bool]] | None:
     """Each completion's (thinking tokens, whether its think block closed), when thinking is on."""
-    from data.prompt import think_token_ids, thinking_span
+    from data.prompt import think_close_id, thinking_span
 
-    think = think_token_ids(policy.tokenizer) if policy.prompt.thinking else None
-    return None if think is None else [thinking_span(c, think) for c in completions]
+    close_id = think_close_id(policy.tokenizer) if policy.prompt.thinking else None
+    return None if close_id is None else [thinking_span(c, close_id) for c in completions]
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:
@@ -467,8 +469,7 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
     per_completion = torch.tensor([[n, t, th, closed] for n, t, (th, closed) in
                                    zip(stats.lengths, stats.truncated, spans)], device=device)
     lengths, truncated, thinking, closed = dist.all_gather(per_completion).cpu().T.tolist()
-    think_fields = {} if stats.thinking is None else {
-        "thinking_tokens_mean": sum(thinking) / len(thinking), "thinking_closed_rate": sum(closed) / len(closed)}
+    think_fields = {} if stats.thinking is None else thinking_fields(list(zip(thinking, closed)))
     n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
     return {
         **{k: v / n_iter for k, v in zip(keys, summed[:-1])},

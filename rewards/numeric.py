@@ -119,10 +119,8 @@ def after_thinking(completion: Any) -> str:
     return text[end + len(THINK_CLOSE):] if end >= 0 else ""
 
 
-def numeric_reward(completions: list[Any], answers: list[Any], thinking: bool = False) -> list[float]:
-    """1.0 for each completion whose `####` answer equals its ground truth, else 0.0; with `thinking`,
-    only the answer after the thinking counts (`after_thinking`)."""
+def numeric_reward(completions: list[Any], answers: list[Any]) -> list[float]:
+    """1.0 for each completion whose `####` answer equals its ground truth, else 0.0."""
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    read = after_thinking if thinking else completion_text
-    return [1.0 if answers_match(extract_answer(read(c)), a) else 0.0 for c, a in zip(completions, answers)]
+    return [1.0 if answers_match(extract_answer(c), a) else 0.0 for c, a in zip(completions, answers)]

@@ -162,24 +162,29 @@ def test_thinking_sft_target_thinks_with_the_solution_and_answers_after(tiny_tok
 ])
 def test_answers_are_read_after_the_thinking(text, thinking, want):
     from data.prompt import PromptFormat, answer_text
-    from rewards import extract_answer, numeric_reward
+    from rewards import extract_answer
+    from rewards.functions import RewardSettings, named
 
     fmt = PromptFormat(chat_template_kwargs={"enable_thinking": thinking})
     assert extract_answer(answer_text(text, fmt)) == want
-    assert numeric_reward([text], [want or "3"], thinking=thinking) == [1.0 if want else 0.0]
+    [(_, numeric)] = named(["numeric"], RewardSettings(thinking=thinking))  # the built-in, as GRPO makes it
+    assert numeric(completions=[text], answer=[want or "3"]) == [1.0 if want else 0.0]
     if not thinking:
-        assert numeric_reward([text], ["3"], thinking=True) == [0.0]
+        [(_, thinking_numeric)] = named(["numeric"], RewardSettings(thinking=True))
+        assert thinking_numeric(completions=[text], answer=["3"]) == [0.0]
 
 
 def test_thinking_span_counts_tokens_to_the_last_close(tiny_tokenizer):
-    from data.prompt import think_token_ids, thinking_span
+    from data.prompt import think_close_id, thinking_fields, thinking_span
 
-    think = think_token_ids(tiny_tokenizer)
-    assert think == tuple(tiny_tokenizer.convert_tokens_to_ids(["<think>", "</think>"]))
+    close_id = think_close_id(tiny_tokenizer)
+    assert close_id == tiny_tokenizer.convert_tokens_to_ids("</think>")
     ids = tiny_tokenizer("<think>\nab\n</think>\n#### 3", add_special_tokens=False)["input_ids"]
-    n, closed = thinking_span(ids, think)
-    assert closed and ids[n] == think[1] and n == ids.index(think[1])
-    assert thinking_span(ids[:3], think) == (3, False) and thinking_span([5, 6], think) == (2, False)
+    n, closed = thinking_span(ids, close_id)
+    assert closed and ids[n] == close_id and n == ids.index(close_id)
+    assert thinking_span(ids[:3], close_id) == (3, False) and thinking_span([5, 6], close_id) == (2, False)
+    assert thinking_fields([(n, True), (3, False)]) == {"thinking_tokens_mean": (n + 3) / 2,
+                                                         "thinking_closed_rate": 0.5}
 
 
 def test_bad_prompt_flags_are_one_line():
