@@ -4,11 +4,11 @@
 #   ./run_training.sh          real recipe: Qwen/Qwen3-0.6B on GSM8K (A10G-class GPU; hub or GSM8K_DIR)
 #   ./run_training.sh --tiny   offline preset: built-in tiny model, synthetic problems, CPU, ~10 minutes:
 #                              SFT on worked solutions of six kinds of problem, GRPO on only the final
-#                              answers of a seventh, against SFT continued as long (README, The demo)
+#                              answers of a seventh, against SFT continued as long (README, the demo)
 #   ./run_training.sh --tiny --smoke   the same stages at toy sizes (seconds): a check that all runs
 # Env: OUT (default ./runs/<preset>) holds sft/, grpo/, eval/ and plots/; an existing run there is
 # replaced (the preset is a demo; use train_sft.py/train_grpo.py with --resume for long runs).
-# DATASET (a data file, a folder with train/test files, or a hub dataset id; README, Your own data) and
+# DATASET (a data file, a folder with train/test files, or a hub dataset id; docs/data.md) and
 # QUESTION_FIELD / ANSWER_FIELD / SOLUTION_FIELD run the stages on your own data (SFT needs solutions).
 # SEED (default 42) seeds SFT's and GRPO's data order and sampling; the same SEED on the same machine
 # gives the same figures to the last digit, another SEED (or machine) shows the run-to-run spread.
@@ -63,7 +63,7 @@ if [ "$preset" = tiny ]; then
   # every worked solution there is, at its own best learning rate from the same search as GRPO's
   MORE_SFT_STEPS=300
   MORE_SFT_LR=8e-3
-  # learning rates from the same x2 grid search, widened until the best was inside it (README, The demo):
+  # learning rates from the same x2 grid search, widened until the best was inside it (docs/demo.md):
   # GRPO's the best on new and seen kinds together, the baseline's its best on the new kind alone
   GRPO=(--max_steps 150 --prompts_per_step 32 --num_generations 8 --micro_batch_size 128
         --max_completion_length 48 --temperature 1.0 --beta 0 --learning_rate 1e-4

@@ -42,7 +42,7 @@ class GRPOConfig(TrainDataFlags):
     max_extra_rollouts: int = flag(4, "with --dynamic_sampling, at most this many further rollouts of "
                                       "--prompts_per_step prompts a step; groups without a signal fill what is "
                                       "still missing (logged as extra_rollouts)", low=1, group=ROLLOUT)
-    cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only; see README, Speed)",
+    cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only; docs/performance.md)",
                              group=ROLLOUT)
     micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1, group=LOSS)
     learning_rate: float = flag(1e-6, "AdamW learning rate", low=0, group=LOSS)
@@ -54,7 +54,7 @@ class GRPOConfig(TrainDataFlags):
     beta: float = flag(0.01, "KL coefficient; 0 skips the reference model", low=0, group=LOSS)
     epsilon: float = flag(0.2, "clip range: ratio in [1 - eps, 1 + eps_high]", above=0, high=1, group=LOSS)
     epsilon_high: float | None = flag(None, "upper clip (default: --epsilon)", above=0, group=LOSS)
-    loss_type: str = flag("dapo", "token aggregation (see README)", choices=LOSS_TYPES, group=LOSS)
+    loss_type: str = flag("dapo", "token aggregation (docs/training.md)", choices=LOSS_TYPES, group=LOSS)
     scale_rewards: str = flag("group", "divide advantages by the group's std, the batch's, or not",
                               choices=SCALES, group=LOSS)
     num_iterations: int = flag(1, "mu: updates per rollout (old logprobs kept)", low=1, group=LOSS)

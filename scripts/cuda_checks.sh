@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks behind the README's Speed section, on one GPU, in one go, within an 8-minute budget
+# The CUDA checks behind docs/performance.md, on one GPU, in one go, within an 8-minute budget
 # (BUDGET_S, default 480 s: each part runs for at most its own cap or what is left of the budget,
 # whichever is less, so the whole script ends in time by construction; nothing large is written):
 #   1. the CUDA-only tests (real CUDA-graph capture) with the sampler, training-batch and CUDA-path tests,
@@ -24,7 +24,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
 if ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  echo "error: no CUDA GPU visible to $PYTHON; these checks need one (the CPU benchmarks are in the README)" >&2
+  echo "error: no CUDA GPU visible to $PYTHON; these checks need one (the CPU benchmarks are in docs/performance.md)" >&2
   exit 2
 fi
 mkdir -p "$out"

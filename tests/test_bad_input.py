@@ -1,6 +1,6 @@
 """Bad input, as a new user gives it: every CLI answers a value out of range with exit 2 and one
 `error:` line, before any model loads; unloadable model folders and crashed saves are one line too,
-and nothing written before is lost. Each row here is a row of the README's "Bad input" table."""
+and nothing written before is lost. Each row here is a row of the "Bad input" table in docs/errors.md."""
 
 import errno
 import json
