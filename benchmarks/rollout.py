@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.common import alternate, gpu_bandwidth_gbs, kernel_launches, median, print_json, prompts_for
     from models import default_device, load_model_and_tokenizer
-    from sampling import DecodeGraphs, rollout
+    from sampling import DecodeGraphs, sample_batch
     from sampling.engine import left_pad
 
     device = args.device or default_device()
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     graphs = DecodeGraphs()
 
     def ours(cuda_graphs: bool = False, new_tokens: int = N) -> None:
-        rollout(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                num_samples=G, max_new_tokens=new_tokens, temperature=args.temperature, top_p=args.top_p,
-                ignore_eos=True, cuda_graphs=graphs if cuda_graphs else False)
+        sample_batch(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     num_samples=G, max_new_tokens=new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     ignore_eos=True, cuda_graphs=graphs if cuda_graphs else False)
 
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
 

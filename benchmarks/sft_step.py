@@ -131,9 +131,9 @@ def worker(args: SFTStepArgs, device: str) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     loss_fn = completion_loss_sum_full if args.worker == "full" else completion_loss_sum
     if args.worker == "logits":
-        import grpo.batch
+        import models.logprobs
 
-        grpo.batch.head_weight = lambda model: None  # the head's own logits, as for a LoRA or 4-bit head
+        models.logprobs.head_weight = lambda model: None  # the head's own logits, as for a LoRA or 4-bit head
     times = []
     for k, batch in enumerate(batches):
         if k == 1:

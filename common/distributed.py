@@ -112,6 +112,13 @@ def current() -> Dist:
     return Dist()
 
 
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -144,8 +151,6 @@ def distributed_run(device: str | None = None, backend: str = "auto") -> Iterato
     """(Dist, device) for this process: under torchrun, start the process group, one device per local
     rank, and destroy the group on the way out; otherwise (Dist(), device or the default device)."""
     if not launched_by_torchrun():
-        from models import default_device
-
         yield Dist(), device or default_device()
         return
     import torch

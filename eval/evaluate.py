@@ -115,7 +115,7 @@ def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[
     import os
     from pathlib import Path
 
-    from common.runs import write_json
+    from common.run_files import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.loss import projected_logprobs, token_logprobs, token_logprobs_and_entropy
+from models.logprobs import head_input, head_weight, logprobs_of
 
 
 @dataclass
@@ -53,44 +53,6 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                         input_ids[:, P:].to(device), completion_mask.to(device))
 
 
-def head_weight(model) -> torch.Tensor | None:
-    """The vocabulary head's weight when the loss can project onto the vocabulary itself
-    (`projected_logprobs`, no [B, C, V] logits held): a plain bias-free Linear, on a model called
-    directly. Under DDP the forward must go through the wrapper (so the gradients are reduced), and a
-    LoRA or quantized head has its own forward: None, the loss takes the model's logits."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None
-    head = model.get_output_embeddings()
-    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
-
-
-def _forward(model, hidden: bool, keep: torch.Tensor | None = None, **inputs) -> torch.Tensor:
-    """The model's logits at columns `keep` (all when None) or, with `hidden`, its decoder's last
-    hidden states there (what the head would project)."""
-    if hidden:
-        out = model.get_decoder()(**inputs).last_hidden_state
-        return out if keep is None else out[:, keep]
-    return model(**inputs, **({} if keep is None else {"logits_to_keep": keep})).logits
-
-
-def _logprobs(out: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor, temperature: float,
-              with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if weight is not None:
-        return projected_logprobs(out, weight, ids, temperature, with_entropy)
-    if with_entropy:
-        return token_logprobs_and_entropy(out, ids, temperature)
-    return token_logprobs(out, ids, temperature), out.new_empty(0)
-
-
-def logprobs_at(model, ids: torch.Tensor, columns: torch.Tensor, temperature: float = 1.0,
-                with_entropy: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs [B, K] of `ids` as predicted at `columns` of a forward on `inputs`, their entropy or
-    an empty tensor): through the decoder and `projected_logprobs` where `head_weight` allows, else
-    through the model's logits at those columns and the chunked log-softmax."""
-    weight = head_weight(model)
-    return _logprobs(_forward(model, weight is not None, columns, **inputs), weight, ids, temperature, with_entropy)
-
-
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
                         share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, C] of each completion token, their entropy or an empty tensor), from the forward
@@ -98,7 +60,7 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     `head_weight` allows, so neither the [B, C, V] logits nor their gradient is held."""
     weight = head_weight(model)
     out = _completion_forward(model, batch, share_prompts, hidden=weight is not None)
-    return _logprobs(out, weight, batch.completion_ids, temperature, with_entropy)
+    return logprobs_of(out, weight, batch.completion_ids, temperature, with_entropy)
 
 
 def completion_logits(model, batch: RolloutBatch, share_prompts: bool = True) -> torch.Tensor:
@@ -119,7 +81,7 @@ def _completion_forward(model, batch: RolloutBatch, share_prompts: bool, hidden:
     group = _prompt_groups(batch) if share_prompts and not _checkpointing(model) else None
     if group is None:
         keep = torch.arange(width - C - 1, width - 1, device=batch.input_ids.device)
-        return _forward(model, hidden, keep, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        return head_input(model, hidden, keep, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         position_ids=batch.position_ids)
     from transformers import DynamicCache
 
@@ -135,7 +97,7 @@ def _completion_forward(model, batch: RolloutBatch, share_prompts: bool, hidden:
         model(**prefix, logits_to_keep=1)
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
-    return _forward(model, hidden, None, input_ids=batch.input_ids[:, P - 1: width - 1],
+    return head_input(model, hidden, None, input_ids=batch.input_ids[:, P - 1: width - 1],
                     attention_mask=batch.attention_mask[:, : width - 1],
                     position_ids=batch.position_ids[:, P - 1: width - 1], cache=cache, use_cache=True)
 

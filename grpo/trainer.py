@@ -22,12 +22,12 @@ import torch
 from common.distributed import Dist, check_4bit, current, wrap_ddp
 from common.errors import UserError, fail
 from common.flags import check
-from common.run import Run
-from common.runs import CHECKPOINT, now_iso, seed_everything
+from common.run_files import CHECKPOINT, now_iso, seed_everything
 from grpo.config import GRPOConfig
 from grpo.step import Policy, extra_prompts, grpo_step, step_prompts, step_record
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
+from training.run import Run
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning

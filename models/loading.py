@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NoReturn
 
+from common.distributed import default_device
 from common.errors import fail
 from models.tiny import PAD, random_model, tiny_dir
 
@@ -20,12 +21,6 @@ DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 MIN_TRANSFORMERS = "5.24"
 TINY = "tiny"
 RANDOM_PREFIX = "random:"
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str) -> Any:

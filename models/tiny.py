@@ -174,7 +174,7 @@ def tiny_dir() -> Path:
         model = _init_model(tiny_config(tokenizer), seed=0)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        from common.runs import readable_as_umask_says
+        from common.run_files import readable_as_umask_says
 
         readable_as_umask_says(tmp)  # a shared cache: mkdtemp made it 0700
         try:

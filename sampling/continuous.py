@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from sampling.engine import SYNC_EVERY, Completions, _sample_token, decode_dtype, left_pad, prefill
+from sampling.batch import SYNC_EVERY, Completions, decode_dtype, left_pad, prefill
 from sampling.fast_decode import DecodeState
+from sampling.tokens import sample_token
 
 
-class _Rows:
+class _Slots:
     """The decode rows: the device state, the host's view of which job each row holds, and the cache."""
 
     def __init__(self, state: DecodeState, rows: int, width: int, pad: int, vocab: int, device: torch.device):
@@ -88,7 +89,7 @@ class _Rows:
     def step(self, temperature: float, top_p: float, generator: torch.Generator | None, eos: int | None,
              pad: int, top_k: int = 0, min_p: float = 0.0) -> None:
         """Sample every row's next token, record it, mark rows that end, and run the decode step."""
-        token, logp = _sample_token(self.logits, temperature, top_p, generator, top_k, min_p)
+        token, logp = sample_token(self.logits, temperature, top_p, generator, top_k, min_p)
         token = token.masked_fill(self.finished, pad)
         rows = torch.arange(len(self.job), device=token.device)
         column = self.t.clamp(max=self.tokens.shape[1] - 1)
@@ -108,7 +109,7 @@ class _Rows:
 
 
 @torch.no_grad()
-def rollout_continuous(
+def sample_continuous(
     model: Any,
     prompts: list[list[int]],
     *,
@@ -126,7 +127,7 @@ def rollout_continuous(
     stop_at: list[int] | None = None,
     progress: Any = None,
 ) -> Completions:
-    """What `rollout` returns (completions grouped by prompt, logprobs at the sampling temperature), decoded
+    """What `sample_batch` returns (completions grouped by prompt, logprobs at the sampling temperature),
     `rows` at a time with finished rows refilled from the queue. `stop_at[j]` forces job j (prompt j //
     num_samples) to end after that many tokens whatever it samples (benchmarks); `progress` advances by
     prompts whose samples are all done."""
@@ -137,7 +138,7 @@ def rollout_continuous(
     buffer = max_new_tokens + sync_every  # a finished row may decode on until the host looks
     state = DecodeState(model, decode_dtype(model, device), R, max(map(len, prompts)) + buffer, device)
     state.slot_mask.fill_(True)  # left-aligned rows: the slot <= position rule is the whole mask
-    decoding = _Rows(state, R, buffer, pad_token_id, _vocab(model), device)
+    decoding = _Slots(state, R, buffer, pad_token_id, _vocab(model), device)
     limits = [min(max_new_tokens, stop_at[j]) if stop_at else max_new_tokens for j in range(len(jobs))]
     results: list[tuple[list[int], list[float]]] = [([], [])] * len(jobs)
     queue, waiting = iter(range(len(jobs))), len(jobs)

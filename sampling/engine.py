@@ -13,155 +13,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sampling.batch import SYNC_EVERY, Completions, decode_dtype, left_pad, positions_of, prefill, prefill_autocast
+from sampling.continuous import sample_continuous
 from sampling.cuda_graphs import DecodeGraphs
 from sampling.fast_decode import DecodeState, supports
-
-BLOCK = 1024  # entries per block of the two-level draw
-SYNC_EVERY = 8  # CUDA: decode steps between looks at which rows finished (on the CPU: every step)
-
-
-@dataclass
-class Completions:
-    """Row i is a completion of prompt `prompt_index[i]`; a prompt's samples are contiguous."""
-
-    prompt_index: list[int]
-    token_ids: list[list[int]]  # up to and including the first eos (none when truncated)
-    truncated: list[bool]  # True when max_new_tokens was reached before eos
-    logprobs: list[list[float]] | None = None  # per sampled token, at the sampling temperature
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) [len(rows), longest]: each row's tokens at the right end."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _per_block(x: torch.Tensor, reduce: Any) -> torch.Tensor:
-    """`reduce` (torch.sum or torch.amax) over each BLOCK of x's [B, V] columns, the last block possibly
-    short: [B, ceil(V / BLOCK)]. A view of the whole blocks, no padded copy."""
-    B, V = x.shape
-    n = V // BLOCK
-    out = reduce(x[:, : n * BLOCK].view(B, n, BLOCK), dim=-1)
-    if V > n * BLOCK:
-        out = torch.cat([out, reduce(x[:, n * BLOCK:], dim=-1, keepdim=True)], dim=-1)
-    return out
-
-
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(one index per row of `weights` [B, W] (>= 0, unnormalized), drawn with probability proportional to
-    its weight, each row's total weight [B, 1]), from one uniform per row (torch.multinomial draws one
-    random number per entry on CPU).
-
-    Wide rows go by inverse CDF in two levels: pick a block of BLOCK entries (the last one may be short)
-    from the block sums, then the entry inside it, so no cumulative sum runs over the whole
-    151,936-entry vocabulary."""
-    B, W = weights.shape
-    u = torch.rand((B, 1), device=weights.device, generator=generator, dtype=weights.dtype)
-    u.clamp_(min=torch.finfo(u.dtype).tiny)  # rand can return 0.0, which would pick a leading zero-weight entry
-    if W < 2 * BLOCK:
-        cdf = weights.cumsum(-1)
-        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=W - 1), cdf[:, -1:]
-    sums = _per_block(weights, torch.sum)
-    cdf = sums.cumsum(-1)
-    total = cdf[:, -1:]
-    u = u * total
-    b = torch.searchsorted(cdf, u).clamp_(max=sums.shape[1] - 1)  # [B, 1]
-    columns = b * BLOCK + torch.arange(BLOCK, device=weights.device)  # [B, BLOCK], past W in a short block
-    inner = weights.gather(1, columns.clamp(max=W - 1)).masked_fill_(columns >= W, 0.0).cumsum(-1)
-    # what is left of u inside the block, kept within (0, block total] against rounding so the pick
-    # never lands on a zero-weight entry at either end (nor past the end of a short block)
-    left = (u - (cdf.gather(1, b) - sums.gather(1, b))).clamp_(min=torch.finfo(weights.dtype).tiny)
-    j = torch.searchsorted(inner, torch.minimum(left, inner[:, -1:]))
-    return (b * BLOCK + j).squeeze(-1), total
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the CPU's
-    argmax runs on one thread (2.8 ms for 16 x 151,936 here), its max over blocks is vectorized, so
-    find the first block holding the row's maximum, then the maximum inside it (~0.5 ms)."""
-    V = x.shape[1]
-    if V < 2 * BLOCK:
-        return x.argmax(dim=-1)
-    b = _per_block(x, torch.amax).argmax(dim=-1, keepdim=True)  # the first block holding the maximum
-    # that block's columns (the short last block repeats its final column after it: never first)
-    columns = (b * BLOCK + torch.arange(BLOCK, device=x.device)).clamp_(max=V - 1)
-    return columns.gather(1, x.gather(1, columns).argmax(dim=-1, keepdim=True)).squeeze(-1)
-
-
-def _sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
-                  top_k: int = 0, min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0.
-
-    Sampling draws from softmax(logits / temperature) cut as transformers' warpers cut it, in their order:
-    the `top_k` most likely tokens (0: all; ties with the k-th kept), then the smallest set whose mass
-    reaches `top_p` of what is left, then those at least `min_p` times as likely as the most likely one;
-    the draw is over what remains, renormalized. The log-probability is under the whole
-    softmax(logits / temperature), before any cut, as the loss computes it: a cut makes the rollout
-    slightly off-policy for the loss (the cut tokens had probability the loss still counts)."""
-    if temperature <= 0:
-        logits = logits.float()
-        token = _argmax(logits)
-        return token, logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    logits = logits.float()
-    top = logits.amax(dim=-1, keepdim=True)
-    # softmax(logits / T) * total as (logits - top) / T in one pass, then exp in place: never overflows
-    weights = torch.add(top / -temperature, logits, alpha=1 / temperature).exp_()  # the most likely: 1.0
-    if top_p < 1.0 or 0 < top_k < weights.shape[-1] or min_p > 0.0:
-        total = weights.sum(dim=-1, keepdim=True)  # the whole softmax's, for the log-probability
-        if 0 < top_k < weights.shape[-1]:
-            weights.masked_fill_(weights < weights.topk(top_k, dim=-1).values[:, -1:], 0.0)
-        if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-            sorted_w, order = weights.sort(dim=-1, descending=True)
-            sorted_w.masked_fill_(sorted_w.cumsum(-1) - sorted_w >= top_p * sorted_w.sum(-1, keepdim=True), 0.0)
-            weights.scatter_(-1, order, sorted_w)
-        if min_p > 0.0:
-            weights.masked_fill_(weights < min_p, 0.0)
-        token = _draw(weights, generator)[0]
-    else:
-        token, total = _draw(weights, generator)
-    logp = ((logits.gather(-1, token[:, None]) - top) / temperature - total.log()).squeeze(-1)
-    return token, logp
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions of left-padded rows: counted from each row's first real token."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                                         list[torch.Tensor]]:
-    """(last-position logits, per-layer keys, per-layer values) of left-padded prompts, through the
-    model's own forward (under the caller's autocast, without its weight cache)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with _prefill_autocast(ids.device):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-    return logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
-
-
-def _prefill_autocast(device: torch.device) -> Any:
-    """The caller's autocast for the prefill, without its weight cache. A cached bf16 cast of every
-    fp32 weight would otherwise stay held until the caller's autocast ends, i.e. for the whole rollout,
-    while the decode step runs on its own copies."""
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+from sampling.tokens import sample_token
 
 
 class _HFDecoder:
@@ -178,7 +38,7 @@ class _HFDecoder:
 
         self.model, self.L = model, ids.shape[1]
         self.cache = DynamicCache(config=model.config)
-        with _prefill_autocast(ids.device):
+        with prefill_autocast(ids.device):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
         self.first_logits = logits.repeat_interleave(G, dim=0)
@@ -196,12 +56,6 @@ class _HFDecoder:
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         return self.model(input_ids=token[:, None], attention_mask=self.mask[:, : self.L + t + 1],
                           position_ids=position[:, None], cache=self.cache, use_cache=True).logits[:, -1]
-
-
-def decode_dtype(model: Any, device: torch.device) -> torch.dtype:
-    """The lean decode step's dtype: bf16 on CUDA, where decoding is bound by reading the weights (a
-    full fine-tune's fp32 master weights stay fp32 in the model), else the model's own dtype."""
-    return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
 
 
 class _FastDecoder:
@@ -241,7 +95,7 @@ def _rows_alive(finished: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def rollout(
+def sample_batch(
     model: Any,
     prompts: list[list[int]],
     *,
@@ -261,7 +115,7 @@ def rollout(
     stop_at: list[int] | None = None,
 ) -> Completions:
     """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature
-    (`top_p`, `top_k`, `min_p`: `_sample_token`).
+    (`top_p`, `top_k`, `min_p`: `sample_token`).
 
     `fast` picks the lean decode step (default: whenever the model supports it); `cuda_graphs` replays
     that step from CUDA graphs (CUDA only; models without the lean step ignore it): True for graphs of
@@ -294,7 +148,7 @@ def rollout(
     # sample, record, stop rows at eos, feed the token back; the host looks at `finished` only every
     # `sync_every` steps (rows finished in between decode on, their tokens recorded as padding)
     for t in range(max_new_tokens):
-        token, logp = _sample_token(logits, temperature, top_p, generator, top_k, min_p)
+        token, logp = sample_token(logits, temperature, top_p, generator, top_k, min_p)
         token = token.masked_fill(finished, pad_token_id)
         tokens[alive, t] = token
         logprobs[alive, t] = logp.masked_fill(finished, 0.0)
@@ -343,7 +197,7 @@ def sample(
     continuous: bool = False,
     stop_at: list[int] | None = None,
 ) -> Completions:
-    """`num_samples` completions per prompt through `rollout`, `batch_size` prompts at a time
+    """`num_samples` completions per prompt through `sample_batch`, `batch_size` prompts at a time
     (None: all at once); `progress` is an optional tqdm bar advanced by prompts done. With
     `cuda_graphs` True the chunks share one `DecodeGraphs` (freed on return). With `continuous`
     (models on the lean decode step, without CUDA graphs) batch_size x num_samples rows decode at once
@@ -353,23 +207,21 @@ def sample(
     was_training = model.training
     model.eval()
     if continuous and not cuda_graphs and supports(model):
-        from sampling.continuous import rollout_continuous
-
-        out = rollout_continuous(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                 num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, min_p=min_p, rows=batch_size * num_samples,
-                                 progress=progress, stop_at=stop_at)
+        out = sample_continuous(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, min_p=min_p, rows=batch_size * num_samples,
+                                progress=progress, stop_at=stop_at)
         model.train(was_training)
         return out
     if cuda_graphs is True:
         cuda_graphs = DecodeGraphs()
     out = Completions([], [], [], [])
     for start in range(0, len(prompts), batch_size):
-        chunk = rollout(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, cuda_graphs=cuda_graphs,
-                        stop_at=None if stop_at is None else
-                        stop_at[start * num_samples: (start + batch_size) * num_samples])
+        chunk = sample_batch(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, cuda_graphs=cuda_graphs,
+                             stop_at=None if stop_at is None else
+                             stop_at[start * num_samples: (start + batch_size) * num_samples])
         out.prompt_index += [start + i for i in chunk.prompt_index]
         out.token_ids += chunk.token_ids
         out.truncated += chunk.truncated

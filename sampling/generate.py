@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sampling.engine import Completions, left_pad
+from sampling.batch import Completions, left_pad
 
 
 def _cut_at_eos(row: list[int], eos_id: int) -> tuple[list[int], bool]:

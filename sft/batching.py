@@ -34,13 +34,13 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     """Summed next-token cross-entropy over the target (label != -100) tokens of `batch`, through the
-    same path as GRPO's loss (`grpo.batch.logprobs_at`): only the columns that predict a target token
+    same path as GRPO's loss (`models.logprobs.logprobs_at`): only the columns that predict a target token
     (from the shortest prompt's end on, not the prompts) are projected onto the vocabulary, a chunk of
     the vocabulary at a time inside the loss and again in its backward, so neither the [B, T, V] logits
     nor their gradient (nor an fp32 copy) is ever held."""
     import torch
 
-    from grpo.batch import logprobs_at
+    from models.logprobs import logprobs_at
 
     labels = batch["labels"][:, 1:]
     targets = labels != -100

@@ -10,7 +10,7 @@
 The settings are sft/config.py's (each a flag of train_sft.py). Under torchrun (common/distributed.py)
 each optimizer step takes grad_accum x world_size micro-batches of one global seeded order, each rank
 its share; the loss is normalized by the step's target tokens over all ranks, so DDP's averaged
-gradient is the single-process one. Rank 0 logs and saves (common/run.py, shared with GRPO).
+gradient is the single-process one. Rank 0 logs and saves (training/run.py, shared with GRPO).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from common.distributed import Dist, check_4bit, current, no_sync_unless, wrap_ddp
 from common.errors import fail
 from common.flags import check
-from common.run import Run
-from common.runs import now_iso, seed_everything
+from common.run_files import now_iso, seed_everything
 from sft.config import SFTConfig
+from training.run import Run
 
 LOG_NAME = "sft_training_logs.jsonl"
 

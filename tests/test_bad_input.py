@@ -22,7 +22,7 @@ import train
 import train_grpo
 import train_sft
 import visualize_logs
-from common import runs
+from common import run_files
 from common.errors import UserError, run_cli
 from tests.conftest import ROOT
 
@@ -192,28 +192,28 @@ def test_atomic_dir_crash_leaves_old_and_recovery_restores_it(tmp_path, monkeypa
     from pathlib import Path
 
     target = tmp_path / "checkpoint"
-    runs.atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("first"))
+    run_files.atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("first"))
     real_rename = Path.rename
     monkeypatch.setattr(Path, "rename", lambda self, to: (_ for _ in ()).throw(KeyboardInterrupt)
                         if self.name.startswith(".checkpoint.tmp-") else real_rename(self, to))
     with pytest.raises(KeyboardInterrupt):
-        runs.atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("second"))
+        run_files.atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("second"))
     monkeypatch.setattr(Path, "rename", real_rename)
     assert not target.exists() and (tmp_path / ".checkpoint.old" / "a.txt").read_text() == "first"
-    runs.recover_dir(target)
+    run_files.recover_dir(target)
     assert (target / "a.txt").read_text() == "first" and not (tmp_path / ".checkpoint.old").exists()
 
 
 def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
     target = tmp_path / "checkpoint"
-    runs.atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("good"))
+    run_files.atomic_dir(target, lambda tmp: (tmp / "a.txt").write_text("good"))
 
     def disk_full(tmp):
         (tmp / "half").write_text("x")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UserError, match="cannot write .*checkpoint \\(No space left on device\\)"):
-        runs.atomic_dir(target, disk_full)
+        run_files.atomic_dir(target, disk_full)
     assert (target / "a.txt").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary folder left behind
 

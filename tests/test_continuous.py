@@ -5,9 +5,9 @@ import torch
 from data import make_synthetic
 from data.prompt import encode_prompt
 from grpo.batch import completion_logits, pack
-from grpo.loss import token_logprobs
-from sampling import rollout
-from sampling.continuous import rollout_continuous
+from models.logprobs import token_logprobs
+from sampling import sample_batch
+from sampling.continuous import sample_continuous
 
 
 def _prompts(tokenizer, n=8):
@@ -15,8 +15,8 @@ def _prompts(tokenizer, n=8):
 
 
 def _frequent_token(model, tokenizer, prompts) -> int:
-    first = rollout(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    max_new_tokens=12)
+    first = sample_batch(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         max_new_tokens=12)
     return torch.tensor([t for row in first.token_ids for t in row]).mode().values.item()
 
 
@@ -26,19 +26,19 @@ def test_greedy_completions_equal_the_static_batches(tiny_model, tiny_tokenizer)
     prompts = _prompts(tiny_tokenizer, 10)
     args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
                 pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
-    static = rollout(tiny_model, prompts, **args)
+    static = sample_batch(tiny_model, prompts, **args)
     assert len({len(t) for t in static.token_ids}) > 1
     for rows, sync_every in ((3, 1), (4, 5)):
-        got = rollout_continuous(tiny_model, prompts, **args, rows=rows, sync_every=sync_every)
+        got = sample_continuous(tiny_model, prompts, **args, rows=rows, sync_every=sync_every)
         assert got.token_ids == static.token_ids and got.truncated == static.truncated
         assert got.prompt_index == list(range(10))
 
 
 def test_sampled_logprobs_equal_a_forward_pass(tiny_model, tiny_tokenizer):
     prompts = _prompts(tiny_tokenizer, 5)
-    out = rollout_continuous(tiny_model, prompts, eos_token_id=tiny_tokenizer.eos_token_id,
-                             pad_token_id=tiny_tokenizer.pad_token_id, num_samples=3, max_new_tokens=20,
-                             temperature=0.8, rows=4, generator=torch.Generator().manual_seed(0))
+    out = sample_continuous(tiny_model, prompts, eos_token_id=tiny_tokenizer.eos_token_id,
+                            pad_token_id=tiny_tokenizer.pad_token_id, num_samples=3, max_new_tokens=20,
+                            temperature=0.8, rows=4, generator=torch.Generator().manual_seed(0))
     assert out.prompt_index == [i // 3 for i in range(15)]
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -51,8 +51,8 @@ def test_sampled_logprobs_equal_a_forward_pass(tiny_model, tiny_tokenizer):
 def test_a_stop_schedule_forces_each_length(tiny_model, tiny_tokenizer):
     prompts = _prompts(tiny_tokenizer, 6)
     lengths = [3, 17, 5, 30, 1, 9]
-    for run in (rollout, rollout_continuous):
-        extra = {"rows": 2} if run is rollout_continuous else {}
+    for run in (sample_batch, sample_continuous):
+        extra = {"rows": 2} if run is sample_continuous else {}
         out = run(tiny_model, prompts, eos_token_id=tiny_tokenizer.eos_token_id,
                   pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=20, temperature=1.0, stop_at=lengths,
                   **extra)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.runs import is_measured
+from common.run_files import is_measured
 from tests.conftest import ROOT
 
 SFT = ["train_sft.py", "--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "8", "--batch_size", "16",

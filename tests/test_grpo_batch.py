@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grpo.batch import completion_logits, completion_logprobs, head_weight, pack
-from grpo.loss import token_logprobs, token_logprobs_and_entropy
+from models.logprobs import token_logprobs, token_logprobs_and_entropy
 from tests.conftest import give_lora_b_weights
 
 PAD = 0

@@ -8,7 +8,7 @@ import torch
 
 import grpo.step as grpo_step
 from common.errors import UserError
-from common.runs import JsonlLog
+from common.run_files import JsonlLog
 from grpo.batch import pack
 from grpo.step import reference_logprobs
 from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo

@@ -187,8 +187,8 @@ def test_bf16_reference_copy_keeps_the_policy_rotary_frequencies(tiny_model, tin
     bf16-autocast forward of the policy within bf16 rounding at every position up to 700 (a bf16
     inv_freq drifts in phase with position, and the error grows along the sequence)."""
     from grpo.batch import completion_logits, pack
-    from grpo.loss import token_logprobs
     from models import frozen_copy
+    from models.logprobs import token_logprobs
 
     with torch.no_grad():  # sharper attention than random init, so positions matter to the output
         for layer in tiny_model.model.layers:

@@ -6,10 +6,10 @@ import torch
 from data import make_synthetic
 from data.prompt import encode_prompt
 from grpo.batch import completion_logits, pack
-from grpo.loss import token_logprobs
-from sampling import rollout, sample, sample_with_generate
-from sampling.engine import _argmax, _draw, _sample_token
+from models.logprobs import token_logprobs
+from sampling import sample, sample_batch, sample_with_generate
 from sampling.fast_decode import supports
+from sampling.tokens import _argmax, _draw, sample_token
 from tests.conftest import give_lora_b_weights
 
 
@@ -26,7 +26,7 @@ def kwargs(tokenizer, **extra):
 def test_greedy_equals_generate(tiny_model, tiny_tokenizer, prompts, fast):
     assert supports(tiny_model)
     want = sample_with_generate(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=24))
-    got = rollout(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=24), fast=fast)
+    got = sample_batch(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=24), fast=fast)
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
 
 
@@ -43,7 +43,7 @@ def test_early_stop_and_dropped_rows_match_generate(tiny_model, tiny_tokenizer, 
     args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
                 pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
     want = sample_with_generate(tiny_model, prompts, **args)
-    got = rollout(tiny_model, prompts, **args, fast=fast)
+    got = sample_batch(tiny_model, prompts, **args, fast=fast)
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
     assert len({len(r) for r in got.token_ids}) > 1 and not all(got.truncated)  # rows really did stop apart
 
@@ -51,8 +51,8 @@ def test_early_stop_and_dropped_rows_match_generate(tiny_model, tiny_tokenizer, 
 @pytest.mark.parametrize("fast", [True, False])
 def test_sampled_logprobs_match_a_forward_pass(tiny_model, tiny_tokenizer, prompts, fast):
     torch.manual_seed(0)
-    out = rollout(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=16, num_samples=4,
-                                                     temperature=0.7, top_p=0.9), fast=fast)
+    out = sample_batch(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=16, num_samples=4,
+                                                          temperature=0.7, top_p=0.9), fast=fast)
     assert out.prompt_index == [i // 4 for i in range(12)]
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -63,22 +63,22 @@ def test_sampled_logprobs_match_a_forward_pass(tiny_model, tiny_tokenizer, promp
 
 
 def test_ignore_eos_forces_the_length(tiny_model, tiny_tokenizer, prompts):
-    out = rollout(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=9, num_samples=3,
-                                                     temperature=1.0), ignore_eos=True)
+    out = sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=9, num_samples=3,
+                                                          temperature=1.0), ignore_eos=True)
     assert [len(t) for t in out.token_ids] == [9] * 6 and all(out.truncated)
 
 
 def test_sampling_follows_softmax_and_top_p():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
     gen = torch.Generator().manual_seed(0)
-    token, logp = _sample_token(logits, 0.5, 1.0, gen)
+    token, logp = sample_token(logits, 0.5, 1.0, gen)
     want = torch.softmax(logits[0] / 0.5, -1)
     freq = torch.bincount(token, minlength=4).float() / len(token)
     assert torch.allclose(freq, want, atol=0.01), (freq, want)
     assert torch.allclose(logp, torch.log(want)[token])
-    token, _ = _sample_token(logits, 1.0, 0.8, gen)  # p = .64, .24, .09, .03: top-p 0.8 keeps two
+    token, _ = sample_token(logits, 1.0, 0.8, gen)  # p = .64, .24, .09, .03: top-p 0.8 keeps two
     assert set(token.tolist()) == {0, 1}
-    greedy, _ = _sample_token(logits[:2], 0.0, 1.0, None)
+    greedy, _ = sample_token(logits[:2], 0.0, 1.0, None)
     assert greedy.tolist() == [0, 0]
 
 
@@ -127,12 +127,12 @@ def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
     logits = torch.randn(1, 5000, generator=g) * 3
     logits[0, :6] = torch.tensor([9.0, 8.5, 8.0, 7.0, 6.0, 5.0])
     n = 30_000
-    token, logp = _sample_token(logits.repeat(n, 1), 0.7, 1.0, torch.Generator().manual_seed(2))
+    token, logp = sample_token(logits.repeat(n, 1), 0.7, 1.0, torch.Generator().manual_seed(2))
     want = torch.softmax(logits[0] / 0.7, -1)
     freq = torch.bincount(token, minlength=5000).float() / n
     assert torch.allclose(freq[:6], want[:6], atol=0.01), (freq[:6], want[:6])
     assert torch.allclose(logp, torch.log(want)[token], atol=1e-5)
-    token, _ = _sample_token(logits.repeat(2000, 1), 0.7, 0.5, torch.Generator().manual_seed(3))
+    token, _ = sample_token(logits.repeat(2000, 1), 0.7, 0.5, torch.Generator().manual_seed(3))
     order = want.argsort(descending=True)
     nucleus = order[: int((want[order].cumsum(0) - want[order] < 0.5).sum())]
     assert set(token.tolist()) <= set(nucleus.tolist()) and len(set(token.tolist())) == len(nucleus)
@@ -154,7 +154,7 @@ def test_top_k_and_min_p_draw_from_the_renormalized_cut_of_transformers(top_k, t
                        (MinPLogitsWarper(max(min_p, 1e-9)), min_p > 0)):
         scores = warper(None, scores) if on else scores
     want = torch.softmax(scores[0], -1)  # transformers' cut, renormalized
-    token, logp = _sample_token(logits.repeat(n, 1), T, top_p, torch.Generator().manual_seed(5), top_k, min_p)
+    token, logp = sample_token(logits.repeat(n, 1), T, top_p, torch.Generator().manual_seed(5), top_k, min_p)
     freq = torch.bincount(token, minlength=1000).float() / n
     kept = set(want.nonzero().squeeze(-1).tolist())
     assert set(token.tolist()) == kept and 1 < len(kept) < 6, kept
@@ -186,21 +186,21 @@ def test_lora_rollout_merges_the_adapter_into_the_fast_step(tiny_model, tiny_tok
     generate's through peft, differs from the bare model's, and the model's weights are left alone."""
     from models.lora import add_lora
 
-    bare = rollout(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
+    bare = sample_batch(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
     peft_model = add_lora(tiny_model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
     give_lora_b_weights(peft_model, 0.2)  # something to merge
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     assert supports(peft_model)
-    out = rollout(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12))
+    out = sample_batch(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12))
     assert out.token_ids == sample_with_generate(peft_model, prompts[:4],
                                                  **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
     assert out.token_ids != bare
     assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in before.items())
-    assert rollout(peft_model, prompts[:4], fast=False, **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids \
+    assert sample_batch(peft_model, prompts[:4], fast=False, **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids \
         == out.token_ids
     with peft_model.disable_adapter():  # the reference pass: adapter off, fast step follows
-        assert rollout(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids == bare
+        assert sample_batch(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids == bare
 
 
 class _ReplayByCall:
@@ -234,8 +234,8 @@ def test_graphed_decode_step_matches_the_eager_step(tiny_model, tiny_tokenizer, 
     eos, sampled logprobs equal under the same seed."""
     args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
                 pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=40)
-    eager = rollout(tiny_model, prompts, **args)
-    graphed = rollout(tiny_model, prompts, **args, cuda_graphs=True)
+    eager = sample_batch(tiny_model, prompts, **args)
+    graphed = sample_batch(tiny_model, prompts, **args, cuda_graphs=True)
     assert graphed.token_ids == eager.token_ids and graphed.truncated == eager.truncated
     assert len({len(r) for r in eager.token_ids}) > 1  # rows stopped apart (eager dropped rows, graphed did not)
     assert graphs_on_cpu.captures >= 3  # one per width bucket reached
@@ -243,8 +243,8 @@ def test_graphed_decode_step_matches_the_eager_step(tiny_model, tiny_tokenizer, 
     sampled = dict(kwargs(tiny_tokenizer, max_new_tokens=24, num_samples=4, temperature=0.7), ignore_eos=True)
     runs = []
     for graphs in (False, True):
-        runs.append(rollout(tiny_model, prompts[:3], **sampled, cuda_graphs=graphs,
-                            generator=torch.Generator().manual_seed(3)))
+        runs.append(sample_batch(tiny_model, prompts[:3], **sampled, cuda_graphs=graphs,
+                                 generator=torch.Generator().manual_seed(3)))
     assert runs[1].token_ids == runs[0].token_ids
     for a, b in zip(runs[0].logprobs, runs[1].logprobs):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
@@ -260,8 +260,9 @@ def test_bf16_decode_of_an_fp32_model(tiny_model, tiny_tokenizer, prompts, monke
     if graphs:
         request.getfixturevalue("graphs_on_cpu")
     monkeypatch.setattr(engine, "decode_dtype", lambda model, device: torch.bfloat16)
-    out = rollout(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=48, num_samples=4, temperature=0.7),
-                  cuda_graphs=graphs, generator=torch.Generator().manual_seed(0))
+    out = sample_batch(tiny_model, prompts[:3],
+                       **kwargs(tiny_tokenizer, max_new_tokens=48, num_samples=4, temperature=0.7),
+                       cuda_graphs=graphs, generator=torch.Generator().manual_seed(0))
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         want = token_logprobs(completion_logits(tiny_model, batch), batch.completion_ids, temperature=0.7)
@@ -281,12 +282,12 @@ def test_cuda_graph_rollout_equals_eager_on_cuda(tiny_model, tiny_tokenizer, pro
     model = copy.deepcopy(tiny_model).cuda()
     args = kwargs(tiny_tokenizer, max_new_tokens=64)
     # every row runs to the end, so eager never drops rows: same batch size, same kernels, same bf16 sums
-    eager = rollout(model, prompts, **args, ignore_eos=True)
+    eager = sample_batch(model, prompts, **args, ignore_eos=True)
     with monkeypatch.context() as m:
         m.setattr(cg, "BUCKET", 1)
-        assert rollout(model, prompts, **args, ignore_eos=True, cuda_graphs=True).token_ids == eager.token_ids
-    out = rollout(model, prompts, **dict(args, max_new_tokens=200), cuda_graphs=True, temperature=0.7,
-                  num_samples=2)
+        assert sample_batch(model, prompts, **args, ignore_eos=True, cuda_graphs=True).token_ids == eager.token_ids
+    out = sample_batch(model, prompts, **dict(args, max_new_tokens=200), cuda_graphs=True, temperature=0.7,
+                       num_samples=2)
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cuda")
     with torch.no_grad():
         want = token_logprobs(completion_logits(model, batch), batch.completion_ids, temperature=0.7)
@@ -316,7 +317,7 @@ def test_rollout_frees_its_decoder_when_it_returns(tiny_model, tiny_tokenizer, p
     gc.collect()
     gc.disable()
     try:
-        rollout(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=20), cuda_graphs=graphs)
+        sample_batch(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=20), cuda_graphs=graphs)
         assert len(made) == 1 and made[0]() is None
     finally:
         gc.enable()
@@ -331,7 +332,7 @@ def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prom
 
     args = kwargs(tiny_tokenizer, max_new_tokens=40)
     graphs = DecodeGraphs()
-    first = rollout(tiny_model, prompts, **args, cuda_graphs=graphs)
+    first = sample_batch(tiny_model, prompts, **args, cuda_graphs=graphs)
     captured = graphs_on_cpu.captures
     state = graphs.state
 
@@ -343,15 +344,15 @@ def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prom
         torch.manual_seed(0)
         for p in tiny_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    second = rollout(tiny_model, prompts, **args, cuda_graphs=graphs)
+    second = sample_batch(tiny_model, prompts, **args, cuda_graphs=graphs)
     assert graphs.state is state and addresses() == before and graphs.builds == 1
     assert graphs_on_cpu.captures == captured
-    assert second.token_ids == rollout(tiny_model, prompts, **args).token_ids != first.token_ids
+    assert second.token_ids == sample_batch(tiny_model, prompts, **args).token_ids != first.token_ids
 
     longer = [p + p for p in prompts]  # more slots than the state has: one rebuild
-    third = rollout(tiny_model, longer, **args, cuda_graphs=graphs)
+    third = sample_batch(tiny_model, longer, **args, cuda_graphs=graphs)
     assert graphs.builds == 2 and graphs.state.slots >= len(max(longer, key=len)) + 40
-    assert third.token_ids == rollout(tiny_model, longer, **args).token_ids
+    assert third.token_ids == sample_batch(tiny_model, longer, **args).token_ids
 
 
 def _tensor_bytes(obj) -> int:
@@ -433,7 +434,7 @@ def test_prefill_leaves_no_autocast_weight_copies_behind(tiny_model, tiny_tokeni
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with WeightCasts() as mode:
-            rollout(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=4))
+            sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=4))
         held = sum(t.nbytes for t in (ref() for ref in mode.casts) if t is not None)
         assert mode.casts and held == 0  # today's code held every weight's bf16 cast (~1.7 MB on tiny)
 
@@ -446,11 +447,11 @@ def test_finished_rows_are_read_on_the_host_only_every_sync_every_steps(tiny_mod
 
     args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
                 pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
-    every_step = rollout(tiny_model, prompts, **args)
+    every_step = sample_batch(tiny_model, prompts, **args)
     reads = []
     real = engine._rows_alive
     monkeypatch.setattr(engine, "_rows_alive", lambda finished: reads.append(1) or real(finished))
-    sparse = rollout(tiny_model, prompts, **args, sync_every=8)
+    sparse = sample_batch(tiny_model, prompts, **args, sync_every=8)
     assert sparse.token_ids == every_step.token_ids and sparse.truncated == every_step.truncated
     assert sparse.logprobs == every_step.logprobs
     assert len({len(r) for r in sparse.token_ids}) > 1

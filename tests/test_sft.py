@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.runs import RUN_CONFIG
+from common.run_files import RUN_CONFIG
 from data import make_synthetic
 from data.prompt import encode_prompt
 from models.lora import add_lora
@@ -41,7 +41,7 @@ def test_target_position_loss_equals_the_full_logits_loss(tiny_model, tiny_token
     """The loss through target positions only, projected onto the vocabulary inside the loss, gives the
     full-logits cross-entropy's value and gradients, prompts of different lengths and pad == eos
     included: the model's head never runs, and only the target columns' hidden states are projected."""
-    import grpo.batch
+    import models.logprobs
     from sft.batching import completion_loss_sum_full
 
     records = make_synthetic("train", max_samples=6, seed=5)
@@ -49,8 +49,8 @@ def test_target_position_loss_equals_the_full_logits_loss(tiny_model, tiny_token
     kept = []
     head = tiny_model.lm_head
     hook = head.register_forward_hook(lambda m, i, o: kept.append(o.shape[1]))
-    projected = grpo.batch.projected_logprobs
-    monkeypatch.setattr(grpo.batch, "projected_logprobs", lambda hidden, *a, **k:
+    projected = models.logprobs.projected_logprobs
+    monkeypatch.setattr(models.logprobs, "projected_logprobs", lambda hidden, *a, **k:
                         kept.append(("projected", hidden.shape[1])) or projected(hidden, *a, **k))
     results = []
     for fn in (completion_loss_sum, completion_loss_sum_full):
@@ -138,7 +138,7 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, full_finetune):
     common = dict(max_steps=6, save_every=3, lora_dropout=0.1, full_finetune=full_finetune)
     train_sft(quick_config(tmp_path / "straight", **common))
 
-    import common.runs as runs
+    import common.run_files as runs
 
     real_write = runs.JsonlLog.write
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.distributed import Dist
-from common.runs import (
+from common.run_files import (
     RUN_CONFIG,
     JsonlLog,
     atomic_dir,

@@ -1,0 +1,214 @@
+"""Log-probabilities of chosen tokens under a model, the kernels both trainers' losses stand on
+(SFT's cross-entropy, GRPO's ratio and KL): log softmax(z / T) at the chosen ids, worked through the
+vocabulary a chunk at a time with hand-written backwards, so neither the [B, T, V] logits' fp32 copy
+nor their gradient is held; and `projected_logprobs`, which does the head's projection itself so the
+logits are never held at all. `logprobs_at` picks the path a model allows (`head_weight`).
+
+Shapes: B rows, T positions, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logits worked through per chunk of positions: on the CPU ~2M elements (8 MB in fp32), which stays in
+# cache across the passes; on GPUs 32M (128 MB), few enough chunks that kernel launches do not add up.
+CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS = 1 << 21, 1 << 25
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays fp64
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T) at the chosen ids, and (no grad) the softmax's entropy, with a hand-written
+    backward: d logp / dz = (onehot(id) - softmax(z / T)) / T.
+
+    Autograd through log_softmax + gather would keep and re-create several [N, V] tensors (the scaled
+    copy, the softmax, a zero-filled gather gradient); this keeps only the logits and one fp32 scalar
+    per position, and works through the vocabulary a chunk of positions at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, chunk, with_entropy):  # noqa: ANN001, ANN205
+        V = logits.shape[-1]
+        z, idx = logits.reshape(-1, V), ids.reshape(-1, 1)
+        dtype = _compute_dtype(logits.dtype)
+        logp = torch.empty(z.shape[0], dtype=dtype, device=z.device)
+        lse, entropy = torch.empty_like(logp), torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for s in range(0, z.shape[0], chunk):
+            zt = z[s: s + chunk].to(dtype) / temperature
+            top = zt.amax(-1, keepdim=True)
+            d = zt - top  # shifted so exp cannot overflow; softmax = e / total
+            e = d.exp()
+            total = e.sum(-1)
+            log_total = total.log()
+            lse[s: s + chunk] = top.squeeze(-1) + log_total
+            logp[s: s + chunk] = d.gather(-1, idx[s: s + chunk]).squeeze(-1) - log_total
+            if with_entropy:  # H = -sum p log p = log_total - sum e * d / total
+                entropy[s: s + chunk] = log_total - e.mul_(d).sum(-1) / total
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
+        logits, ids, lse = ctx.saved_tensors
+        T, chunk, V = ctx.temperature, ctx.chunk, logits.shape[-1]
+        z, idx = logits.reshape(-1, V), ids.reshape(-1, 1)
+        g = (grad_logp.reshape(-1, 1) / T).to(lse.dtype)
+        grad = torch.empty_like(z)
+        for s in range(0, z.shape[0], chunk):
+            p = (z[s: s + chunk].to(lse.dtype) / T).sub_(lse[s: s + chunk, None]).exp_()  # softmax(z / T)
+            p.mul_(-g[s: s + chunk]).scatter_add_(-1, idx[s: s + chunk], g[s: s + chunk])
+            grad[s: s + chunk] = p
+        return grad.view_as(logits), None, None, None, None
+
+
+class _ProjectedLogSoftmax(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T) at the chosen ids (and, no grad, the entropy), projecting onto
+    a chunk of the vocabulary at a time and projecting again in the backward: neither the [N, V]
+    logits nor their gradient is ever held, only the hidden states and one fp32 scalar per position.
+
+    Chunks of the vocabulary, not of positions: every product has all N positions as rows, and each
+    chunk of the head's gradient is written once (chunks of positions would each add a whole [V, H]
+    product into it). The forward keeps a running maximum, sum of exp and (for the entropy) sum of
+    exp * z per position; the backward needs only their logsumexp: softmax = exp(z / T - lse). The
+    products run in `dtype` (autocast's, or the weight's), as the model's own head would; the softmax
+    in fp32. dz = (onehot(id) - softmax) * g / T; d hidden = dz @ weight, d weight = dz.T @ hidden."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, chunk, with_entropy, dtype):  # noqa: ANN001, ANN205
+        N, V, cdtype = hidden.shape[0], weight.shape[0], _compute_dtype(dtype)
+        top = torch.full((N,), float("-inf"), dtype=cdtype, device=hidden.device)
+        total, weighted, target = (torch.zeros_like(top) for _ in range(3))
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            for v in range(0, V, chunk):
+                z = (h @ weight[v: v + chunk].to(dtype).T).to(cdtype) / temperature  # [N, chunk]
+                new_top = torch.maximum(top, z.amax(-1))
+                rescale = (top - new_top).exp()  # the sums so far, relative to the new maximum
+                e = (z - new_top[:, None]).exp_()
+                total = total * rescale + e.sum(-1)
+                if with_entropy:
+                    weighted = weighted * rescale + torch.linalg.vecdot(e, z)  # sum e * z, no [N, chunk] product
+                top = new_top
+                inside = (ids >= v) & (ids < v + z.shape[1])
+                target = torch.where(inside, z.gather(-1, (ids - v).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1),
+                                     target)
+        lse = top + total.log()
+        logp = target - lse
+        entropy = lse - weighted / total if with_entropy else logp.new_empty(0)  # -sum p (z - lse)
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
+        hidden, weight, ids, lse = ctx.saved_tensors
+        T, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
+        g = (grad_logp / T).to(lse.dtype)[:, None]
+        grad_hidden = (torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if ctx.needs_input_grad[0]
+                       else None)
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            for v in range(0, weight.shape[0], chunk):
+                w = weight[v: v + chunk].to(dtype)
+                p = (h @ w.T).to(lse.dtype).div_(T).sub_(lse[:, None]).exp_()  # softmax(z / T) [N, chunk]
+                dz = p.mul_(-g)
+                inside = ((ids >= v) & (ids < v + w.shape[0])).nonzero().squeeze(-1)
+                dz.index_put_((inside, ids[inside] - v), g[inside, 0], accumulate=True)
+                dz = dz.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden += dz @ w
+                if grad_weight is not None:
+                    grad_weight[v: v + chunk] = dz.T @ h
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                       with_entropy: bool = False, chunk_columns: int | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(hidden @ weight.T / temperature) at `ids`, its entropy or an empty tensor):
+    [B, T, H], [V, H], [B, T] -> [B, T] in fp32, differentiable in hidden and weight. What
+    `token_logprobs_and_entropy` gives on the head's logits, without ever holding them: the projection
+    is made `chunk_columns` vocabulary entries at a time (default: the chunk budget of `token_logprobs`,
+    at least 1,024 entries: on the CPU a chunk stays in cache through its elementwise passes, which
+    64 MB chunks made 2x slower) and made again in the backward. Under autocast the products run in
+    autocast's dtype."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    H, N = hidden.shape[-1], ids.numel()
+    chunk = chunk_columns or max(1024, _chunk_elements(hidden) // max(N, 1))
+    logp, entropy = _ProjectedLogSoftmax.apply(hidden.reshape(-1, H), weight, ids.reshape(-1), temperature, chunk,
+                                               with_entropy, dtype)
+    return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
+
+
+def _chunk_elements(x: torch.Tensor) -> int:
+    """How many logits one chunk may hold on `x`'s device."""
+    return CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
+def _chunk(logits: torch.Tensor, chunk_positions: int | None) -> int:
+    return chunk_positions or max(1, _chunk_elements(logits) // logits.shape[-1])
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                   chunk_positions: int | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) at `ids`: [B, T, V], [B, T] -> [B, T] in fp32 (differentiable).
+
+    Worked through `chunk_positions` positions at a time (default: ~8 MB of fp32 logits on the CPU,
+    128 MB on GPUs), so the fp32 [B, T, V] log-softmax (B*T*151,936*4 bytes for Qwen3) is never held."""
+    return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), False)[0]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                               chunk_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and, in the same pass over the vocabulary, the entropy of softmax(logits /
+    temperature) per position ([B, T], not differentiable: a metric)."""
+    return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), True)
+
+
+def head_weight(model) -> torch.Tensor | None:
+    """The vocabulary head's weight when the loss can project onto the vocabulary itself
+    (`projected_logprobs`, no [B, C, V] logits held): a plain bias-free Linear, on a model called
+    directly. Under DDP the forward must go through the wrapper (so the gradients are reduced), and a
+    LoRA or quantized head has its own forward: None, the loss takes the model's logits."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    head = model.get_output_embeddings()
+    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+def head_input(model, hidden: bool, keep: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """The model's logits at columns `keep` (all when None) or, with `hidden`, its decoder's last
+    hidden states there (what the head would project)."""
+    if hidden:
+        out = model.get_decoder()(**inputs).last_hidden_state
+        return out if keep is None else out[:, keep]
+    return model(**inputs, **({} if keep is None else {"logits_to_keep": keep})).logits
+
+
+def logprobs_of(out: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of `ids`, entropy or empty) from `head_input`'s output: hidden states projected here
+    when `weight` (the head's) is given, else logits."""
+    if weight is not None:
+        return projected_logprobs(out, weight, ids, temperature, with_entropy)
+    if with_entropy:
+        return token_logprobs_and_entropy(out, ids, temperature)
+    return token_logprobs(out, ids, temperature), out.new_empty(0)
+
+
+def logprobs_at(model, ids: torch.Tensor, columns: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, K] of `ids` as predicted at `columns` of a forward on `inputs`, their entropy or
+    an empty tensor): through the decoder and `projected_logprobs` where `head_weight` allows, else
+    through the model's logits at those columns and the chunked log-softmax."""
+    weight = head_weight(model)
+    return logprobs_of(head_input(model, weight is not None, columns, **inputs), weight, ids, temperature, with_entropy)
