@@ -2,7 +2,7 @@
 
 A second run of the same steps (same seed, so the same completions) goes under `MatmulCounter`, a
 dispatch mode that notes every matrix product (mm, addmm, bmm, baddbmm, scaled-dot-product attention
-and its backward) with its shapes, strides and dtype, per step and per phase of `grpo.step.Timer`
+and its backward) with its shapes, strides and dtype, per step and per phase of `common.timing.Timer`
 (generation, reference, backward, ...). Each distinct product is then replayed alone on random
 inputs of the same layout and timed: the floor is the sum, over every product the step ran, of its
 time alone; the machine's rate at that shape is its FLOPs over that time. Replays go from the most
@@ -86,8 +86,8 @@ class MatmulCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def tagged_phases(counter: MatmulCounter) -> Iterator[None]:
-    """Count under `counter`, told the phase by `grpo.step.Timer` (a step ends with its optimizer phase)."""
-    from grpo.step import Timer
+    """Count under `counter`, told the phase by `common.timing.Timer` (a step ends with its optimizer phase)."""
+    from common.timing import Timer
 
     original = Timer.__call__
 

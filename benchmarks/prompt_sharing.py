@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def forward_backward(share: bool) -> None:
         for s in range(0, len(completions), args.micro_batch_size):
-            mb = batch.rows(slice(s, s + args.micro_batch_size))
+            mb = batch.take(slice(s, s + args.micro_batch_size))
             with autocast(device):
                 logp, _ = completion_logprobs(model, mb, 0.7, with_entropy=True, share_prompts=share)
             (logp * mb.completion_mask).sum().backward()

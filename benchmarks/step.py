@@ -130,7 +130,7 @@ def _print_floor(counted: tuple[dict, list[dict]], timed: list[dict], record: di
     print(f"  {'':<17} {'time':>8} {'floor':>8} {'share':>6} {'GFLOP':>8}")
     total_floor = total_flop = 0.0
     for key in [k for k in phases if k != "time_per_step_s"]:
-        phase = key.removesuffix("_time_s")  # the log's phase times are named after grpo.step.Timer's phases
+        phase = key.removesuffix("_time_s")  # the log's phase times are named after common.timing.Timer's phases
         p = result["phases"].get(phase, {"gflop": 0.0, "floor_s": 0.0})
         t = record[f"median_{key}"]
         total_floor, total_flop = total_floor + p["floor_s"], total_flop + p["gflop"]

@@ -17,7 +17,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor  # [B, C]
     completion_mask: torch.Tensor  # [B, C]: 1 on completion tokens (eos included)
 
-    def rows(self, index: slice) -> RolloutBatch:
+    def take(self, index: slice | torch.Tensor) -> RolloutBatch:
         """These rows, cut to the columns they use: the prompt padding all of them have on the left and
         the completion padding all of them have on the right, so a micro-batch of short completions does
         not pay for the batch's longest. Completion column j stays column j of the whole batch."""

@@ -6,11 +6,82 @@ Shapes: B completions (G per prompt, groups contiguous), T completion positions,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What an aggregation divides by, when a loss call is one part of the step (None: the call's own)."""
+
+    tokens: float | None = None  # bnpo: the completion tokens of the call's micro-batch, skipped rows too
+    max_length: float | None = None  # dr_grpo: the completion-length limit
+    step_tokens: float | None = None  # dapo: the completion tokens of the whole step, every rank's
+
+
+def _row_mean_of_token_means(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, c: Counts) -> torch.Tensor:
+    return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, c: Counts) -> torch.Tensor:
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if c.tokens is None else c.tokens)
+
+
+def _sum_over_rows_times_limit(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, c: Counts) -> torch.Tensor:
+    return (x * mask).sum() / (rows * (x.shape[1] if c.max_length is None else c.max_length))
+
+
+def _sum_over_step_tokens(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, c: Counts) -> torch.Tensor:
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if c.step_tokens is None else c.step_tokens)
+
+
+@dataclass(frozen=True)
+class LossType:
+    """One `--loss_type`: how per-token terms become the step's loss, and how the step's micro-batches
+    (and DDP ranks, which average) add up to it. `reduce(x, mask, rows, counts)` is the formula on one
+    loss call (`rows`: its rows with a token); `weight(trained, rows, step_rows)` multiplies a
+    micro-batch's loss, `trained` of its `rows` in the loss having gone through the forward (rows with
+    advantage 0 may skip it), `step_rows` being the step's rows in the loss over every rank."""
+
+    formula: str  # the step's loss, for the docs
+    reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Counts], torch.Tensor]
+    weight: Callable[[int, int, int], float]
+    split: str  # how the micro-batches add up, for the docs
+    exact: bool  # the step's loss is the same whatever --micro_batch_size and the number of ranks
+    source: str
+
+
+# To add a loss type: one entry here (its formula, its micro-batch weight, whether that split is exact);
+# the CLI's choices, the docs' table (docs/training.md, `python -m grpo.loss`) and the tests' list follow.
+LOSS_TYPES_TABLE: dict[str, LossType] = {
+    "grpo": LossType(
+        "mean over completions of each completion's token mean", _row_mean_of_token_means,
+        lambda trained, rows, step_rows: trained / max(step_rows, 1),
+        "each micro-batch's mean weighted by its share of the step's completions", True,
+        "GRPO paper (Shao et al., 2024)"),
+    "bnpo": LossType(
+        "token mean over each micro-batch", _token_mean,
+        lambda trained, rows, step_rows: rows / max(step_rows, 1),
+        "each micro-batch's token mean weighted by its share of the step's completions: the row-weighted "
+        "mean of token means, so it depends on --micro_batch_size (dapo is its exact step-wide version)", False,
+        "TRL's bnpo (per-device batch)"),
+    "dr_grpo": LossType(
+        "token sum / (completions x --max_completion_length)", _sum_over_rows_times_limit,
+        lambda trained, rows, step_rows: trained / max(step_rows, 1),
+        "each micro-batch's value weighted by its share of the step's completions", True,
+        "Dr. GRPO (Liu et al., 2025)"),
+    "dapo": LossType(
+        "token sum / the step's completion tokens", _sum_over_step_tokens,
+        lambda trained, rows, step_rows: 1.0,
+        "summed: each micro-batch already divides by the whole step's tokens", True,
+        "DAPO (Yu et al., 2025); the default"),
+}
+LOSS_TYPES = tuple(LOSS_TYPES_TABLE)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
@@ -37,22 +108,26 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
-              max_completion_length: int | None = None, num_items_in_batch: float | None = None) -> torch.Tensor:
-    """Reduce a [B, T] per-token quantity to a scalar the way `loss_type` says (TRL's formulas). A row whose
-    mask is all 0 (a completion taken out of the loss by --mask_truncated_completions) counts in no
-    normalizer: not in grpo's mean over rows, not in dr_grpo's rows x length."""
+              max_completion_length: int | None = None, num_items_in_batch: float | None = None,
+              counts: Counts | None = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token quantity to a scalar the way `loss_type` says (LOSS_TYPES_TABLE). A row
+    whose mask is all 0 (a completion taken out of the loss by --mask_truncated_completions) counts in
+    no normalizer: not in grpo's mean over rows, not in dr_grpo's rows x length. `counts` (default: from
+    `max_completion_length` and `num_items_in_batch`) are the step's normalizers when this is one part."""
+    if loss_type not in LOSS_TYPES_TABLE:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
+    counts = counts or Counts(max_length=max_completion_length, step_tokens=num_items_in_batch)
     rows = mask.any(-1).sum().clamp(min=1)  # rows with no token (masked out of the loss) do not count
-    if loss_type == "grpo":  # mean over sequences of each sequence's token mean
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows
-    if loss_type == "bnpo":  # token mean over the batch
-        return masked_mean(per_token, mask)
-    if loss_type == "dr_grpo":  # constant normalizer: no length bias
-        length = max_completion_length if max_completion_length is not None else per_token.shape[1]
-        return (per_token * mask).sum() / (rows * length)
-    if loss_type == "dapo":  # token sum over the completion tokens of the whole optimizer step
-        denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
-        return (per_token * mask).sum() / denominator
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
+    return LOSS_TYPES_TABLE[loss_type].reduce(per_token, mask, rows, counts)
+
+
+def loss_types_markdown() -> str:
+    """The docs' table of loss types (docs/training.md holds it; a test keeps the two equal)."""
+    lines = ["| `--loss_type` | the step's loss | micro-batches and ranks | exact split | from |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, t in LOSS_TYPES_TABLE.items():
+        lines.append(f"| `{name}` | {t.formula} | {t.split} | {'yes' if t.exact else 'no'} | {t.source} |")
+    return "\n".join(lines)
 
 
 def grpo_loss(
@@ -69,6 +144,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
     importance_sampling_level: str = "token",
+    counts: Counts | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `loss_type`.
 
@@ -92,7 +168,7 @@ def grpo_loss(
     ratio = torch.exp(log_ratio).expand_as(logprobs)
     surrogate = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * adv)
     agg = dict(mask=mask, loss_type=loss_type, max_completion_length=max_completion_length,
-               num_items_in_batch=num_items_in_batch)
+               num_items_in_batch=num_items_in_batch, counts=counts)
     policy_loss = aggregate(surrogate, **agg)
     if beta != 0.0:
         if ref_logprobs is None:
@@ -118,3 +194,7 @@ def grpo_loss(
             "clip_ratio_region": masked_mean(torch.maximum(low, high), mask).item(),
         }
     return loss, metrics
+
+
+if __name__ == "__main__":
+    print(loss_types_markdown())

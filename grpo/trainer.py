@@ -24,7 +24,10 @@ from common.errors import UserError, fail
 from common.flags import check
 from common.run_files import CHECKPOINT, now_iso, seed_everything
 from grpo.config import GRPOConfig
-from grpo.step import Policy, extra_prompts, grpo_step, step_prompts, step_record
+from grpo.policy import Policy
+from grpo.prompt_order import extra_prompts, step_prompts
+from grpo.record import step_record
+from grpo.step import grpo_step
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
 from training.run import Run

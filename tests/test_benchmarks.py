@@ -58,7 +58,7 @@ def test_step_benchmark():
 
 def test_matmul_counter_counts_each_product_by_step_and_phase():
     from benchmarks.floor import MatmulCounter, floor, tagged_phases
-    from grpo.step import Timer
+    from common.timing import Timer
 
     counter, timer = MatmulCounter(), Timer("cpu")
     x, w = torch.randn(4, 8), torch.randn(16, 8)

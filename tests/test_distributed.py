@@ -40,7 +40,7 @@ def test_dist_helpers_are_no_ops_in_one_process():
 
 
 def test_prompt_shards_cover_the_step_in_order():
-    from grpo.step import step_prompts as _prompt_indices
+    from grpo.prompt_order import step_prompts as _prompt_indices
 
     whole, epoch = _prompt_indices(5, 50, 8, seed=1)
     shards = [_prompt_indices(5, 50, 8, seed=1, rank=r, world_size=2) for r in range(2)]

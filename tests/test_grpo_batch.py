@@ -24,13 +24,13 @@ def test_rows_cut_to_the_columns_they_use():
     completions = [[1, 2, 3, 4, 5, 6], [1, 2], [7, 8, 9], [7]]
     batch = pack(prompts, completions, PAD, "cpu")
     assert batch.input_ids.shape == (4, 5 + 6)
-    mb = batch.rows(slice(2, 4))  # short prompts, completions of at most 3 tokens
+    mb = batch.take(slice(2, 4))  # short prompts, completions of at most 3 tokens
     assert mb.input_ids.tolist() == [[21, 22, 7, 8, 9], [21, 22, 7, 0, 0]]
     assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 2, 2]]
     assert mb.completion_ids.tolist() == batch.completion_ids[2:4, :3].tolist()
     assert mb.completion_mask.tolist() == batch.completion_mask[2:4, :3].tolist()
-    whole = batch.rows(slice(0, 4))  # nothing to cut
+    whole = batch.take(slice(0, 4))  # nothing to cut
     assert torch.equal(whole.input_ids, batch.input_ids) and torch.equal(whole.completion_ids, batch.completion_ids)
 
 
@@ -47,7 +47,7 @@ def test_cut_micro_batches_give_the_same_logprobs(tiny_model, tiny_tokenizer):
     with torch.no_grad():
         full = token_logprobs(completion_logits(tiny_model, batch), batch.completion_ids) * batch.completion_mask
         for rows, cut in ((slice(0, 2), 0), (slice(2, 4), 4 + len(prompts[0]) - len(prompts[2])), (slice(1, 3), 5)):
-            mb = batch.rows(rows)
+            mb = batch.take(rows)
             assert mb.input_ids.shape[1] == batch.input_ids.shape[1] - cut
             part = token_logprobs(completion_logits(tiny_model, mb), mb.completion_ids) * mb.completion_mask
             assert torch.allclose(part, full[rows, : mb.completion_width], atol=1e-5)
@@ -86,7 +86,7 @@ def test_shared_prompt_forward_matches_the_plain_forward(tiny_model, tiny_tokeni
     tiny_model.train()
     calls = []
     for rows in (slice(0, 7), slice(1, 5), slice(5, 7)):
-        mb = batch.rows(rows)
+        mb = batch.take(rows)
         plain, plain_grads = _logprobs_and_grads(tiny_model, mb, share=False)
         group = gb._prompt_groups(mb)
         calls.append(None if group is None else group.tolist())

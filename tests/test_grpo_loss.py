@@ -226,3 +226,19 @@ def test_a_row_with_no_token_counts_in_no_normalizer(loss_type):
                            max_completion_length=8, num_items_in_batch=9.0)
     without = aggregate(x, mask, loss_type, max_completion_length=8, num_items_in_batch=9.0)
     assert with_empty.item() == pytest.approx(without.item(), rel=1e-6)
+
+
+def test_the_cli_and_the_docs_take_the_loss_types_from_the_table():
+    """One table: adding an entry there adds the CLI choice and the docs row (docs/training.md holds the
+    generated table between its markers)."""
+    import dataclasses
+    from pathlib import Path
+
+    from grpo.config import GRPOConfig
+    from grpo.loss import LOSS_TYPES_TABLE, loss_types_markdown
+
+    field = {f.name: f for f in dataclasses.fields(GRPOConfig)}["loss_type"]
+    assert tuple(field.metadata["flag"]["choices"]) == tuple(LOSS_TYPES_TABLE) == LOSS_TYPES
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    inside = docs.split("<!-- loss-types -->\n")[1].split("\n<!-- /loss-types -->")[0]
+    assert inside == loss_types_markdown()

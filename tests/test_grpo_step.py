@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from grpo.step import _epoch_order, loss_weight, step_prompts
+from grpo.loss import LOSS_TYPES_TABLE
+from grpo.prompt_order import _epoch_order, step_prompts
 from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 
 
@@ -32,27 +33,33 @@ def _one_step(out, tiny_tokenizer, hook=None, **overrides):
     return json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES_TABLE)
 def test_micro_batch_size_does_not_change_the_update(tmp_path, tiny_tokenizer, loss_type):
-    """16 completions in micro-batches of 2 or of 16: the same loss, gradient norm and weights for grpo,
-    dr_grpo and dapo. bnpo normalizes each micro-batch by its own tokens (TRL's per-device batch), so it
-    differs with the micro-batch size; in one micro-batch it is dapo."""
+    """16 completions in micro-batches of 2 or of 16: the same loss, gradient norm and weights for every
+    loss type whose table entry says its split is exact (grpo, dr_grpo, dapo). bnpo normalizes each
+    micro-batch by its own tokens (TRL's per-device batch), so it differs with the micro-batch size; in
+    one micro-batch it is dapo."""
     small, w_small = _one_step(tmp_path / "2", tiny_tokenizer, micro_batch_size=2, loss_type=loss_type)
     whole, w_whole = _one_step(tmp_path / "16", tiny_tokenizer, micro_batch_size=16, loss_type=loss_type)
     same = (small["grpo_loss"] == pytest.approx(whole["grpo_loss"], rel=1e-5, abs=1e-7)
             and small["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
             and all(torch.allclose(w_small[k], w_whole[k], atol=5e-5) for k in w_small))  # lr 1e-3; seen 1.6e-5
-    if loss_type != "bnpo":
+    if LOSS_TYPES_TABLE[loss_type].exact:
         assert same, (small["grad_norm"], whole["grad_norm"])
         return
-    assert not same and small["grad_norm"] != pytest.approx(whole["grad_norm"], rel=1e-3)
+    assert loss_type == "bnpo" and not same and small["grad_norm"] != pytest.approx(whole["grad_norm"], rel=1e-3)
     dapo, _ = _one_step(tmp_path / "dapo", tiny_tokenizer, micro_batch_size=16, loss_type="dapo")
     assert whole["grad_norm"] == pytest.approx(dapo["grad_norm"], rel=1e-5)
 
 
 def test_loss_weights_add_up_to_one_step():
-    assert loss_weight("dapo", 2, 16) == 1.0
-    assert sum(loss_weight("grpo", r, 10) for r in (4, 4, 2)) == pytest.approx(1.0)
+    table = LOSS_TYPES_TABLE
+    assert table["dapo"].weight(2, 2, 16) == 1.0  # each micro-batch already divides by the step's tokens
+    for name in ("grpo", "dr_grpo", "bnpo"):  # micro-batches of 4, 4 and 2 of the step's 10 rows
+        assert sum(table[name].weight(r, r, 10) for r in (4, 4, 2)) == pytest.approx(1.0)
+    # 1 of a micro-batch's 4 rows trained (the others skipped at advantage 0): grpo counts the trained
+    # row's share; bnpo's token mean is over the whole micro-batch, so it keeps the micro-batch's share
+    assert table["grpo"].weight(1, 4, 10) == 0.1 and table["bnpo"].weight(1, 4, 10) == 0.4
 
 
 def test_a_step_crosses_the_epoch_boundary_into_the_next_order():
@@ -152,7 +159,7 @@ def test_off_a_terminal_progress_is_a_line_every_tenth_of_the_run(tmp_path, tiny
 
 
 def test_with_signal_first_keeps_groups_with_a_signal_then_fills_in_order():
-    from grpo.step import with_signal_first
+    from grpo.groups import with_signal_first
 
     rewards = torch.tensor([1., 1., 0., 1., 0., 0., 1., 0., 2., 2.])  # groups of 2: equal, varied, equal, varied, equal
     assert with_signal_first(rewards, 2, 2) == [1, 3]

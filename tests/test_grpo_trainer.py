@@ -10,6 +10,7 @@ import grpo.step as grpo_step
 from common.errors import UserError
 from common.run_files import JsonlLog
 from grpo.batch import pack
+from grpo.loss import Counts
 from grpo.step import reference_logprobs
 from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 from models.tiny import tiny_dir
@@ -316,6 +317,6 @@ def test_training_logits_are_freed_before_the_model_backward(tiny_model, tiny_to
     mb = pack(prompts, [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "cpu")
     cfg = quick("unused", beta=0.0)
     metrics, entropy = grpo_step.micro_batch_backward(
-        tiny_model, mb, None, None, torch.tensor([1.0, -1.0]), cfg, num_items=5.0, scale=1.0, sync=True,
-        autocast=lambda: torch.autocast("cpu", enabled=False))
+        tiny_model, mb, None, None, torch.tensor([1.0, -1.0]), cfg, counts=Counts(step_tokens=5.0), scale=1.0,
+        sync=True, autocast=lambda: torch.autocast("cpu", enabled=False))
     assert made and freed == [True] and entropy > 0 and math.isfinite(metrics["grpo_loss"])

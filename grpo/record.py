@@ -1,0 +1,90 @@
+"""A GRPO step's log line (`step_record`) from what one rank measured (`StepStats`): metrics over every
+rank's completions, times and memory of the slowest rank."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.distributed import Dist
+from data.prompt import thinking_fields
+from grpo.config import GRPOConfig
+from grpo.groups import has_signal
+
+
+@dataclass
+class StepStats:
+    """One rank's step: metric sums (each its share of the step's value), all ranks' rewards and
+    advantages, its completions' lengths, and the phases' seconds. Built by keyword."""
+
+    sums: dict[str, float]
+    entropy_sum: float
+    entropy_tokens: float  # the tokens that went through a forward (rows skipped for a zero advantage did not)
+    backward_rows: int  # rows through forward and backward, over the num_iterations updates
+    num_items: float  # completion tokens of the whole step, all ranks
+    rewards: torch.Tensor  # the weighted sum of the reward functions, all ranks' completions
+    reward_parts: dict[str, torch.Tensor]  # each reward function's values, all ranks' completions
+    advantages: torch.Tensor
+    lengths: list[int]
+    truncated: list[bool]
+    grad_norm: float
+    skipped: int
+    learning_rate: float
+    times: dict[str, float]
+    extra_rollouts: int = 0  # --dynamic_sampling's further rollouts this step
+    prompts_sampled: int = 0  # this rank's prompts rolled out, the extra ones included
+    masked_rows: int = 0  # this rank's rows out of the loss (--mask_truncated_completions)
+    thinking: list[tuple[int, bool]] | None = None  # per completion (thinking tokens, closed) when thinking is on
+
+
+def peak_memory_gb(device: str) -> tuple[float, float]:
+    """(peak allocated, peak reserved by the caching allocator) on CUDA; the peak RSS twice on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return rss, rss
+
+
+def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time_per_step: float) -> dict[str, Any]:
+    """The log line's step metrics over all ranks' completions; times and memory of the slowest rank."""
+    phases = ("generation", "backward", "reference", "optimizer", "reward")
+    slowest = dist.all_reduce(torch.tensor([time_per_step, *(stats.times.get(p, 0.0) for p in phases),
+                                            *peak_memory_gb(device)], device=device, dtype=torch.float64), "max")
+    time_per_step, *phase_times, peak, reserved = slowest.tolist()
+    times = dict(zip(phases, phase_times))
+    keys = sorted(stats.sums)
+    summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens,
+                                          stats.backward_rows, stats.prompts_sampled, stats.masked_rows],
+                                          device=device, dtype=torch.float64)).tolist()
+    *summed, entropy_tokens, backward_rows, prompts_sampled, masked_rows = summed
+    spans = stats.thinking or [(0, True)] * len(stats.lengths)
+    per_completion = torch.tensor([[n, t, th, closed] for n, t, (th, closed) in
+                                   zip(stats.lengths, stats.truncated, spans)], device=device)
+    lengths, truncated, thinking, closed = dist.all_gather(per_completion).cpu().T.tolist()
+    think_fields = {} if stats.thinking is None else thinking_fields(list(zip(thinking, closed)))
+    n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
+    return {
+        **{k: v / n_iter for k, v in zip(keys, summed[:-1])},
+        "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+        **{f"reward_{name}_{stat}": getattr(values[~values.isnan()], stat)().item()  # a None (NaN) is ignored
+           for name, values in stats.reward_parts.items() for stat in ("mean", "std")},
+        "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
+        "grad_norm": stats.grad_norm, "learning_rate": stats.learning_rate,
+        "time_per_step_s": time_per_step, "generation_time_s": times["generation"],
+        "backward_time_s": times["backward"],
+        "other_time_s": time_per_step - times["generation"] - times["backward"],
+        "reference_time_s": times["reference"], "optimizer_time_s": times["optimizer"],
+        "reward_time_s": times["reward"],
+        "tokens_generated": sum(lengths), "entropy": summed[-1] / max(1.0, entropy_tokens),
+        "backward_rows": int(backward_rows) // n_iter,
+        "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
+        "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
+        "frac_reward_zero_std": (~has_signal(rewards, cfg.num_generations)).float().mean().item(),
+        "extra_rollouts": stats.extra_rollouts, "prompts_sampled": int(prompts_sampled),
+        "masked_rows": int(masked_rows),
+        "peak_memory_gb": peak, "peak_memory_reserved_gb": reserved, "skipped_updates": stats.skipped,
+        "world_size": dist.world_size, **think_fields,
+    }
