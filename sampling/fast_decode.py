@@ -17,6 +17,7 @@ as the output head too.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -51,7 +52,26 @@ def effective_weight(m: Any) -> torch.Tensor:
     return w
 
 
-FAMILIES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+@dataclass(frozen=True)
+class Family:
+    """What the step does differently for one family of decoder (its transformers class name is the key)."""
+
+    qk_norm: bool  # an RMS norm over each head's q and k before RoPE (`self_attn.q_norm`, `k_norm`)
+    note: str
+
+
+# The families the lean step runs. Each is a stack of pre-norm layers (RMSNorm -> attention with RoPE
+# and grouped KV heads -> residual; RMSNorm -> SiLU-gated MLP -> residual) read as `LayerWeights`;
+# q/k/v biases are taken wherever the model has them (Qwen2 always, Llama with attention_bias).
+# To add a family of that shape (e.g. Mistral without sliding window): one entry here, a `random:`
+# shape in models/tiny.py and its case in tests/test_families.py (greedy equal to `generate`, sampled
+# logprobs equal to a forward). A family whose layer reads differently (Gemma's (1 + w) norms and
+# scaled embedding, a sliding window) also needs its difference in `_layer_weights` and `step`.
+FAMILIES = {
+    "Qwen3ForCausalLM": Family(qk_norm=True, note="Qwen3: q/k norms"),
+    "Qwen2ForCausalLM": Family(qk_norm=False, note="Qwen2, Qwen2.5: q/k/v biases"),
+    "LlamaForCausalLM": Family(qk_norm=False, note="Llama-2/3, SmolLM2: Llama-3's rope scaling in inv_freq"),
+}
 STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed when the model is built (not dynamic NTK)
 
 
@@ -64,7 +84,7 @@ def head_dim(cfg: Any) -> int:
 
 
 def supports(model: Any) -> bool:
-    """True for a Qwen3, Qwen2 or Llama causal LM (bare or under LoRA) whose linear layers are
+    """True for a causal LM of a family in FAMILIES (bare or under LoRA) whose linear layers are
     full-precision torch Linears, biased at most on q/k/v, with a static rope and full attention."""
     model = _base(model)
     if type(model).__name__ not in FAMILIES:
@@ -78,6 +98,8 @@ def supports(model: Any) -> bool:
         return False
     layer = model.model.layers[0]
     a, m = layer.self_attn, layer.mlp
+    if hasattr(a, "q_norm") != FAMILIES[type(model).__name__].qk_norm:
+        return False  # not the layer the table describes
     if any(_bias(x) is not None for x in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)):
         return False
     return all(_linear_supported(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
@@ -128,42 +150,64 @@ def _tied(model: Any) -> bool:
     return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def _sources(model: Any, fuse: bool) -> Iterator[Weight]:
-    """The decode step's weights in a fixed order, one at a time (a fused one is built only when asked
-    for), as the model holds them: per layer ln1, wqkv, bqkv, qk_norm, wo, ln2, wgate_up, wdown; then
-    the embedding, the final norm and (untied models only) the head. Without `fuse`, wqkv and wgate_up
-    come as tuples of the model's own weights (adapters merged). A family without q/k/v biases or q/k
-    norms yields an empty tensor in their place."""
-    cfg = model.config
-    w = effective_weight
-    empty = torch.empty(0, device=model.model.embed_tokens.weight.device)
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights as the step reads them, in the dtype of the step. On CUDA `qkv` and
+    `gate_up` are fused copies (one product each); on the CPU, tuples of the model's own weights. None
+    where the family has no such weight."""
+
+    input_norm: torch.Tensor  # RMSNorm before attention
+    qkv: Weight  # q, k, v projections ([(H + 2 KV) * D, hidden] when fused)
+    qkv_bias: torch.Tensor | None  # their biases, side by side (zeros for a projection without one)
+    qk_norm: torch.Tensor | None  # q_norm and k_norm as one [H + KV, D] weight: q and k normed together
+    o: torch.Tensor  # attention output projection
+    post_attention_norm: torch.Tensor  # RMSNorm before the MLP
+    gate_up: Weight  # the MLP's gate and up projections
+    down: torch.Tensor  # the MLP's down projection
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in field order (the pieces of an unfused weight one by one)."""
+        return [t for f in fields(self) if (item := getattr(self, f.name)) is not None for t in _pieces(item)]
+
+    def to(self, dtype: torch.dtype) -> LayerWeights:
+        return LayerWeights(*(None if x is None else tuple(t.to(dtype) for t in x) if isinstance(x, tuple)
+                              else x.to(dtype) for x in (getattr(self, f.name) for f in fields(self))))
+
+
+def _layer_weights(layer: Any, cfg: Any, fuse: bool) -> LayerWeights:
+    """`layer`'s weights as the model holds them (adapters merged); a fused weight is built only when asked."""
+    a, m, w = layer.self_attn, layer.mlp, effective_weight
+    qkv = (w(a.q_proj), w(a.k_proj), w(a.v_proj))
+    biases = [_bias(x) for x in (a.q_proj, a.k_proj, a.v_proj)]
+    device = layer.input_layernorm.weight.device
+    qkv_bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(x.out_features, device=device)
+         for b, x in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
+    qk_norm = None if not hasattr(a, "q_norm") else torch.cat(
+        [a.q_norm.weight.expand(cfg.num_attention_heads, -1), a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
+    gate_up = (w(m.gate_proj), w(m.up_proj))
+    return LayerWeights(layer.input_layernorm.weight, torch.cat(qkv) if fuse else qkv, qkv_bias, qk_norm, w(a.o_proj),
+                        layer.post_attention_layernorm.weight, torch.cat(gate_up) if fuse else gate_up,
+                        w(m.down_proj))
+
+
+def _sources(model: Any, fuse: bool) -> Iterator[LayerWeights | torch.Tensor]:
+    """The decode step's weights in a fixed order, one layer at a time: each layer's `LayerWeights`,
+    then the embedding, the final norm and (untied models only) the head."""
     for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        yield layer.input_layernorm.weight
-        qkv = (w(a.q_proj), w(a.k_proj), w(a.v_proj))
-        yield torch.cat(qkv) if fuse else qkv
-        biases = [_bias(x) for x in (a.q_proj, a.k_proj, a.v_proj)]
-        yield empty if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(x.out_features, device=empty.device)
-             for b, x in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
-        # q_norm and k_norm as one [H + KV, D] weight, so q and k are normed and rotated together
-        yield empty if not hasattr(a, "q_norm") else torch.cat(
-            [a.q_norm.weight.expand(cfg.num_attention_heads, -1), a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
-        yield w(a.o_proj)
-        yield layer.post_attention_layernorm.weight
-        gate_up = (w(m.gate_proj), w(m.up_proj))
-        yield torch.cat(gate_up) if fuse else gate_up
-        yield w(m.down_proj)
+        yield _layer_weights(layer, model.config, fuse)
     yield model.model.embed_tokens.weight
     yield model.model.norm.weight
     if not _tied(model):
         yield model.lm_head.weight
 
 
+def _flat(item: LayerWeights | torch.Tensor) -> list[torch.Tensor]:
+    return item.tensors() if isinstance(item, LayerWeights) else [item]
+
+
 class DecodeWeights:
     """Decode-step weights of `model` in `dtype` (fused copies on CUDA) and the shapes they need."""
-
-    PER_LAYER = 8
 
     def __init__(self, model: Any, dtype: torch.dtype):
         model = _base(model)
@@ -175,23 +219,22 @@ class DecodeWeights:
         self.scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
         self.fused = model.model.embed_tokens.weight.is_cuda
         with torch.no_grad():
-            flat = [tuple(t.to(dtype) for t in item) if isinstance(item, tuple) else item.to(dtype)
-                    for item in _sources(model, self.fused)]
-        n = len(model.model.layers) * self.PER_LAYER
-        self.layers = [tuple(flat[i: i + self.PER_LAYER]) for i in range(0, n, self.PER_LAYER)]
-        self.embed, self.norm = flat[n], flat[n + 1]
-        self.lm_head = flat[n + 2] if len(flat) > n + 2 else self.embed  # tied: one copy serves both
+            items = [item.to(dtype) for item in _sources(model, self.fused)]
+        n = len(model.model.layers)
+        self.layers: list[LayerWeights] = items[:n]
+        self.embed, self.norm = items[n], items[n + 1]
+        self.lm_head = items[n + 2] if len(items) > n + 2 else self.embed  # tied: one copy serves both
 
     def tensors(self) -> list[torch.Tensor]:
         """Every weight the step reads, each once, in `_sources`' order."""
-        out = [t for layer in self.layers for item in layer for t in _pieces(item)] + [self.embed, self.norm]
+        out = [t for layer in self.layers for t in layer.tensors()] + [self.embed, self.norm]
         return out if self.lm_head is self.embed else out + [self.lm_head]
 
     @torch.no_grad()
     def load(self, model: Any) -> None:
         """Copy `model`'s current weights (adapters merged) into these tensors in place: the same
         addresses, so CUDA graphs captured on them stay valid, and no second set is ever held."""
-        sources = (t for item in _sources(_base(model), self.fused) for t in _pieces(item))
+        sources = (t for item in _sources(_base(model), self.fused) for t in _flat(item))
         for dst, src in zip(self.tensors(), sources, strict=True):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
@@ -219,13 +262,13 @@ class DecodeWeights:
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=token.device)
         bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # [B, 1, 1, width]
         h = self.embed[token]  # [B, hidden]
-        for i, (ln1, wqkv, bqkv, qk_norm, wo, ln2, wgu, wdown) in enumerate(self.layers):
-            qkv = _linear(_rms(h, ln1, self.eps), wqkv)
-            if bqkv.numel():  # Qwen2
-                qkv = qkv + bqkv
+        for i, layer in enumerate(self.layers):
+            qkv = _linear(_rms(h, layer.input_norm, self.eps), layer.qkv)
+            if layer.qkv_bias is not None:  # Qwen2
+                qkv = qkv + layer.qkv_bias
             qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
-            if qk_norm.numel():  # Qwen3
-                qk = _rms(qk, qk_norm, self.eps)
+            if layer.qk_norm is not None:  # Qwen3
+                qk = _rms(qk, layer.qk_norm, self.eps)
             qk = _rotate(qk, cos, sin)
             if per_row:
                 keys[i].view(-1, D).index_copy_(0, flat, qk[:, H:].reshape(B * KV, D))
@@ -237,9 +280,9 @@ class DecodeWeights:
             # one query per row: grouped heads as a [B, KV, H/KV, D] x [B, KV, D, width] product
             scores = (qk[:, :H].reshape(B, KV, H // KV, D) @ ks.transpose(-1, -2)) * self.head_dim**-0.5
             probs = torch.softmax(scores.float() + bias, dim=-1).to(vs.dtype)
-            h = h + _linear((probs @ vs).reshape(B, H * D), wo)
-            gate, up = _linear(_rms(h, ln2, self.eps), wgu).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, wdown)
+            h = h + _linear((probs @ vs).reshape(B, H * D), layer.o)
+            gate, up = _linear(_rms(h, layer.post_attention_norm, self.eps), layer.gate_up).chunk(2, dim=-1)
+            h = h + _linear(F.silu(gate) * up, layer.down)
         return _linear(_rms(h, self.norm, self.eps), self.lm_head)
 
 

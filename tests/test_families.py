@@ -85,3 +85,18 @@ def test_lora_is_merged_into_the_lean_step(family_model, tiny_tokenizer, prompts
     out = sample_batch(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
     assert out == sample_with_generate(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
     assert out != bare
+
+
+def test_every_family_in_the_table_is_tested_here(tiny_tokenizer):
+    """A family added to sampling.fast_decode.FAMILIES needs its case above (the tiny Qwen3 is the
+    rest of the suite's model), and `supports` holds a model to its table entry: a Qwen3 whose layers
+    lost their q/k norms is not the layer the step would run, so it takes the transformers forward."""
+    from sampling.fast_decode import FAMILIES as TABLE
+
+    models = {f: _init_model(family_config(f, tiny_tokenizer, vocab_size=len(tiny_tokenizer), **SMALL, **extra), 0)
+              for f, extra in FAMILIES.values()}
+    assert set(TABLE) == {type(m).__name__ for m in models.values()} | {"Qwen3ForCausalLM"}
+    qwen3 = _init_model(family_config("qwen3", tiny_tokenizer, vocab_size=len(tiny_tokenizer), **SMALL), 0)
+    assert supports(qwen3)
+    del qwen3.model.layers[0].self_attn.q_norm
+    assert not supports(qwen3)

@@ -356,13 +356,16 @@ def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prom
 
 
 def _tensor_bytes(obj) -> int:
-    """Bytes of the distinct storages among `obj`'s tensor attributes (and tensors in its lists/tuples)."""
+    """Bytes of the distinct storages among `obj`'s tensor attributes (and tensors in its lists, tuples and
+    dataclasses)."""
     seen = {}
     stack = list(vars(obj).values())
     while stack:
         x = stack.pop()
         if isinstance(x, torch.Tensor):
             seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif hasattr(x, "__dataclass_fields__"):  # a layer's named weights
+            stack.extend(vars(x).values())
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
     return sum(seen.values())
@@ -407,9 +410,9 @@ def test_cpu_decode_weights_in_the_models_dtype_are_the_models_own(tiny_model):
     assert not fast.fused
     params = {p.data_ptr() for p in tiny_model.parameters()}
     matrices = [fast.embed, fast.lm_head]
-    for _ln1, wqkv, _bqkv, _qk_norm, wo, _ln2, wgate_up, wdown in fast.layers:
-        assert len(wqkv) == 3 and len(wgate_up) == 2
-        matrices += [*wqkv, wo, *wgate_up, wdown]
+    for layer in fast.layers:
+        assert len(layer.qkv) == 3 and len(layer.gate_up) == 2
+        matrices += [*layer.qkv, layer.o, *layer.gate_up, layer.down]
     assert all(t.data_ptr() in params for t in matrices)
 
 
