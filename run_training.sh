@@ -57,7 +57,7 @@ if [ "$preset" = tiny ]; then
              --eval_dataset synthetic:times_more)
   EVAL_DATA=(--dataset synthetic:times_more)
   # Constant-LR SFT: a cosine-annealed one leaves a sharper, weaker model that GRPO barely moves.
-  SFT=(--model_name tiny --full_finetune --max_steps 400 --num_epochs 10 --batch_size 64 --learning_rate 1e-3
+  SFT=(--model_name tiny --finetune full --max_steps 400 --num_epochs 10 --batch_size 64 --learning_rate 1e-3
        --lr_decay constant --warmup_ratio 0 --eval_samples 300 --eval_max_new_tokens 48 --save_every 1000)
   # The baseline: the SFT model trained on for MORE_SFT_STEPS more steps (at least GRPO's wall time) on
   # every worked solution there is, at its own best learning rate from the same search as GRPO's
@@ -70,7 +70,7 @@ if [ "$preset" = tiny ]; then
         --eval_every 50 --eval_samples 300 --save_every 50)
   EVAL=(--max_new_tokens 48 --batch_size 128)
   if [ "$smoke" = 1 ]; then
-    SFT=(--model_name tiny --full_finetune --max_steps 3 --max_samples 64 --batch_size 16 --eval_samples 8
+    SFT=(--model_name tiny --finetune full --max_steps 3 --max_samples 64 --batch_size 16 --eval_samples 8
          --eval_max_new_tokens 16)
     MORE_SFT_STEPS=4
     GRPO=(--max_steps 2 --prompts_per_step 2 --num_generations 4 --max_completion_length 16 --beta 0.01

@@ -1,4 +1,5 @@
-"""The seed's interface: `python3 train.py --mode sft|grpo|both|eval` over train_sft.py, train_grpo.py and eval.
+"""Every stage from one command: `python3 train.py --mode sft|grpo|both|eval` over train_sft.py,
+train_grpo.py and eval.
 
     python3 train.py --mode both --model_name Qwen/Qwen3-0.6B --num_epochs 3 --batch_size 4
     python3 train.py --mode eval --grpo_output ./qwen_gsm8k_grpo
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                          *opt("--model_name", args.model_name if args.mode == "grpo" else None),
                          *opt("--num_epochs", args.num_epochs), *opt("--max_samples", args.max_samples),
                          *opt("--micro_batch_size", args.batch_size),
-                         *(["--lora", "--use_4bit"] if args.use_4bit else []), *(rest if args.mode == "grpo" else [])])
+                         *(["--finetune", "lora", "--use_4bit"] if args.use_4bit else []),
+                         *(rest if args.mode == "grpo" else [])])
     if args.mode == "eval":
         from eval.__main__ import main as eval_main
 

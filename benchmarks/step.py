@@ -36,7 +36,7 @@ class StepArgs(BenchArgs):
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1)
     lora: bool = flag(False, "LoRA instead of full fine-tuning")
     cuda_graphs: bool = flag(False, "rollouts replay the decode step from CUDA graphs")
-    floor: bool = flag(True, "skip the floor (a second, counted run of the steps)", name="--no_floor")
+    floor: bool = flag(True, "the floor study: a second, counted run of the steps", name="--no_floor")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ from typing import Any, NoReturn
 from common.errors import fail
 
 DEVICE = (r"cpu|cuda(:[0-9]+)?", "cpu, cuda or cuda:N")  # `text=` of every --device flag
+FINETUNE = ("full", "lora")  # `choices=` of both trainers' --finetune: every weight, or LoRA adapters
+FINETUNE_HELP = "what trains: full (every weight) or lora (adapters on a frozen base; with --use_4bit, QLoRA)"
 
 
 def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # noqa: A002
@@ -31,7 +33,8 @@ def flag(default: Any, help: str, *, low: float | None = None, high: float | Non
     """A dataclass field that is also a CLI flag. `low`/`high`: inclusive bounds; `above`: exclusive
     lower bound; `text`: (regular expression, its description in words) a text value must match;
     `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default turns the
-    field off); `cli=False`: a field with no flag (set by the code that calls the trainer); `required`:
+    field off; `help` says what the field does when on, and --help shows it as "turns off: <help>");
+    `cli=False`: a field with no flag (set by the code that calls the trainer); `required`:
     the CLI needs it (the field's default is then only the Python API's)."""
     meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli,
                 required=required, text=text)
@@ -81,7 +84,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         base, help_text = _base_type(hint), meta["help"]
         if base is bool:
             add(flag_name(f.name, meta), dest=f.name, action="store_false" if f.default else "store_true",
-                help=help_text)
+                help=f"turns off: {help_text}" if f.default else help_text)
             continue
         if typing.get_origin(base) is tuple:  # several values: `--reward a --reward b`, or `--weights 1 0.1`
             item = typing.get_args(base)[0]
@@ -104,6 +107,26 @@ def add_flag_of(parser: argparse.ArgumentParser, cls: type, field_name: str, hel
         parser.add_argument(flag_name(f.name, meta), dest=f.name, action="store_true", help=help or meta["help"])
     else:
         parser.add_argument(flag_name(f.name, meta), dest=f.name, type=base, default=None, help=help or meta["help"])
+
+
+class _Renamed(argparse.Action):
+    """An old flag that still works: it sets the new one and says so in one line."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, value: Any, **kw: Any):
+        super().__init__(option_strings, dest, nargs=0, help=argparse.SUPPRESS, **kw)
+        self.new, self.value = new, value
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"note: {option_string} is now {self.new} {self.value}", flush=True)
+        setattr(namespace, self.dest, self.value)
+
+
+def add_renamed_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`cls.RENAMED_FLAGS` ({"--old": ("field", value)}): old spellings kept working, hidden from --help."""
+    for old, (field_name, value) in getattr(cls, "RENAMED_FLAGS", {}).items():
+        f, meta, _ = next(x for x in _fields(cls) if x[0].name == field_name)
+        parser.add_argument(old, dest=field_name, action=_Renamed, new=flag_name(field_name, meta), value=value)
 
 
 def _parser_type(base: type) -> Any:
@@ -136,6 +159,7 @@ def parse_flags(cls: type, argv: list[str] | None, doc: str | None, prog: str | 
     fields of `cls` (they stay in the namespace)."""
     p = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, cls)
+    add_renamed_flags(p, cls)
     if extra:
         extra(p)
     args = p.parse_args(argv)

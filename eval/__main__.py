@@ -41,9 +41,9 @@ class EvalArgs(DataFlags):
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
     device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)", text=DEVICE)
     cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only)")
-    continuous: bool = flag(True, "decode in static batches of --batch_size prompts instead of continuous batching",
-                            name="--static_batches")
-    show_progress: bool = flag(True, "no progress bar", name="--no_progress")
+    continuous: bool = flag(True, "continuous batching: rows take the next prompt as soon as their completion ends "
+                                  "(off: static batches of --batch_size prompts)", name="--static_batches")
+    show_progress: bool = flag(True, "a progress bar on a terminal", name="--no_progress")
 
 
 FEWSHOT_SEED = 1234  # the few-shot examples are the same for every model and run

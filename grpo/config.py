@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from common.flags import DEVICE, flag
+from common.flags import DEVICE, FINETUNE, FINETUNE_HELP, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, SCALES
-from rewards.functions import OVERLONG_CACHE, REWARD_FORMATS
+from rewards.functions import BUILTIN_HELP, OVERLONG_CACHE, REWARD_FORMATS
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
                                             "memory", "run")
@@ -61,12 +62,11 @@ class GRPOConfig(TrainDataFlags):
     importance_sampling_level: str = flag("token", "token: one ratio per token (GRPO); sequence: one per completion, "
                                                    "the mean of its tokens' log-ratios (GSPO)", choices=IS_LEVELS,
                                           group=LOSS)
-    skip_zero_advantage: bool = flag(True, "run the forward/backward of rows whose advantage is 0 too (with --beta 0 "
-                                           "they carry exactly no gradient, so by default they are skipped)",
+    skip_zero_advantage: bool = flag(True, "skip the forward/backward of rows whose advantage is 0 (with --beta 0 "
+                                           "they carry exactly no gradient)",
                                      name="--no_skip_zero_advantage", group=LOSS)
-    reward: tuple[str, ...] = flag(("numeric",), "a reward: numeric (the exact answer), format ('#### N' and a "
-                                   "finished turn), overlong (DAPO's length penalty) or module:function (called as "
-                                   "TRL calls rewards); give it several times to sum several", group=LOSS)
+    reward: tuple[str, ...] = flag(("numeric",), f"a reward: {BUILTIN_HELP} or module:function (called as TRL "
+                                   "calls rewards); give it several times to sum several", group=LOSS)
     reward_weights: tuple[float, ...] | None = flag(None, "one weight per --reward, in order (default: 1 each)",
                                                     group=LOSS)
     reward_format: str = flag("text", "how rewards get prompts and completions: text, or messages (chat "
@@ -78,10 +78,11 @@ class GRPOConfig(TrainDataFlags):
     mask_truncated_completions: bool = flag(False, "completions cut at --max_completion_length leave the loss and "
                                                    "its normalizers (they keep their rewards in the group's "
                                                    "statistics; logged as masked_rows)", group=LOSS)
-    lora: bool = flag(False, "train LoRA adapters (reference = adapter disabled)", group=MEMORY)
+    finetune: str = flag("full", FINETUNE_HELP + "; with lora the reference is the model with its adapter off",
+                         choices=FINETUNE, group=MEMORY)
     lora_r: int = flag(16, "LoRA rank", low=1, group=MEMORY)
     lora_alpha: int = flag(32, "LoRA alpha", low=1, group=MEMORY)
-    use_4bit: bool = flag(False, "4-bit NF4 base (with --lora), e.g. Qwen3-4B on 24 GB", group=MEMORY)
+    use_4bit: bool = flag(False, "4-bit NF4 base (with --finetune lora), e.g. Qwen3-4B on 24 GB", group=MEMORY)
     gradient_checkpointing: bool = flag(False, "recompute activations in backward", group=MEMORY)
     seed: int = flag(42, "seed for prompt order and sampling", low=0, group=RUN)
     save_every: int = flag(50, "checkpoint every N steps (and at the end)", low=1, group=RUN)
@@ -94,4 +95,11 @@ class GRPOConfig(TrainDataFlags):
     resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint", group=RUN)
     overwrite: bool = flag(False, "replace whatever --grpo_output holds", group=RUN)
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN, text=DEVICE)
-    show_progress: bool = flag(True, "no progress bar (the log is still written)", name="--no_progress", group=RUN)
+    show_progress: bool = flag(True, "a progress bar on a terminal, a line every tenth of the run elsewhere (the log "
+                                     "is written either way)", name="--no_progress", group=RUN)
+
+    RENAMED_FLAGS: ClassVar[dict] = {"--lora": ("finetune", "lora")}
+
+    @property
+    def lora(self) -> bool:
+        return self.finetune == "lora"

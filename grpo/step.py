@@ -60,10 +60,10 @@ LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss")  # summed with the loss w
 def logprobs_no_grad(model: Any, batch: RolloutBatch, micro: int, temperature: float, autocast: Any) -> torch.Tensor:
     out = []
     for s in range(0, batch.input_ids.shape[0], micro):
-        rows = batch.take(slice(s, s + micro))
+        mb = batch.take(slice(s, s + micro))
         with autocast():
-            logp = completion_logprobs(model, rows, temperature)[0]
-        out.append(torch.nn.functional.pad(logp, (0, batch.completion_width - rows.completion_width)))
+            logp = completion_logprobs(model, mb, temperature)[0]
+        out.append(torch.nn.functional.pad(logp, (0, batch.completion_width - mb.completion_width)))
     return torch.cat(out)
 
 
@@ -164,26 +164,26 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
         with timer("backward"):
             for s in range(0, B, micro):
                 full_mask = batch.completion_mask[s: s + micro]
-                rows = trained_rows(s, min(s + micro, B), advantages, skip, drop)
-                if rows.numel() == 0:
+                trained = trained_rows(s, min(s + micro, B), advantages, skip, drop)
+                if trained.numel() == 0:
                     continue  # no row of it carries a gradient
-                mb = batch.take(rows)  # cut to its own widths: completion columns [:w] of the batch
-                full = sum(live_host[s: s + micro])  # rows in the loss; of them trained: all (DDP) or `rows`
-                kept = rows.numel() if drop is not None else full
+                mb = batch.take(trained)  # cut to its own widths: completion columns [:w] of the batch
+                full = sum(live_host[s: s + micro])  # rows in the loss; of them trained: all (DDP) or `trained`
+                kept = trained.numel() if drop is not None else full
                 # the loss type's weight makes the micro-batches add up to the step's loss (loss.py's table)
                 weight = loss_type.weight(kept, full, step_rows)
                 counts = Counts(tokens=max(full_mask.sum().item(), 1.0), max_length=cfg.max_completion_length,
                                 step_tokens=num_items)
                 w = mb.completion_width
                 metrics, entropy = micro_batch_backward(
-                    policy.train_model, mb, None if old is None else old[rows, :w],
-                    None if ref is None else ref[rows, :w], advantages[rows], cfg, counts, weight * W,
+                    policy.train_model, mb, None if old is None else old[trained, :w],
+                    None if ref is None else ref[trained, :w], advantages[trained], cfg, counts, weight * W,
                     sync=s + micro >= B, autocast=policy.autocast)
                 tokens = mb.completion_mask.sum().item()
                 for k, v in metrics.items():  # this rank's share; summed over ranks at log time
                     sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
                 entropy_sum, entropy_tokens = entropy_sum + entropy, entropy_tokens + tokens
-                backward_rows += rows.numel()
+                backward_rows += trained.numel()
         with timer("optimizer"):
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped

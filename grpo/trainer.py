@@ -42,7 +42,7 @@ __all__ = ["LOG_NAME", "GRPOConfig", "train_grpo"]
 def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     check(cfg)
     if cfg.use_4bit and not cfg.lora:
-        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --lora")
+        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")
     if cfg.prompts_per_step % dist.world_size:
         fail(f"--prompts_per_step {cfg.prompts_per_step} does not split across {dist.world_size} processes; "
              f"use a multiple of {dist.world_size} (a group of samples never spans processes)")

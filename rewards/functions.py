@@ -104,18 +104,20 @@ def _reads_answers(reward: RewardFn) -> Callable[[RewardSettings], RewardFn]:
     return lambda s: after_thinking_of(reward) if s.thinking else reward
 
 
-# name -> how the built-in reward is made from the run's settings; adding one is one entry here
-BUILTIN: dict[str, Callable[[RewardSettings], RewardFn]] = {
-    "numeric": _reads_answers(numeric),
-    "format": _reads_answers(format_reward),
-    "overlong": lambda s: soft_overlong_punishment(s.max_length, s.overlong_cache),
+# name -> (how the built-in reward is made from the run's settings, what it rewards: --reward's help).
+# Adding a built-in is one entry here; a reward of your own needs none (--reward module:function).
+BUILTIN: dict[str, tuple[Callable[[RewardSettings], RewardFn], str]] = {
+    "numeric": (_reads_answers(numeric), "the exact answer"),
+    "format": (_reads_answers(format_reward), "'#### N' and a finished turn"),
+    "overlong": (lambda s: soft_overlong_punishment(s.max_length, s.overlong_cache), "DAPO's length penalty"),
 }
+BUILTIN_HELP = ", ".join(f"{name} ({words})" for name, (_, words) in BUILTIN.items())
 
 
 def resolve(spec: str, settings: RewardSettings = RewardSettings()) -> tuple[str, RewardFn]:
     """(name, function) for a built-in name (made from `settings`) or `module:function`."""
     if spec in BUILTIN:
-        return spec, BUILTIN[spec](settings)
+        return spec, BUILTIN[spec][0](settings)
     if ":" not in spec:
         fail(f"--reward {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not module:function")
     module_name, fn_name = spec.split(":", 1)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from common.flags import DEVICE, flag
+from common.flags import DEVICE, FINETUNE, FINETUNE_HELP, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 
@@ -23,7 +24,7 @@ class SFTConfig(TrainDataFlags):
     warmup_ratio: float = flag(0.03, "share of steps with linear LR warmup", low=0, high=1)
     weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
     max_grad_norm: float = flag(1.0, "clip the gradient norm to this", above=0)
-    full_finetune: bool = flag(False, "train all weights instead of LoRA adapters")
+    finetune: str = flag("lora", FINETUNE_HELP, choices=FINETUNE)
     lora_r: int = flag(16, "LoRA rank", low=1)
     lora_alpha: int = flag(32, "LoRA scaling alpha", low=1)
     lora_dropout: float = flag(0.05, "dropout on the LoRA input", low=0, high=0.99)
@@ -40,4 +41,11 @@ class SFTConfig(TrainDataFlags):
     resume: bool = flag(False, "continue the run in --sft_output from its last checkpoint")
     overwrite: bool = flag(False, "replace whatever --sft_output holds")
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", text=DEVICE)
-    show_progress: bool = flag(True, "no progress bars (logs still written)", name="--no_progress")
+    show_progress: bool = flag(True, "a progress bar on a terminal, a line every tenth of the run elsewhere (the log "
+                                     "is written either way)", name="--no_progress")
+
+    RENAMED_FLAGS: ClassVar[dict] = {"--full_finetune": ("finetune", "full")}
+
+    @property
+    def lora(self) -> bool:
+        return self.finetune == "lora"

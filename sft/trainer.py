@@ -40,12 +40,12 @@ def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[li
 
 
 def _model(cfg: SFTConfig, device: str) -> tuple[Any, Any]:
-    """The model to train (LoRA adapters, or every weight with --full_finetune) and its tokenizer."""
+    """The model to train (LoRA adapters, or every weight with --finetune full) and its tokenizer."""
     from models import load_model_and_tokenizer
     from models.lora import add_lora
 
     model, tokenizer = load_model_and_tokenizer(cfg.model_name, device=device, load_in_4bit=cfg.use_4bit)
-    if not cfg.full_finetune:
+    if cfg.lora:
         return add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.gradient_checkpointing), tokenizer
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -87,8 +87,8 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     from sft.batching import collate, encode_records
 
     check(cfg)
-    if cfg.full_finetune and cfg.use_4bit:
-        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; drop --full_finetune or --use_4bit")
+    if not cfg.lora and cfg.use_4bit:
+        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; use --finetune lora or drop --use_4bit")
     dist, device = current(), cfg.device or default_device()
     check_4bit(cfg.use_4bit, dist, device)
     fmt = resolve_format(cfg, cfg.model_name)  # before any model loads: a bad flag is one line
@@ -117,7 +117,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), cfg.lr_decay)
-    step = run.start(model, optimizer, scheduler, not cfg.full_finetune, device, total_steps)
+    step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 
     def evaluate() -> dict[str, Any]:
         return run.evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size, prompt_format=fmt,
@@ -158,13 +158,13 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
         run.write(record)
         bar.update(step, loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}",
                    **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))
-        run.checkpoint(step, total_steps, model, optimizer, scheduler, not cfg.full_finetune)
+        run.checkpoint(step, total_steps, model, optimizer, scheduler, cfg.lora)
     bar.close()
     summary = summary or evaluate()  # resumed at the end: nothing trained, still report
-    run.save_final(model, tokenizer, lora=not cfg.full_finetune, base_model=cfg.model_name,
+    run.save_final(model, tokenizer, lora=cfg.lora, base_model=cfg.model_name,
                    dtype=default_dtype(device), prompt_format=fmt, message=(
                        f"after SFT: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}, "
                        f"truncation rate {summary['truncation_rate']:.3f} on {len(eval_records)} held-out problems\n"
                        f"saved: model + tokenizer in {run.out}"
-                       + ("" if cfg.full_finetune else f", LoRA adapter in {run.out / 'adapter'}")))
+                       + ("" if not cfg.lora else f", LoRA adapter in {run.out / 'adapter'}")))
     return summary

@@ -66,7 +66,7 @@ def sft_tiny(tmp_path_factory):
     from sft.trainer import SFTConfig, train_sft
 
     out = tmp_path_factory.mktemp("sft_tiny")
-    cfg = SFTConfig(model_name="tiny", dataset=SEEN_KINDS, sft_output=str(out), full_finetune=True, max_steps=400,
+    cfg = SFTConfig(model_name="tiny", dataset=SEEN_KINDS, sft_output=str(out), finetune="full", max_steps=400,
                     num_epochs=10, batch_size=64, learning_rate=1e-3, lr_decay="constant", warmup_ratio=0.0,
                     eval_every=10_000, eval_samples=100, eval_max_new_tokens=48, save_every=10_000, device="cpu",
                     show_progress=False, seed=0)

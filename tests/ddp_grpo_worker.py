@@ -17,8 +17,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CASES = {f"{loss}_{'lora' if lora else 'full'}": dict(loss_type=loss, lora=lora)
-         for loss in ("dapo", "grpo") for lora in (False, True)}
+CASES = {f"{loss}_{finetune}": dict(loss_type=loss, finetune=finetune)
+         for loss in ("dapo", "grpo") for finetune in ("full", "lora")}
 G = 2
 
 
@@ -36,7 +36,7 @@ def fixed_completions(tokenizer, prompts: list[list[int]], answers: list[str]) -
     return out
 
 
-def run_case(out_dir: Path, loss_type: str, lora: bool) -> None:
+def run_case(out_dir: Path, loss_type: str, finetune: str) -> None:
     from grpo.trainer import GRPOConfig, train_grpo
     from models import load_tokenizer
 
@@ -47,7 +47,7 @@ def run_case(out_dir: Path, loss_type: str, lora: bool) -> None:
 
     cfg = GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out_dir), max_steps=1,
                      prompts_per_step=4, num_generations=G, micro_batch_size=2, max_completion_length=32,
-                     learning_rate=1e-3, beta=0.04, loss_type=loss_type, lora=lora, lora_r=4, lora_alpha=8,
+                     learning_rate=1e-3, beta=0.04, loss_type=loss_type, finetune=finetune, lora_r=4, lora_alpha=8,
                      temperature=1.0, save_every=10**9, device="cpu", show_progress=False, overwrite=True, seed=3)
     train_grpo(cfg, rollout_hook=hook)
 

@@ -81,3 +81,32 @@ def test_a_training_cli_stops_on_a_value_out_of_range_before_writing(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr == "error: --prompts_per_step must be >= 1 (got 0)\n"
     assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
+
+
+def test_one_finetuning_switch_for_both_trainers_and_the_old_flags_still_work(capsys):
+    """--finetune full|lora on SFT and GRPO alike (their defaults differ: SFT lora, GRPO full); SFT's old
+    --full_finetune and GRPO's old --lora still parse, each with a one-line note."""
+    from common.flags import parse_flags
+
+    for cls, default in ((SFTConfig, "lora"), (GRPOConfig, "full")):
+        assert parse_flags(cls, [], None)[0].finetune == default
+        for choice in ("full", "lora"):
+            cfg = parse_flags(cls, ["--finetune", choice], None)[0]
+            assert cfg.finetune == choice and cfg.lora == (choice == "lora")
+    with pytest.raises(UserError, match=r"^--finetune must be one of full, lora \(got qlora\)$"):
+        parse_flags(SFTConfig, ["--finetune", "qlora"], None)
+    capsys.readouterr()
+    assert parse_flags(SFTConfig, ["--full_finetune"], None)[0].finetune == "full"
+    assert parse_flags(GRPOConfig, ["--lora"], None)[0].finetune == "lora"
+    assert capsys.readouterr().out.splitlines() == ["note: --full_finetune is now --finetune full",
+                                                    "note: --lora is now --finetune lora"]
+
+
+def test_a_flag_that_turns_a_field_off_says_so_in_help():
+    """A True field spelled --no_X: its help says what the field does, --help what the flag turns off."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser, GRPOConfig)
+    shown = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    assert shown["--no_skip_zero_advantage"].startswith("turns off: skip the forward/backward of rows whose")
+    assert shown["--no_progress"].startswith("turns off: a progress bar")
+    assert "--lora" not in shown  # the old spelling is accepted, not advertised

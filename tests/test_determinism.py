@@ -16,7 +16,7 @@ from common.run_files import is_measured
 from tests.conftest import ROOT
 
 SFT = ["train_sft.py", "--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "8", "--batch_size", "16",
-       "--full_finetune", "--learning_rate", "1e-3", "--eval_samples", "16", "--eval_max_new_tokens", "24",
+       "--finetune", "full", "--learning_rate", "1e-3", "--eval_samples", "16", "--eval_max_new_tokens", "24",
        "--no_progress", "--device", "cpu"]
 GRPO = ["train_grpo.py", "--dataset", "synthetic", "--max_steps", "2", "--prompts_per_step", "4",
         "--num_generations", "4", "--micro_batch_size", "8", "--max_completion_length", "24", "--beta", "0.04",

@@ -58,8 +58,8 @@ def test_two_ranks_make_the_single_process_update(tmp_path):
     start = weights_of_tiny()
     for name, case in CASES.items():
         run_case(tmp_path / "single" / name, **case)
-        single = weights(tmp_path / "single" / name, case["lora"])
-        ddp = weights(tmp_path / "ddp" / name, case["lora"])
+        single = weights(tmp_path / "single" / name, case["finetune"] == "lora")
+        ddp = weights(tmp_path / "ddp" / name, case["finetune"] == "lora")
         assert single.keys() == ddp.keys()
         diffs = torch.cat([(single[k].float() - ddp[k].float()).abs().flatten() for k in single])
         print(f"{name}: largest weight difference 1 vs 2 ranks {diffs.max().item():.2e}, "
@@ -68,7 +68,7 @@ def test_two_ranks_make_the_single_process_update(tmp_path):
         # summation order shows, so a handful of weights differ by up to a few % of lr (1e-3); all others agree.
         assert diffs.max().item() < 1e-4, name
         assert (diffs > 1e-6).float().mean().item() < 1e-4, name
-        if case["lora"]:  # lora_B starts at zero: the step moved it
+        if case["finetune"] == "lora":  # lora_B starts at zero: the step moved it
             moved = max(single[k].abs().max().item() for k in single if "lora_B" in k)
         else:
             moved = max((single[k].float() - start[k].float()).abs().max().item() for k in single)
@@ -148,7 +148,7 @@ def test_prompts_per_step_must_split_across_ranks(tmp_path):
     with pytest.raises(UserError, match="multiple of 2"):
         _validate(GRPOConfig(prompts_per_step=3), Dist(0, 2, 0), "cpu")
     with pytest.raises(UserError, match="needs CUDA"):
-        _validate(GRPOConfig(lora=True, use_4bit=True), Dist(0, 2, 0), "cpu")
+        _validate(GRPOConfig(finetune="lora", use_4bit=True), Dist(0, 2, 0), "cpu")
     _validate(GRPOConfig(prompts_per_step=4), Dist(0, 2, 0), "cpu")
 
 

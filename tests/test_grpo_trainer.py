@@ -142,7 +142,7 @@ def test_lora_reference_is_the_base_model(tiny_tokenizer):
 
 def test_lora_run_saves_merged_model(tmp_path):
     out = tmp_path / "lora"
-    train_grpo(quick(out, lora=True, beta=0.04, max_steps=2))
+    train_grpo(quick(out, finetune="lora", beta=0.04, max_steps=2))
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "config.json").is_file()
     assert len(read_log(out)) == 2
 
@@ -153,7 +153,7 @@ def test_qlora_steps_are_the_same_with_or_without_evals(tmp_path, tiny_tokenizer
     logs = []
     for every in (0, 1):
         out = tmp_path / f"qlora{every}"
-        train_grpo(quick(out, lora=True, use_4bit=True, max_steps=3, eval_every=every, eval_samples=2,
+        train_grpo(quick(out, finetune="lora", use_4bit=True, max_steps=3, eval_every=every, eval_samples=2,
                          eval_max_new_tokens=4, beta=0.0, learning_rate=0.05),
                    rollout_hook=_fixed_rollouts(tiny_tokenizer))
         logs.append(read_log(out))
@@ -227,7 +227,7 @@ def test_warns_once_when_completions_are_cut(tmp_path, capsys):
 
 
 def test_config_errors_are_one_line(tmp_path):
-    with pytest.raises(UserError, match="add --lora"):
+    with pytest.raises(UserError, match="add --finetune lora"):
         train_grpo(quick(tmp_path / "a", use_4bit=True))
     with pytest.raises(UserError, match="run train_sft.py first"):
         train_grpo(quick(tmp_path / "b", model_name=None, sft_output=str(tmp_path / "missing")))
@@ -247,7 +247,7 @@ def test_help_explains_flags():
     for flag in ("--sft_output", "--grpo_output", "--model_name", "--data_dir", "--dataset", "--max_samples",
                  "--max_steps", "--num_epochs", "--temperature", "--top_p", "--max_completion_length", "--beta",
                  "--epsilon", "--num_generations", "--learning_rate", "--loss_type", "--scale_rewards", "--seed",
-                 "--save_every", "--eval_every", "--resume", "--num_iterations", "--lora", "--use_4bit",
+                 "--save_every", "--eval_every", "--resume", "--num_iterations", "--finetune", "--use_4bit",
                  "--cuda_graphs"):
         assert flag in result.stdout, flag
 

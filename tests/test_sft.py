@@ -133,9 +133,9 @@ def test_a_run_that_stopped_before_any_output_does_not_block_the_next(tmp_path):
         train_sft(quick_config(out, max_steps=1))
 
 
-@pytest.mark.parametrize("full_finetune", [False, True])
-def test_resume_matches_uninterrupted(tmp_path, monkeypatch, full_finetune):
-    common = dict(max_steps=6, save_every=3, lora_dropout=0.1, full_finetune=full_finetune)
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch, finetune):
+    common = dict(max_steps=6, save_every=3, lora_dropout=0.1, finetune=finetune)
     train_sft(quick_config(tmp_path / "straight", **common))
 
     import common.run_files as runs
