@@ -11,13 +11,14 @@ from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, SCALES
 from rewards.functions import BUILTIN_HELP, OVERLONG_CACHE, REWARD_FORMATS
+from training.flags import WatchFlags
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
                                             "memory", "run")
 
 
 @dataclass
-class GRPOConfig(TrainDataFlags):
+class GRPOConfig(WatchFlags, TrainDataFlags):
     sft_output: str = flag("./qwen_gsm8k_sft", "SFT model folder to start from", group=DATA)
     model_name: str | None = flag(None, "start from this instead: hub id, folder, or `tiny`", group=DATA)
     grpo_output: str = flag("./qwen_gsm8k_grpo", "output folder: model, checkpoint, logs", group=DATA)
@@ -75,6 +76,10 @@ class GRPOConfig(TrainDataFlags):
     overlong_cache: int = flag(OVERLONG_CACHE, "the `overlong` reward's soft interval: completions longer than "
                                                "--max_completion_length minus this lose up to 1 (DAPO)", low=0,
                                group=LOSS)
+    log_completions: str = flag("0", "append every completion of this many groups a step (or all) to "
+                                     "completions.jsonl and the trackers: question, answer, completion, rewards, "
+                                     "advantage, whether it trained", text=(r"all|[0-9]+", "a number of groups or all"),
+                                group=RUN)
     mask_truncated_completions: bool = flag(False, "completions cut at --max_completion_length leave the loss and "
                                                    "its normalizers (they keep their rewards in the group's "
                                                    "statistics; logged as masked_rows)", group=LOSS)

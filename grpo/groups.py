@@ -67,29 +67,31 @@ def score_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]],
 
 @dataclass
 class Groups:
-    """This rank's sampled groups: per prompt its record and tokens; per completion its tokens, whether
-    it was cut, its reward functions' scores."""
+    """This rank's sampled groups: per prompt its record, tokens and which rollout of the step it came
+    from (0; 1, 2... for --dynamic_sampling's further ones); per completion its tokens, whether it was
+    cut, its reward functions' scores."""
 
     records: list[dict[str, Any]]
     prompts: list[list[int]]
     completions: list[list[int]]
     truncated: list[bool]
     scores: torch.Tensor  # [rows, reward functions]
+    rollout: list[int]
 
     def take(self, groups: list[int], G: int) -> Groups:
         rows = [g * G + k for g in groups for k in range(G)]
         return Groups([self.records[g] for g in groups], [self.prompts[g] for g in groups],
                       [self.completions[r] for r in rows], [self.truncated[r] for r in rows],
-                      self.scores[rows])
+                      self.scores[rows], [self.rollout[g] for g in groups])
 
     def __add__(self, other: Groups) -> Groups:
         return Groups(self.records + other.records, self.prompts + other.prompts,
                       self.completions + other.completions, self.truncated + other.truncated,
-                      torch.cat([self.scores, other.scores]))
+                      torch.cat([self.scores, other.scores]), self.rollout + other.rollout)
 
 
 def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], state: TrainerState,
-                   rollout_hook: Any, timer: Timer) -> Groups:
+                  rollout_hook: Any, timer: Timer, rollout: int = 0) -> Groups:
     """1 and 2 of the box for `records`: G completions per prompt, and their rewards."""
     prompts = [encode_prompt(policy.tokenizer, r["question"], fmt=policy.prompt) for r in records]
     with timer("generation"):
@@ -97,7 +99,7 @@ def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]]
                                                       state.global_step, rollout_hook)
     with timer("reward"):
         scores = score_groups(policy, cfg, records, prompts, completions, truncated, state)
-    return Groups(list(records), prompts, completions, truncated, scores)
+    return Groups(list(records), prompts, completions, truncated, scores, [rollout] * len(records))
 
 
 def has_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
@@ -128,7 +130,7 @@ def dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[di
         if dist.all_reduce(torch.tensor(float(min(signal, share)), device=policy.device), "min").item() >= share:
             break  # every rank has enough: ranks leave the loop together, their collectives stay in step
         extra += 1
-        groups = groups + sample_groups(policy, cfg, draw_more(extra), state, rollout_hook, timer)
+        groups = groups + sample_groups(policy, cfg, draw_more(extra), state, rollout_hook, timer, rollout=extra)
     sampled = len(groups.records)
     return groups.take(with_signal_first(policy.reward_sum(groups.scores), G, share), G), extra, sampled
 
@@ -137,3 +139,27 @@ def thinking_spans(policy: Policy, completions: list[list[int]]) -> list[tuple[i
     """Each completion's (thinking tokens, whether its think block closed), when thinking is on."""
     close_id = think_close_id(policy.tokenizer) if policy.prompt.thinking else None
     return None if close_id is None else [thinking_span(c, close_id) for c in completions]
+
+
+def completion_rows(policy: Policy, groups: Groups, step: int, rewards: torch.Tensor, advantages: torch.Tensor,
+                    trained: list[bool], n_groups: int | None) -> list[dict[str, Any]]:
+    """completions.jsonl's lines for this rank's first `n_groups` groups (None: all): each completion
+    with its question, gold answer, tokens, every reward and their weighted sum (`rewards`, this rank's
+    rows), its advantage, whether it went through the backward, and which rollout it came from."""
+    G, tok = len(groups.completions) // max(len(groups.records), 1), policy.tokenizer
+    n = len(groups.completions) if n_groups is None else min(len(groups.completions), n_groups * G)
+    texts = tok.batch_decode(groups.completions[:n], skip_special_tokens=True)
+    names = [name for name, _, _ in policy.rewards]
+    rows = []
+    for i in range(n):
+        record = groups.records[i // G]
+        rows.append({"step": step, "question": record["question"], "answer": record["answer"],
+                     "completion": texts[i], "tokens": len(groups.completions[i]), "truncated": groups.truncated[i],
+                     **{f"reward_{name}": _number(groups.scores[i, j]) for j, name in enumerate(names)},
+                     "reward": float(rewards[i]), "advantage": float(advantages[i]), "trained": trained[i],
+                     "rollout": groups.rollout[i // G]})
+    return rows
+
+
+def _number(x: torch.Tensor) -> float | None:
+    return None if x.isnan() else float(x)

@@ -38,6 +38,7 @@ class StepStats:
     prompts_sampled: int = 0  # this rank's prompts rolled out, the extra ones included
     masked_rows: int = 0  # this rank's rows out of the loss (--mask_truncated_completions)
     thinking: list[tuple[int, bool]] | None = None  # per completion (thinking tokens, closed) when thinking is on
+    completions_log: list[dict[str, Any]] | None = None  # completions.jsonl's lines of this rank (--log_completions)
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:

@@ -47,7 +47,7 @@ from common.distributed import Dist, no_sync_unless
 from common.timing import Timer
 from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
-from grpo.groups import dynamic_groups, thinking_spans
+from grpo.groups import completion_rows, dynamic_groups, thinking_spans
 from grpo.loss import LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
 from grpo.policy import Policy
 from grpo.record import StepStats
@@ -160,6 +160,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
     drop = live if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
     loss_type = LOSS_TYPES_TABLE[cfg.loss_type]
+    went_through = torch.zeros(B, dtype=torch.bool)  # the rows of any update's backward (completions.jsonl)
     for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched
         with timer("backward"):
             for s in range(0, B, micro):
@@ -184,12 +185,18 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                     sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
                 entropy_sum, entropy_tokens = entropy_sum + entropy, entropy_tokens + tokens
                 backward_rows += trained.numel()
+                went_through[trained.cpu()] = True
         with timer("optimizer"):
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped
+    logged = None
+    if cfg.log_completions != "0":
+        mine = slice(dist.rank * B, (dist.rank + 1) * B)
+        logged = completion_rows(policy, groups, step + 1, rewards[mine], all_advantages[mine], went_through.tolist(),
+                                 None if cfg.log_completions == "all" else int(cfg.log_completions))
     return StepStats(sums=sums, entropy_sum=entropy_sum, entropy_tokens=entropy_tokens, backward_rows=backward_rows,
                      num_items=num_items, rewards=rewards, reward_parts=parts, advantages=all_advantages,
                      lengths=[len(c) for c in completions], truncated=groups.truncated, grad_norm=grad_norm,
                      skipped=skipped, learning_rate=lr, times=timer.totals, extra_rollouts=extra,
                      prompts_sampled=sampled, masked_rows=B - sum(live_host),
-                     thinking=thinking_spans(policy, completions))
+                     thinking=thinking_spans(policy, completions), completions_log=logged)

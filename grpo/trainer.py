@@ -31,6 +31,7 @@ from grpo.step import grpo_step
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
 from training.run import Run
+from training.trackers import check as check_trackers
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning
@@ -41,6 +42,7 @@ __all__ = ["LOG_NAME", "GRPOConfig", "train_grpo"]
 
 def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     check(cfg)
+    check_trackers(cfg.report_to)
     if cfg.use_4bit and not cfg.lora:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")
     if cfg.prompts_per_step % dist.world_size:
@@ -174,16 +176,16 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         seed_everything(cfg.seed + dist.rank)  # each rank samples its own completions
     step = run.start(policy.model, policy.optimizer, policy.scheduler, cfg.lora, device, total_steps)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(at: int | None = None) -> dict[str, float]:
         with policy.autocast():
-            return eval_fields(run.evaluate(policy.model, policy.tokenizer, eval_records,
+            return eval_fields(run.evaluate(policy.model, policy.tokenizer, eval_records, step=at,
                                             batch_size=cfg.eval_batch_size, cuda_graphs=cfg.cuda_graphs,
                                             max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
                                             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length))
 
     if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
         run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
-                   "world_size": dist.world_size, **evaluate()})
+                   "world_size": dist.world_size, **evaluate(0)})
     bad_signal_steps, warned, nonfinite_in_row, record = 0, False, 0, {}
     bar = run.progress("grpo", total_steps, step)
     while step < total_steps:
@@ -200,8 +202,12 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
                   "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start),
                   "prompts_skipped": skipped}
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
-            record.update(evaluate())
+            record.update(evaluate(step))
         run.write(record)
+        if stats.completions_log is not None:  # every rank's rows, once, in rank order
+            rows = [r for rank_rows in dist.gather_objects(stats.completions_log) for r in rank_rows]
+            n = None if cfg.log_completions == "all" else int(cfg.log_completions) * cfg.num_generations
+            run.write_completions(rows[:n], step)
         bar.update(step, reward=f"{record['reward_mean']:.3f}", zero_signal=f"{record['frac_reward_zero_std']:.2f}",
                    s_step=f"{record['time_per_step_s']:.2f}",
                    **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))

@@ -8,10 +8,11 @@ from typing import ClassVar
 from common.flags import DEVICE, FINETUNE, FINETUNE_HELP, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
+from training.flags import WatchFlags
 
 
 @dataclass
-class SFTConfig(TrainDataFlags):
+class SFTConfig(WatchFlags, TrainDataFlags):
     model_name: str = flag("Qwen/Qwen3-0.6B", "hub id, local folder, or `tiny` (built-in, offline)")
     sft_output: str = flag("./qwen_gsm8k_sft", "output folder: merged model + tokenizer, adapter/, logs")
     max_samples: int | None = flag(None, "use only the first N training examples", low=1)

@@ -27,6 +27,7 @@ from common.flags import check
 from common.run_files import now_iso, seed_everything
 from sft.config import SFTConfig
 from training.run import Run
+from training.trackers import check as check_trackers
 
 LOG_NAME = "sft_training_logs.jsonl"
 
@@ -87,6 +88,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     from sft.batching import collate, encode_records
 
     check(cfg)
+    check_trackers(cfg.report_to)
     if not cfg.lora and cfg.use_4bit:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; use --finetune lora or drop --use_4bit")
     dist, device = current(), cfg.device or default_device()
@@ -119,12 +121,12 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     scheduler = make_scheduler(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), cfg.lr_decay)
     step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 
-    def evaluate() -> dict[str, Any]:
-        return run.evaluate(model, tokenizer, eval_records, batch_size=cfg.eval_batch_size, prompt_format=fmt,
-                            max_new_tokens=cfg.eval_max_new_tokens)
+    def evaluate(at: int | None = None) -> dict[str, Any]:
+        return run.evaluate(model, tokenizer, eval_records, step=at, batch_size=cfg.eval_batch_size,
+                            prompt_format=fmt, max_new_tokens=cfg.eval_max_new_tokens)
 
     if step == 0 and cfg.eval_every > 0:
-        before = evaluate()
+        before = evaluate(0)
         run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, **eval_fields(before)})
         if dist.is_main:
             print(f"before SFT: accuracy {before['accuracy']:.3f}, format rate {before['format_rate']:.3f}")
@@ -153,7 +155,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
                   "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
                   "tokens_per_s": tokens / dt, "time_per_step_s": dt, "examples_skipped": too_long}
         if step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            summary = evaluate()
+            summary = evaluate(step)
             record.update(eval_fields(summary))
         run.write(record)
         bar.update(step, loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}",

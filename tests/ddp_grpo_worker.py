@@ -48,7 +48,8 @@ def run_case(out_dir: Path, loss_type: str, finetune: str) -> None:
     cfg = GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out_dir), max_steps=1,
                      prompts_per_step=4, num_generations=G, micro_batch_size=2, max_completion_length=32,
                      learning_rate=1e-3, beta=0.04, loss_type=loss_type, finetune=finetune, lora_r=4, lora_alpha=8,
-                     temperature=1.0, save_every=10**9, device="cpu", show_progress=False, overwrite=True, seed=3)
+                     temperature=1.0, save_every=10**9, device="cpu", show_progress=False, overwrite=True, seed=3,
+                     log_completions="all")
     train_grpo(cfg, rollout_hook=hook)
 
 

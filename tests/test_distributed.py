@@ -52,7 +52,7 @@ def test_two_ranks_make_the_single_process_update(tmp_path):
     """2 ranks x 2 prompts == 1 rank x 4 prompts on the same completions: dapo and grpo, full and LoRA."""
     import torch
 
-    from tests.ddp_grpo_worker import CASES, run_case
+    from tests.ddp_grpo_worker import CASES, G, run_case
 
     torchrun("tests/ddp_grpo_worker.py", str(tmp_path / "ddp"))
     start = weights_of_tiny()
@@ -78,6 +78,12 @@ def test_two_ranks_make_the_single_process_update(tmp_path):
         assert len(log) == 1 and log[0]["world_size"] == 2
         for key in ("reward_mean", "reward_std", "adv_std", "tokens_generated", "grpo_loss", "kl", "entropy"):
             assert log[0][key] == pytest.approx(one[0][key], rel=1e-4, abs=1e-6), key
+        # completions.jsonl: both ranks' completions, each once, as the single process writes them
+        rows, single_rows = ([json.loads(x) for x in (tmp_path / d / name / "completions.jsonl").read_text()
+                              .splitlines()] for d in ("ddp", "single"))
+        assert len(rows) == 4 * G and [(r["question"], r["completion"], r["trained"]) for r in rows] == \
+            [(r["question"], r["completion"], r["trained"]) for r in single_rows]
+        assert [r["advantage"] for r in rows] == pytest.approx([r["advantage"] for r in single_rows], abs=1e-6)
         torch.testing.assert_close(log[0]["grad_norm"], one[0]["grad_norm"], rtol=1e-4, atol=1e-6)
 
 

@@ -1,6 +1,7 @@
 """What SFT and GRPO both do around their loop, in one place: the output folder and its
-run_config.json, resuming, the JSONL log, held-out evals, checkpoints with every rank's RNG state, and
-the final save (LoRA adapter, merged model + tokenizer in HF format). Rank 0 alone writes."""
+run_config.json, resuming, the JSONL log and the trackers it feeds (`--report_to`), the completions log,
+held-out evals (each one's predictions kept), checkpoints with every rank's RNG state, and the final
+save (LoRA adapter, merged model + tokenizer in HF format). Rank 0 alone writes."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from common.run_files import (
     save_checkpoint,
     write_json,
 )
+from training.trackers import Trackers
 
 
 class Progress:
@@ -47,19 +49,25 @@ class Progress:
         self.bar.close()
 
 
+COMPLETIONS = "completions.jsonl"
+
+
 class Run:
-    """One training run's folder. `cfg` needs `resume`, `overwrite`, `save_every`, `show_progress`."""
+    """One training run's folder. `cfg` needs `resume`, `overwrite`, `save_every`, `show_progress` and
+    the watch flags (training/flags.py)."""
 
     def __init__(self, cfg: Any, dist: Dist, *, out: str, flag: str, stage: str, log_name: str,
                  **config_extra: Any):
         self.cfg, self.dist, self.out, self.log_name = cfg, dist, Path(out), log_name
         self.log: JsonlLog | None = None
+        self.completions: JsonlLog | None = None
+        self.trackers: Trackers | None = None
+        self.config = {"stage": stage, **config_extra, **dataclasses.asdict(cfg), "world_size": dist.world_size}
 
         def prepare() -> None:
             prepare_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite, flag=flag)
             if not cfg.resume:
-                write_json(self.out / RUN_CONFIG, {"stage": stage, **config_extra, **dataclasses.asdict(cfg),
-                                                   "world_size": dist.world_size})
+                write_json(self.out / RUN_CONFIG, self.config)
 
         dist.on_main(prepare)
 
@@ -72,23 +80,47 @@ class Run:
             if self.dist.is_main:
                 print(f"resuming {self.out} at step {step}/{total_steps}")
         if self.dist.is_main:
-            self.log = JsonlLog(self.out / self.log_name, resume_step=step if self.cfg.resume else None)
+            resumed = step if self.cfg.resume else None
+            self.log = JsonlLog(self.out / self.log_name, resume_step=resumed)
+            if self.cfg.resume and (self.out / COMPLETIONS).exists():
+                self.completions = JsonlLog(self.out / COMPLETIONS, resume_step=step)  # cut back like the log
+            self.trackers = Trackers(self.cfg.report_to, Path(self.cfg.logging_dir or self.out / "tracker"),
+                                     self.cfg.run_name or self.out.resolve().name, self.config, resumed, self.out)
         return step
 
     def write(self, record: dict[str, Any]) -> None:
+        """One line of the JSONL log, and its numbers to the trackers."""
         if self.log:
             self.log.write(record)
+        if self.trackers:
+            self.trackers.log(record)
+
+    def write_completions(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Lines of completions.jsonl (rank 0 passes every rank's), and the same rows to the trackers."""
+        if not self.dist.is_main or not rows:
+            return
+        if self.completions is None:
+            self.completions = JsonlLog(self.out / COMPLETIONS)
+        for row in rows:
+            self.completions.write(row)
+        if self.trackers:
+            columns = list(rows[0])
+            self.trackers.table("completions", columns, [[r.get(c) for c in columns] for r in rows], step)
 
     def progress(self, desc: str, total: int, initial: int) -> Progress:
         return Progress(desc, total, initial, self.cfg.show_progress and self.dist.is_main)
 
-    def evaluate(self, model: Any, tokenizer: Any, records: list[Any], **kwargs: Any) -> dict[str, Any]:
-        """Held-out eval (every rank takes its share), written to <out>/eval; the model is left in train mode."""
+    def evaluate(self, model: Any, tokenizer: Any, records: list[Any], step: int | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
+        """Held-out eval (every rank takes its share), written to <out>/eval and, for an eval during training
+        (`step`), also kept in <out>/eval/step_<step>; the model is left in train mode."""
         from eval.evaluate import evaluate, write_results
 
         summary, predictions = evaluate(model, tokenizer, records, show_progress=self.cfg.show_progress, **kwargs)
         if self.dist.is_main:
             write_results(self.out / "eval", summary, predictions)
+            if step is not None:
+                write_results(self.out / "eval" / f"step_{step}", summary, predictions)
         model.train()
         return summary
 
@@ -101,9 +133,13 @@ class Run:
                 save_checkpoint(self.out, model, optimizer, scheduler, step, total_steps, lora, rng_states)
 
     def close(self) -> None:
-        if self.log:
-            self.log.close()
-            self.log = None
+        for log in (self.log, self.completions):
+            if log:
+                log.close()
+        self.log = self.completions = None
+        if self.trackers:
+            self.trackers.close()
+            self.trackers = None
 
     def save_final(self, model: Any, tokenizer: Any, *, lora: bool, base_model: str, dtype: Any,
                    message: str, prompt_format: Any = None) -> None:

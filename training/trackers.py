@@ -1,0 +1,169 @@
+"""Sending a run's log to a tracker, as TRL users watch theirs: TensorBoard, Weights & Biases, Trackio.
+
+The JSONL log stays the source of truth; a tracker gets every finite number of each log line under a
+grouped name (`tracked`), from rank 0 only. A resumed run continues the same curves without duplicate
+steps: TensorBoard purges the events past the checkpoint (`purge_step`), W&B and Trackio resume the run
+whose id the first start stored in the output folder. No tracker package is a requirement: `check`
+says in one line which one is missing, before any model loads.
+
+To add a tracker: a class with `log(metrics, step)`, `table(name, columns, rows, step)` and `close()`,
+one entry in BACKENDS, and the package it needs in PACKAGES.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from common.errors import fail
+from common.run_files import is_measured
+
+PROJECT = os.environ.get("WANDB_PROJECT") or "qwen-gsm8k-grpo"  # W&B's and Trackio's project
+RUN_ID = "tracker_run_id.json"  # in the output folder: each tracker's run id, for --resume
+
+
+def metric_name(field: str) -> str:
+    """A log field's name in the tracker: eval_accuracy -> eval/accuracy, reward_mean -> reward/mean,
+    adv_std -> reward/adv_std, generation_time_s -> time/generation_time_s, peak_memory_gb ->
+    system/peak_memory_gb, the rest under train/."""
+    if field.startswith("eval_"):
+        return "eval/" + field.removeprefix("eval_")
+    if field.startswith("reward_"):
+        return "reward/" + field.removeprefix("reward_")
+    if field.startswith("adv_"):
+        return "reward/" + field
+    if field.startswith("peak_memory"):
+        return "system/" + field
+    if is_measured(field):
+        return "time/" + field
+    return "train/" + field
+
+
+def tracked(record: dict[str, Any]) -> dict[str, float]:
+    """Every finite number of a log line (not its step, not booleans or text) under its grouped name."""
+    return {metric_name(k): float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class TensorBoard:
+    def __init__(self, log_dir: Path, name: str, config: dict[str, Any], resume_step: int | None, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: events at steps after the checkpoint (written before a crash) are dropped
+        self.writer = SummaryWriter(log_dir=str(log_dir / name),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", 0)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in r) + " |" for r in rows]
+        self.writer.add_text(name, "\n".join(lines), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _RunById:
+    """W&B and Trackio: a run that a resumed training run continues, by the id stored in the folder."""
+
+    module = ""
+
+    def __init__(self, log_dir: Path, name: str, config: dict[str, Any], resume_step: int | None, out: Path):
+        import importlib
+
+        self.lib = importlib.import_module(self.module)
+        ids = _read_ids(out)
+        run_id = ids.get(self.module) if resume_step is not None else None
+        run_id = run_id or secrets.token_hex(4)
+        _write_ids(out, {**ids, self.module: run_id})
+        self.run = self.start(log_dir, name, config, run_id)
+
+    def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
+        raise NotImplementedError
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.lib.log(metrics, step=step)
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.lib.log({name: self.lib.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        self.lib.finish()
+
+
+class WandB(_RunById):
+    module = "wandb"
+
+    def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return self.lib.init(project=PROJECT, name=name, id=run_id, resume="allow", dir=str(log_dir), config=config)
+
+
+class Trackio(_RunById):
+    module = "trackio"
+
+    def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
+        # Trackio names runs, not ids: the stored id keeps a resumed run's name and resumes it
+        return self.lib.init(project=PROJECT, name=f"{name}-{run_id}", resume="allow", config=config)
+
+
+BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def _read_ids(out: Path) -> dict[str, str]:
+    try:
+        return json.loads((out / RUN_ID).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_ids(out: Path, ids: dict[str, str]) -> None:
+    from common.run_files import write_json
+
+    write_json(out / RUN_ID, ids)
+
+
+def check(report_to: tuple[str, ...]) -> None:
+    """One line, before any model loads, for an unknown tracker or one whose package is missing."""
+    for name in report_to:
+        if name not in BACKENDS:
+            fail(f"--report_to must be one of {', '.join(BACKENDS)} (got {name})")
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            fail(f"--report_to {name} needs the {PACKAGES[name]} package: pip install {PACKAGES[name]} "
+                 f"(or leave --report_to {name} out)")
+
+
+class Trackers:
+    """The run's trackers (none: every call does nothing). Rank 0 alone opens them."""
+
+    def __init__(self, report_to: tuple[str, ...], log_dir: Path, name: str, config: dict[str, Any],
+                 resume_step: int | None, out: Path):
+        self.backends = [BACKENDS[r](log_dir, name, config, resume_step, out) for r in dict.fromkeys(report_to)]
+
+    def log(self, record: dict[str, Any]) -> None:
+        metrics = tracked(record)
+        if metrics and "step" in record:
+            for b in self.backends:
+                b.log(metrics, int(record["step"]))
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        for b in self.backends:
+            b.table(name, columns, rows, step)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+        self.backends = []
