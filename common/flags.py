@@ -19,7 +19,7 @@ import re
 import typing
 from typing import Any, NoReturn
 
-from common.errors import fail
+from common.errors import UserError, fail
 
 DEVICE = (r"cpu|cuda(:[0-9]+)?", "cpu, cuda or cuda:N")  # `text=` of every --device flag
 FINETUNE = ("full", "lora")  # `choices=` of both trainers' --finetune: every weight, or LoRA adapters
@@ -153,17 +153,98 @@ class OneLineParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+RUN_CONFIG_KEYS = ("stage", "world_size", "start_model")  # what run_config.json adds to a config's fields
+
+
 def parse_flags(cls: type, argv: list[str] | None, doc: str | None, prog: str | None = None,
                 extra: Any = None) -> tuple[Any, argparse.Namespace]:
     """(checked `cls`, the parsed namespace) from `argv`; `extra(parser)` may add flags that are not
-    fields of `cls` (they stay in the namespace)."""
+    fields of `cls` (they stay in the namespace). `--config FILE` (YAML or JSON, e.g. a run's
+    run_config.json) sets fields too: the command line over the file over the defaults."""
     p = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a YAML or JSON file (a run's run_config.json replays it); flags given "
+                        "here override it")
     add_flags(p, cls)
     add_renamed_flags(p, cls)
     if extra:
         extra(p)
     args = p.parse_args(argv)
+    if args.config:
+        given = _given(p, argv)
+        for name, value in read_config(args.config, cls).items():
+            if name not in given:
+                setattr(args, name, value)
     return config_from_args(cls, args), args
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The fields set on the command line itself (argparse's defaults left out)."""
+    import copy
+
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
+def read_config(path: str, cls: type) -> dict[str, Any]:
+    """A config file's settings for `cls`, each converted to its field's type and checked; one line naming
+    the file and the key for an unreadable file, an unknown key or a bad value."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        fail(f"--config {path}: cannot read it ({exc.strerror or exc})")
+    import yaml
+
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        fail(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(exc).splitlines()[0]})")
+    if not isinstance(data, dict):
+        fail(f"--config {path}: expected a mapping of setting names to values")
+    fields = {f.name: (f, meta, hint) for f, meta, hint in _fields(cls) if meta["cli"]}
+    out = {}
+    for key, value in data.items():
+        if key in RUN_CONFIG_KEYS or key == "config":
+            continue
+        if key not in fields:
+            whose = f"; it is a {data['stage']} run's config" if "stage" in data else ""
+            fail(f"--config {path}: unknown key {key!r} (not a setting of {cls.__name__}{whose}; see --help)")
+        out[key] = _from_file(path, key, value, *fields[key])
+    try:
+        check(cls(**out))
+    except UserError as exc:
+        fail(f"--config {path}: {exc}")
+    return out
+
+
+def _from_file(path: str, key: str, value: Any, f: dataclasses.Field, meta: dict[str, Any], hint: Any) -> Any:
+    """`value` as the field's type (a YAML 1e-6 is text, a JSON list a tuple)."""
+    base = _base_type(hint)
+    if value is None:
+        return None
+    if base is bool:
+        if not isinstance(value, bool):
+            fail(f"--config {path}: {key} must be true or false (got {value!r})")
+        return value
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        items = value if isinstance(value, list) else [value]
+        return tuple(_convert(path, key, x, item) for x in items)
+    return _convert(path, key, value, base)
+
+
+def _convert(path: str, key: str, value: Any, base: type) -> Any:
+    if isinstance(value, (bool, dict, list)) or (base is int and isinstance(value, float) and not value.is_integer()):
+        fail(f"--config {path}: {key} must be {_kind(base)} (got {value!r})")
+    converted = _parser_type(base)(str(value))
+    if isinstance(converted, _Unparsed):
+        fail(f"--config {path}: {key} must be {_kind(base)} (got {value!r})")
+    return converted
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

@@ -110,3 +110,49 @@ def test_a_flag_that_turns_a_field_off_says_so_in_help():
     assert shown["--no_skip_zero_advantage"].startswith("turns off: skip the forward/backward of rows whose")
     assert shown["--no_progress"].startswith("turns off: a progress bar")
     assert "--lora" not in shown  # the old spelling is accepted, not advertised
+
+
+def test_a_runs_run_config_replays_as_config_and_flags_override_it(tmp_path):
+    """--config run_config.json gives back the run's config; a flag on the command line wins over the
+    file; YAML works too (1e-6 included, which YAML reads as text)."""
+    from common.flags import parse_flags
+    from training.run import Run
+
+    cfg = parse_flags(GRPOConfig, ["--beta", "0", "--reward", "numeric", "--reward", "format", "--learning_rate",
+                                   "3e-6", "--report_to", "tensorboard", "--finetune", "lora"], None)[0]
+    out = tmp_path / "run"
+    Run(cfg, __import__("common.distributed", fromlist=["Dist"]).Dist(), out=str(out), flag="--grpo_output",
+        stage="grpo", log_name="log.jsonl", start_model="tiny")
+    replayed = parse_flags(GRPOConfig, ["--config", str(out / "run_config.json")], None)[0]
+    assert replayed == cfg
+    assert parse_flags(GRPOConfig, ["--config", str(out / "run_config.json"), "--beta", "0.5"], None)[0] == \
+        dataclasses.replace(cfg, beta=0.5)
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-6\nreward: [numeric, format]\nmax_steps: 3\n")
+    from_yaml = parse_flags(GRPOConfig, ["--config", str(tmp_path / "c.yaml")], None)[0]
+    assert (from_yaml.learning_rate, from_yaml.reward, from_yaml.max_steps) == (1e-6, ("numeric", "format"), 3)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("max_stepz: 3\n", r"unknown key 'max_stepz'"),
+    ("max_steps: 0\n", r"--max_steps must be >= 1 \(got 0\)"),
+    ("max_steps: many\n", r"max_steps must be a whole number \(got 'many'\)"),
+    ("resume: maybe\n", r"resume must be true or false"),
+    ("- a list\n", r"expected a mapping"),
+    ("key: [unclosed\n", r"not valid YAML"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, text, message):
+    from common.flags import parse_flags
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=rf"^--config {path}: .*{message}"):
+        parse_flags(SFTConfig, ["--config", str(path)], None)
+
+
+def test_an_sft_run_config_given_to_grpo_says_whose_it_is(tmp_path):
+    from common.flags import parse_flags
+
+    path = tmp_path / "run_config.json"
+    path.write_text('{"stage": "sft", "batch_size": 4}')
+    with pytest.raises(UserError, match=r"unknown key 'batch_size' .*it is a sft run's config"):
+        parse_flags(GRPOConfig, ["--config", str(path)], None)
