@@ -50,11 +50,12 @@ if [ "$preset" = tiny ]; then
   export HF_HUB_OFFLINE=1
   # SFT has worked solutions for six kinds of problem; a seventh, new kind has only final answers.
   # GRPO trains on final answers of all seven (a kind named k times is drawn k times as often: the new
-  # kind is half the prompts) and is scored on the new kind; SEEN_DATA checks the six are kept.
+  # kind is half the prompts) and is scored as it trains on the new kind and on the six seen ones (two
+  # curves in its plots: eval_new_kind_accuracy, eval_seen_accuracy); the final evals score both again.
   SEEN=add,sub,mul,div,mul_sub,wage
   SFT_DATA=(--dataset "synthetic:$SEEN")
   GRPO_DATA=(--dataset "synthetic:$SEEN,times_more,times_more,times_more,times_more,times_more,times_more"
-             --eval_dataset synthetic:times_more)
+             --eval_dataset new_kind=synthetic:times_more --eval_dataset "seen=synthetic:$SEEN")
   EVAL_DATA=(--dataset synthetic:times_more)
   # Constant-LR SFT: a cosine-annealed one leaves a sharper, weaker model that GRPO barely moves.
   SFT=(--model_name tiny --finetune full --max_steps 400 --num_epochs 10 --batch_size 64 --learning_rate 1e-3

@@ -31,11 +31,55 @@ def load_records(
     return records[:max_samples] if max_samples is not None else records
 
 
+def eval_specs(cfg: Any) -> list[tuple[str, str]]:
+    """(name, dataset) of each --eval_dataset, in order: `NAME=DATASET`, or a name made from the dataset
+    (synthetic:times_more -> times_more, data/mine.jsonl -> mine, org/set -> set)."""
+    import re
+
+    given = cfg.eval_dataset
+    specs = [] if not given else [given] if isinstance(given, str) else list(given)
+    out = []
+    for spec in specs:
+        named = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(.+)", spec)
+        out.append((named.group(1), named.group(2)) if named else (_name_of(spec), spec))
+    names = [n for n, _ in out]
+    if len(set(names)) < len(names):
+        from common.errors import fail
+
+        fail(f"--eval_dataset: two held-out sets are both named {max(names, key=names.count)!r}; name them as "
+             f"NAME=DATASET")
+    return out
+
+
+def _name_of(spec: str) -> str:
+    import re
+    from pathlib import PurePath
+
+    tail = spec.split(":", 1)[1] if spec.startswith("synthetic:") else PurePath(spec).stem
+    return re.sub(r"[^A-Za-z0-9_]+", "_", tail).strip("_") or "eval"
+
+
+def main_eval_name(cfg: Any, eval_rows: list[Any] | None = None) -> str:
+    """The main held-out set's name (in eval_<name>_* fields when several sets are watched)."""
+    specs = eval_specs(cfg)
+    if eval_rows is not None:
+        return "eval_records"
+    return specs[0][0] if specs else _name_of(cfg.dataset)
+
+
+def other_eval_sets(cfg: Any, eval_rows: list[Any] | None = None) -> dict[str, list[Record]]:
+    """The held-out sets watched besides the main one (`run_records`' second value), by name: every
+    --eval_dataset after the first (all of them when the Python API hands its own eval rows)."""
+    specs = eval_specs(cfg)
+    return {name: load_records(spec, "test", cfg.data_dir, cfg.eval_samples, cfg.seed, cfg.fields())
+            for name, spec in (specs if eval_rows is not None else specs[1:])}
+
+
 def run_records(cfg: Any, train_rows: list[Any] | None = None,
                 eval_rows: list[Any] | None = None) -> tuple[list[Record], list[Record]]:
     """A run's training and held-out records: rows handed to the Python API when given, else the train
-    split of `cfg.dataset` and the test split of `cfg.eval_dataset` (default: `cfg.dataset`); `cfg` has
-    TrainDataFlags' fields, max_samples, eval_samples and seed."""
+    split of `cfg.dataset` and the test split of the first `cfg.eval_dataset` (default: `cfg.dataset`);
+    `cfg` has TrainDataFlags' fields, max_samples, eval_samples and seed."""
     from common.errors import fail
 
     fields = cfg.fields()
@@ -46,8 +90,9 @@ def run_records(cfg: Any, train_rows: list[Any] | None = None,
     if eval_rows is not None:
         held_out = as_records(eval_rows, fields, "eval_records")[: cfg.eval_samples]
     else:
-        held_out = load_records(cfg.eval_dataset or cfg.dataset, "test", cfg.data_dir, cfg.eval_samples, cfg.seed,
-                                fields)
+        specs = eval_specs(cfg)
+        held_out = load_records(specs[0][1] if specs else cfg.dataset, "test", cfg.data_dir, cfg.eval_samples,
+                                cfg.seed, fields)
     if not train:
         fail("no training examples: check --dataset/--data_dir/--max_samples")
     return train, held_out
@@ -65,5 +110,5 @@ def require_solutions(records: list[Record], dataset: str, fields: Fields | None
              f"final answers")
 
 
-__all__ = ["DATASETS", "Fields", "Record", "as_records", "final_answer", "load_gsm8k", "load_records", "make_synthetic",
-           "require_solutions", "run_records", "to_records"]
+__all__ = ["DATASETS", "Fields", "Record", "as_records", "eval_specs", "final_answer", "load_gsm8k", "load_records",
+           "main_eval_name", "make_synthetic", "other_eval_sets", "require_solutions", "run_records", "to_records"]

@@ -38,6 +38,7 @@ class DataFlags:
 
 @dataclass
 class TrainDataFlags(DataFlags):
-    eval_dataset: str | None = flag(None, "take the held-out problems from this dataset's test split instead of "
-                                          "--dataset's (same forms; e.g. train on some kinds, watch a new one)",
-                                    group=DATA)
+    eval_dataset: tuple[str, ...] | None = flag(
+        None, "take the held-out problems from this dataset's test split instead of --dataset's (same forms; e.g. "
+              "train on some kinds, watch a new one); give it several times, as NAME=DATASET, to watch several "
+              "(each logged as eval_<NAME>_accuracy; the first is also eval_accuracy)", group=DATA)

@@ -125,7 +125,7 @@ def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[
     os.replace(tmp, out / "eval_predictions.jsonl")
 
 
-def eval_fields(summary: dict[str, Any]) -> dict[str, float]:
-    """The eval metrics a training log line carries, prefixed `eval_`."""
+def eval_fields(summary: dict[str, Any], prefix: str = "eval_") -> dict[str, float]:
+    """The eval metrics a training log line carries, prefixed `eval_` (a named held-out set: `eval_<name>_`)."""
     keys = ("accuracy", "accuracy_flexible", "format_rate", "truncation_rate", "mean_completion_tokens")
-    return {f"eval_{k}": summary[k] for k in keys}
+    return {f"{prefix}{k}": summary[k] for k in keys}

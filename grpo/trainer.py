@@ -28,6 +28,7 @@ from grpo.policy import Policy
 from grpo.prompt_order import extra_prompts, step_prompts
 from grpo.record import step_record
 from grpo.step import grpo_step
+from models.push import check_push
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
 from training.run import Run
@@ -43,6 +44,7 @@ __all__ = ["LOG_NAME", "GRPOConfig", "train_grpo"]
 def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     check(cfg)
     check_trackers(cfg.report_to)
+    check_push(cfg.push_to_hub)
     if cfg.use_4bit and not cfg.lora:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")
     if cfg.prompts_per_step % dist.world_size:
@@ -149,9 +151,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     ids) instead of sampling (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
-    from data import run_records
+    from data import main_eval_name, other_eval_sets, run_records
     from data.prompt import resolve_format, warn_thinking
-    from eval.evaluate import eval_fields
     from models import default_device
 
     dist = current()
@@ -164,7 +165,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         warn_thinking(fmt, cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_every > 0,
                       "GRPO's held-out evals")
     rewards = _rewards(cfg, reward_funcs, fmt.thinking)
-    train_records, eval_records = run_records(cfg, train_records, eval_records)
+    train_records, held_out = run_records(cfg, train_records, eval_records)
+    eval_sets = {main_eval_name(cfg, eval_records): held_out, **other_eval_sets(cfg, eval_records)}
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)
@@ -178,10 +180,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
 
     def evaluate(at: int | None = None) -> dict[str, float]:
         with policy.autocast():
-            return eval_fields(run.evaluate(policy.model, policy.tokenizer, eval_records, step=at,
-                                            batch_size=cfg.eval_batch_size, cuda_graphs=cfg.cuda_graphs,
-                                            max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
-                                            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length))
+            return run.evaluate_sets(policy.model, policy.tokenizer, eval_sets, step=at,
+                                     batch_size=cfg.eval_batch_size, cuda_graphs=cfg.cuda_graphs,
+                                     max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
+                                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)[1]
 
     if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
         run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,

@@ -25,6 +25,7 @@ from common.distributed import Dist, check_4bit, current, no_sync_unless, wrap_d
 from common.errors import fail
 from common.flags import check
 from common.run_files import now_iso, seed_everything
+from models.push import check_push
 from sft.config import SFTConfig
 from training.run import Run
 from training.trackers import check as check_trackers
@@ -81,14 +82,14 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     `cfg.dataset`."""
 
     from common.schedule import make_scheduler
-    from data import require_solutions, run_records
+    from data import main_eval_name, other_eval_sets, require_solutions, run_records
     from data.prompt import resolve_format, warn_thinking
-    from eval.evaluate import eval_fields
     from models import default_device, default_dtype
     from sft.batching import collate, encode_records
 
     check(cfg)
     check_trackers(cfg.report_to)
+    check_push(cfg.push_to_hub)
     if not cfg.lora and cfg.use_4bit:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; use --finetune lora or drop --use_4bit")
     dist, device = current(), cfg.device or default_device()
@@ -98,7 +99,9 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     seed_everything(cfg.seed)
     source = cfg.dataset if train_records is None else "train_records"
+    api_eval = eval_records
     train_records, eval_records = run_records(cfg, train_records, eval_records)
+    eval_sets = {main_eval_name(cfg, api_eval): eval_records, **other_eval_sets(cfg, api_eval)}
     require_solutions(train_records, source, cfg.fields())
     model, tokenizer = _model(cfg, device)
     examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator, fmt)
@@ -121,13 +124,13 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     scheduler = make_scheduler(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), cfg.lr_decay)
     step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 
-    def evaluate(at: int | None = None) -> dict[str, Any]:
-        return run.evaluate(model, tokenizer, eval_records, step=at, batch_size=cfg.eval_batch_size,
-                            prompt_format=fmt, max_new_tokens=cfg.eval_max_new_tokens)
+    def evaluate(at: int | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+        return run.evaluate_sets(model, tokenizer, eval_sets, step=at, batch_size=cfg.eval_batch_size,
+                                 prompt_format=fmt, max_new_tokens=cfg.eval_max_new_tokens)
 
     if step == 0 and cfg.eval_every > 0:
-        before = evaluate(0)
-        run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, **eval_fields(before)})
+        before, fields = evaluate(0)
+        run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, **fields})
         if dist.is_main:
             print(f"before SFT: accuracy {before['accuracy']:.3f}, format rate {before['format_rate']:.3f}")
     model.train()
@@ -155,14 +158,14 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
                   "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
                   "tokens_per_s": tokens / dt, "time_per_step_s": dt, "examples_skipped": too_long}
         if step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            summary = evaluate(step)
-            record.update(eval_fields(summary))
+            summary, fields = evaluate(step)
+            record.update(fields)
         run.write(record)
         bar.update(step, loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}",
                    **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))
         run.checkpoint(step, total_steps, model, optimizer, scheduler, cfg.lora)
     bar.close()
-    summary = summary or evaluate()  # resumed at the end: nothing trained, still report
+    summary = summary or evaluate()[0]  # resumed at the end: nothing trained, still report
     run.save_final(model, tokenizer, lora=cfg.lora, base_model=cfg.model_name,
                    dtype=default_dtype(device), prompt_format=fmt, message=(
                        f"after SFT: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}, "

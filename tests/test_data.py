@@ -198,3 +198,38 @@ def test_bad_prompt_flags_are_one_line():
                                         r"\{answer\}"):
         check_instruction("Solve {question}, then {answer}")
     check_instruction("Solve {question}.")
+
+
+def test_several_named_eval_datasets_are_each_evaluated_and_logged(tmp_path, tiny_tokenizer):
+    """--eval_dataset twice (NAME=DATASET, or a name made from the dataset): the first is the main
+    held-out set (eval_accuracy), each is logged as eval_<name>_*, its predictions kept under its name,
+    and the plot draws each curve."""
+    import json
+
+    from data import eval_specs
+    from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
+    from viz.plots import named_evals
+
+    cfg = GRPOConfig(model_name="tiny", dataset="synthetic:add", grpo_output=str(tmp_path / "run"), max_steps=1,
+                     prompts_per_step=2, num_generations=2, max_completion_length=8, eval_every=1, eval_samples=6,
+                     eval_max_new_tokens=8, device="cpu", show_progress=False,
+                     eval_dataset=("synthetic:times_more", "seen=synthetic:add,sub"))
+    assert eval_specs(cfg) == [("times_more", "synthetic:times_more"), ("seen", "synthetic:add,sub")]
+    train_grpo(cfg)
+    log = [json.loads(x) for x in (tmp_path / "run" / LOG_NAME).read_text().splitlines()]
+    for line in log:
+        assert line["eval_accuracy"] == line["eval_times_more_accuracy"]
+        assert "eval_seen_accuracy" in line and "eval_seen_format_rate" in line
+    assert named_evals(log) == ["eval_times_more_accuracy", "eval_seen_accuracy"]
+    seen = [json.loads(x)["question"] for x in (tmp_path / "run" / "eval" / "seen" / "eval_predictions.jsonl")
+            .read_text().splitlines()]
+    assert len(seen) == 6 and (tmp_path / "run" / "eval" / "step_1" / "seen" / "eval_summary.json").is_file()
+
+
+def test_two_eval_datasets_with_one_name_are_one_line():
+    from common.errors import UserError
+    from data import eval_specs
+    from grpo.config import GRPOConfig
+
+    with pytest.raises(UserError, match="both named 'add'"):
+        eval_specs(GRPOConfig(eval_dataset=("synthetic:add", "add=synthetic:sub")))

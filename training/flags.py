@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from common.flags import flag
 
-WATCH = "watching the run"
+WATCH = "watching and publishing the run"
 
 
 @dataclass
@@ -17,3 +17,6 @@ class WatchFlags:
     run_name: str | None = flag(None, "the run's name in the tracker (default: the output folder's name)",
                                 group=WATCH)
     logging_dir: str | None = flag(None, "where the trackers write (default: <output folder>/tracker)", group=WATCH)
+    push_to_hub: str | None = flag(None, "upload the final model and its model card to this hub repository "
+                                         "(NAMESPACE/NAME; the token and name are checked before training)",
+                                   group=WATCH)

@@ -111,18 +111,34 @@ class Run:
         return Progress(desc, total, initial, self.cfg.show_progress and self.dist.is_main)
 
     def evaluate(self, model: Any, tokenizer: Any, records: list[Any], step: int | None = None,
-                 **kwargs: Any) -> dict[str, Any]:
-        """Held-out eval (every rank takes its share), written to <out>/eval and, for an eval during training
-        (`step`), also kept in <out>/eval/step_<step>; the model is left in train mode."""
+                 name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Held-out eval (every rank takes its share), written to <out>/eval (a named set other than the
+        main one: <out>/eval/<name>) and, for an eval during training (`step`), also kept in
+        <out>/eval/step_<step>[/<name>]; the model is left in train mode."""
         from eval.evaluate import evaluate, write_results
 
         summary, predictions = evaluate(model, tokenizer, records, show_progress=self.cfg.show_progress, **kwargs)
         if self.dist.is_main:
-            write_results(self.out / "eval", summary, predictions)
+            write_results(self.out / "eval" / (name or ""), summary, predictions)
             if step is not None:
-                write_results(self.out / "eval" / f"step_{step}", summary, predictions)
+                write_results(self.out / "eval" / f"step_{step}" / (name or ""), summary, predictions)
         model.train()
         return summary
+
+    def evaluate_sets(self, model: Any, tokenizer: Any, sets: dict[str, list[Any]], step: int | None = None,
+                      **kwargs: Any) -> tuple[dict[str, Any], dict[str, float]]:
+        """Every held-out set (the first is the main one): (the main set's summary, the log fields: eval_*
+        of the main set and, when there are several, eval_<name>_* of each)."""
+        from eval.evaluate import eval_fields
+
+        main, fields = {}, {}
+        for i, (name, records) in enumerate(sets.items()):
+            summary = self.evaluate(model, tokenizer, records, step, None if i == 0 else name, **kwargs)
+            if i == 0:
+                main, fields = summary, eval_fields(summary)
+            if len(sets) > 1:
+                fields.update(eval_fields(summary, prefix=f"eval_{name}_"))
+        return main, fields
 
     def checkpoint(self, step: int, total_steps: int, model: Any, optimizer: Any, scheduler: Any,
                    lora: bool) -> None:
@@ -145,8 +161,11 @@ class Run:
                    message: str, prompt_format: Any = None) -> None:
         """The trained model where `from_pretrained(<out>)` finds it (LoRA merged into a fresh base, the
         adapter also in <out>/adapter), the prompt format it was trained with beside it (the next stage
-        reads it), then `message`. Other ranks wait for it, so the job ends complete."""
+        reads it) and its model card (README.md), then `message`; pushed to the hub with --push_to_hub.
+        Other ranks wait for it, so the job ends complete."""
+        from models.card import write_model_card
         from models.lora import merged_copy_for_saving
+        from models.push import push
 
         self.close()
         if self.dist.is_main:
@@ -164,5 +183,8 @@ class Run:
                     save_format(prompt_format, tmp)
 
             atomic_files_into(self.out, write)
+            write_model_card(self.out)
             print(message)
+            if self.cfg.push_to_hub:
+                print(f"pushed to {push(self.out, self.cfg.push_to_hub)}")
         self.dist.barrier()

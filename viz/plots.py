@@ -109,6 +109,13 @@ def _band_panel(ax, records, mean_key, std_key, title, ylabel, color):
     ax.legend(loc="best", fontsize=8)
 
 
+def named_evals(records: list[dict[str, Any]]) -> list[str]:
+    """eval_<name>_accuracy of each named held-out set (several --eval_dataset), in order of appearance."""
+    keys = dict.fromkeys(k for r in records for k in r
+                         if k.startswith("eval_") and k.endswith("_accuracy") and k != "eval_accuracy")
+    return list(keys)
+
+
 def reward_names(records: list[dict[str, Any]]) -> list[str]:
     """The reward functions a GRPO log has its own columns for (`reward_<name>_mean`), in log order."""
     names: dict[str, None] = {}
@@ -155,7 +162,7 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    eval_keys = [k for k in ("eval_accuracy", "eval_format_rate") if series(records, k)[0]]
+    eval_keys = [k for k in ("eval_accuracy", "eval_format_rate", *named_evals(records)) if series(records, k)[0]]
     parts = reward_names(records) if grpo else []
     panels = (2 if grpo else 0) + (1 if parts else 0) + (1 if eval_keys else 0)
     fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 3.8), squeeze=False)

@@ -1,0 +1,102 @@
+"""A model card (README.md) for a saved model folder, made from what the run left in it: run_config.json
+(base model, data, recipe), prompt_format.json (how to prompt it) and eval/ (held-out results, each with
+its 95% interval). Every saved model folder gets one, pushed to the hub or not."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+CARD = "README.md"
+RECIPE = {  # the settings a card shows, per stage, in this order (others stay in run_config.json)
+    "sft": ("finetune", "num_epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "lr_decay",
+            "max_length", "lora_r", "lora_alpha", "use_4bit", "seed"),
+    "grpo": ("finetune", "max_steps", "prompts_per_step", "num_generations", "max_completion_length", "temperature",
+             "learning_rate", "beta", "epsilon", "loss_type", "scale_rewards", "num_iterations", "reward",
+             "reward_weights", "dynamic_sampling", "lora_r", "lora_alpha", "use_4bit", "seed"),
+}
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion p measured on n problems."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _evals(folder: Path, config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, summary) of the main held-out eval and of each named one beside it."""
+    from types import SimpleNamespace
+
+    from data import main_eval_name
+
+    out = []
+    main = _read(folder / "eval" / "eval_summary.json")
+    if main:
+        name = main_eval_name(SimpleNamespace(eval_dataset=config.get("eval_dataset"),
+                                              dataset=config.get("dataset") or "held-out"))
+        out.append((name, main))
+    for sub in sorted((folder / "eval").glob("*/eval_summary.json")):
+        if not sub.parent.name.startswith("step_"):
+            out.append((sub.parent.name, _read(sub)))
+    return out
+
+
+def model_card(folder: Path) -> str:
+    """The card's text for `folder`."""
+    config, fmt = _read(folder / "run_config.json"), _read(folder / "prompt_format.json")
+    stage = config.get("stage", "")
+    base = config.get("start_model") or config.get("model_name") or "unknown"
+    data = config.get("dataset", "unknown")
+    tags = ["qwen-gsm8k-grpo", stage] + (["lora"] if config.get("finetune") == "lora" else [])
+    lines = ["---", "library_name: transformers", *([f"base_model: {base}"] if "/" in str(base) else []),
+             "tags:", *[f"- {t}" for t in tags if t], "---", "",
+             f"# {folder.resolve().name}", "",
+             f"{stage.upper() or 'A model'} fine-tune of `{base}` trained with "
+             f"qwen-gsm8k-grpo on `{data}`.", ""]
+    recipe = [(k, config[k]) for k in RECIPE.get(stage, ()) if k in config and config[k] not in (None, ())]
+    if recipe:
+        lines += ["## Recipe", "", "| setting | value |", "| --- | --- |",
+                  *[f"| `{k}` | {', '.join(map(str, v)) if isinstance(v, list) else v} |" for k, v in recipe],
+                  "", "Every setting is in `run_config.json`; `train_" + (stage or "grpo") +
+                  ".py --config run_config.json` replays the run.", ""]
+    evals = _evals(folder, config)
+    if evals:
+        lines += ["## Held-out results", "", "Greedy decoding; 95% Wilson intervals over the problems scored.", "",
+                  "| set | problems | accuracy | 95% interval | flexible accuracy | format rate |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, s in evals:
+            n, acc = int(s.get("num_questions", 0)), float(s.get("accuracy", 0.0))
+            low, high = wilson(acc, n)
+            lines.append(f"| {name} | {n} | {acc:.3f} | [{low:.3f}, {high:.3f}] | "
+                         f"{float(s.get('accuracy_flexible', 0.0)):.3f} | {float(s.get('format_rate', 0.0)):.3f} |")
+        lines.append("")
+    lines += ["## Prompt", "", "The model answers in the format it was trained on (`prompt_format.json`): the "
+              "question as a chat user turn, the answer ending in `#### <number>`.", ""]
+    if fmt:
+        lines += ["```json", json.dumps(fmt, indent=1), "```", ""]
+    lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{folder.resolve().name}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{folder.resolve().name}")', "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: Path) -> Path:
+    """README.md in `folder`, written atomically."""
+    import os
+
+    path = folder / CARD
+    tmp = folder / f".{CARD}.tmp"
+    tmp.write_text(model_card(folder))
+    os.replace(tmp, path)
+    return path

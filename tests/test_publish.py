@@ -1,0 +1,91 @@
+"""Publishing a run (models/card.py, models/push.py): every saved model folder gets a model card made
+from the run; --push_to_hub is checked before training and uploads with the hub client (monkeypatched:
+no network here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.errors import UserError
+from grpo.trainer import GRPOConfig, train_grpo
+from models.card import model_card, wilson
+
+
+def _cfg(out, **overrides) -> GRPOConfig:
+    base = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=2,
+                num_generations=2, max_completion_length=8, eval_every=1, eval_samples=5, eval_max_new_tokens=8,
+                device="cpu", show_progress=False, eval_dataset=("new=synthetic:times_more", "seen=synthetic:add"))
+    return GRPOConfig(**{**base, **overrides})
+
+
+class FakeHub:
+    """huggingface_hub's HfApi and get_token, recording what a push does."""
+
+    def __init__(self, monkeypatch, token="hf_x"):
+        import huggingface_hub
+
+        self.calls = []
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, private=False, exist_ok=False):
+                hub.calls.append(("create_repo", repo_id, exist_ok))
+                return f"https://huggingface.co/{repo_id}"
+
+            def upload_folder(self, repo_id, folder_path, ignore_patterns, commit_message):
+                hub.calls.append(("upload_folder", repo_id, folder_path, ignore_patterns))
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+
+
+def test_wilson_interval_by_hand():
+    # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 0.000096) / 1.0384 = 0.0962
+    low, high = wilson(0.5, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0.0, 10)[0] == 0.0 and wilson(1.0, 10)[1] == 1.0
+
+
+def test_every_saved_model_gets_a_card_from_its_run(tmp_path):
+    out = tmp_path / "run"
+    train_grpo(_cfg(out, learning_rate=3e-6))
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "| `learning_rate` | 3e-06 |" in card and "| `loss_type` | dapo |" in card
+    summary = json.loads((out / "eval" / "eval_summary.json").read_text())
+    low, high = wilson(summary["accuracy"], 5)
+    assert f"| new | 5 | {summary['accuracy']:.3f} | [{low:.3f}, {high:.3f}] |" in card  # the main set
+    assert "| seen | 5 |" in card  # and each other named held-out set
+    assert '"instruction"' in card or "prompt_format.json" in card
+    assert card == model_card(out)  # made from the folder alone: python -m models.push makes the same
+
+
+def test_push_is_refused_before_training_without_a_token_or_with_a_bad_name(tmp_path, monkeypatch):
+    FakeHub(monkeypatch, token=None)
+    with pytest.raises(UserError, match=r"^--push_to_hub me/model: no Hugging Face token; set HF_TOKEN"):
+        train_grpo(_cfg(tmp_path / "a", push_to_hub="me/model"))
+    FakeHub(monkeypatch)
+    with pytest.raises(UserError, match=r"^--push_to_hub 'model': give the repository as NAMESPACE/NAME"):
+        train_grpo(_cfg(tmp_path / "b", push_to_hub="model"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing ran
+
+
+def test_push_uploads_the_folder_without_checkpoint_or_tracker_files(tmp_path, monkeypatch, capsys):
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "run"
+    train_grpo(_cfg(out, push_to_hub="me/model"))
+    assert hub.calls[0] == ("create_repo", "me/model", True)
+    kind, repo, folder, ignored = hub.calls[1]
+    assert (kind, repo, folder) == ("upload_folder", "me/model", str(out))
+    assert "checkpoint/**" in ignored and "tracker/**" in ignored
+    assert "pushed to https://huggingface.co/me/model" in capsys.readouterr().out
+    # the same from the command line, for a folder trained earlier
+    from models.push import main
+
+    hub.calls.clear()
+    main([str(out), "me/other"])
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"] and hub.calls[1][1] == "me/other"
+    with pytest.raises(UserError, match="holds no saved model"):
+        main([str(tmp_path), "me/other"])
