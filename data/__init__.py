@@ -75,6 +75,19 @@ def other_eval_sets(cfg: Any, eval_rows: list[Any] | None = None) -> dict[str, l
             for name, spec in (specs if eval_rows is not None else specs[1:])}
 
 
+def split_validation(train: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """(the training records left, `n` held back to choose the best model): a seeded draw, the rest kept in
+    their order."""
+    import random
+
+    from common.errors import fail
+
+    if n >= len(train):
+        fail(f"--validation_samples {n} would leave no training data ({len(train)} examples); lower it")
+    held = set(random.Random(seed).sample(range(len(train)), n))
+    return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
 def run_records(cfg: Any, train_rows: list[Any] | None = None,
                 eval_rows: list[Any] | None = None) -> tuple[list[Record], list[Record]]:
     """A run's training and held-out records: rows handed to the Python API when given, else the train
@@ -111,4 +124,5 @@ def require_solutions(records: list[Record], dataset: str, fields: Fields | None
 
 
 __all__ = ["DATASETS", "Fields", "Record", "as_records", "eval_specs", "final_answer", "load_gsm8k", "load_records",
-           "main_eval_name", "make_synthetic", "other_eval_sets", "require_solutions", "run_records", "to_records"]
+           "main_eval_name", "make_synthetic", "other_eval_sets", "require_solutions", "run_records",
+           "split_validation", "to_records"]

@@ -31,7 +31,7 @@ from grpo.step import grpo_step
 from models.push import check_push
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
-from training.run import Run
+from training.run import VALIDATION, Run
 from training.trackers import check as check_trackers
 
 LOG_NAME = "grpo_training_logs.jsonl"
@@ -45,6 +45,8 @@ def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     check(cfg)
     check_trackers(cfg.report_to)
     check_push(cfg.push_to_hub)
+    if cfg.keep_best and cfg.eval_every == 0:
+        fail("--keep_best picks the best model at each held-out eval; give --eval_every N too")
     if cfg.use_4bit and not cfg.lora:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")
     if cfg.prompts_per_step % dist.world_size:
@@ -151,7 +153,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     ids) instead of sampling (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
-    from data import main_eval_name, other_eval_sets, run_records
+    from data import main_eval_name, other_eval_sets, run_records, split_validation
     from data.prompt import resolve_format, warn_thinking
     from models import default_device
 
@@ -167,6 +169,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     rewards = _rewards(cfg, reward_funcs, fmt.thinking)
     train_records, held_out = run_records(cfg, train_records, eval_records)
     eval_sets = {main_eval_name(cfg, eval_records): held_out, **other_eval_sets(cfg, eval_records)}
+    if cfg.keep_best:  # chosen on training problems held back, never on the test split
+        train_records, eval_sets[VALIDATION] = split_validation(train_records, cfg.validation_samples, cfg.seed)
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)
@@ -189,6 +193,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
                    "world_size": dist.world_size, **evaluate(0)})
     bad_signal_steps, warned, nonfinite_in_row, record = 0, False, 0, {}
+    how = dict(lora=cfg.lora, base_model=start_model, prompt_format=fmt,  # how models are saved
+               dtype=torch.bfloat16 if (device.startswith("cuda") and cfg.lora) else torch.float32)
     bar = run.progress("grpo", total_steps, step)
     while step < total_steps:
         if device.startswith("cuda"):
@@ -223,9 +229,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         if bad_signal_steps >= WARN_AFTER and not warned and dist.is_main:
             warned = True
             tqdm.write(_warning(record))
+        run.keep(step, total_steps, record, policy.model, policy.tokenizer, **how)
         run.checkpoint(step, total_steps, policy.model, policy.optimizer, policy.scheduler, cfg.lora)
     bar.close()
-    run.save_final(policy.model, policy.tokenizer, lora=cfg.lora, base_model=start_model,
-                   dtype=torch.bfloat16 if (device.startswith("cuda") and cfg.lora) else torch.float32,
-                   prompt_format=fmt, message=f"saved: final model + tokenizer in {run.out}")
+    run.save_final(policy.model, policy.tokenizer, message=f"saved: final model + tokenizer in {run.out}", **how)
     return record

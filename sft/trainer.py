@@ -27,7 +27,7 @@ from common.flags import check
 from common.run_files import now_iso, seed_everything
 from models.push import check_push
 from sft.config import SFTConfig
-from training.run import Run
+from training.run import VALIDATION, Run
 from training.trackers import check as check_trackers
 
 LOG_NAME = "sft_training_logs.jsonl"
@@ -82,7 +82,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     `cfg.dataset`."""
 
     from common.schedule import make_scheduler
-    from data import main_eval_name, other_eval_sets, require_solutions, run_records
+    from data import main_eval_name, other_eval_sets, require_solutions, run_records, split_validation
     from data.prompt import resolve_format, warn_thinking
     from models import default_device, default_dtype
     from sft.batching import collate, encode_records
@@ -90,6 +90,8 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     check(cfg)
     check_trackers(cfg.report_to)
     check_push(cfg.push_to_hub)
+    if cfg.keep_best and cfg.eval_every == 0:
+        fail("--keep_best picks the best model at each held-out eval; give --eval_every N too")
     if not cfg.lora and cfg.use_4bit:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; use --finetune lora or drop --use_4bit")
     dist, device = current(), cfg.device or default_device()
@@ -102,6 +104,8 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     api_eval = eval_records
     train_records, eval_records = run_records(cfg, train_records, eval_records)
     eval_sets = {main_eval_name(cfg, api_eval): eval_records, **other_eval_sets(cfg, api_eval)}
+    if cfg.keep_best:  # chosen on training problems held back, never on the test split
+        train_records, eval_sets[VALIDATION] = split_validation(train_records, cfg.validation_samples, cfg.seed)
     require_solutions(train_records, source, cfg.fields())
     model, tokenizer = _model(cfg, device)
     examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator, fmt)
@@ -134,6 +138,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
         if dist.is_main:
             print(f"before SFT: accuracy {before['accuracy']:.3f}, format rate {before['format_rate']:.3f}")
     model.train()
+    how = dict(lora=cfg.lora, base_model=cfg.model_name, dtype=default_dtype(device), prompt_format=fmt)
     bar = run.progress("sft", total_steps, step)
     summary: dict[str, Any] = {}
     while step < total_steps:
@@ -163,11 +168,11 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
         run.write(record)
         bar.update(step, loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}",
                    **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))
+        run.keep(step, total_steps, record, model, tokenizer, **how)
         run.checkpoint(step, total_steps, model, optimizer, scheduler, cfg.lora)
     bar.close()
     summary = summary or evaluate()[0]  # resumed at the end: nothing trained, still report
-    run.save_final(model, tokenizer, lora=cfg.lora, base_model=cfg.model_name,
-                   dtype=default_dtype(device), prompt_format=fmt, message=(
+    run.save_final(model, tokenizer, **how, message=(
                        f"after SFT: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}, "
                        f"truncation rate {summary['truncation_rate']:.3f} on {len(eval_records)} held-out problems\n"
                        f"saved: model + tokenizer in {run.out}"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from common.flags import flag
 
-WATCH = "watching and publishing the run"
+WATCH, KEEP = "watching and publishing the run", "keeping models along the way"
 
 
 @dataclass
@@ -20,3 +20,11 @@ class WatchFlags:
     push_to_hub: str | None = flag(None, "upload the final model and its model card to this hub repository "
                                          "(NAMESPACE/NAME; the token and name are checked before training)",
                                    group=WATCH)
+    save_model_every: int = flag(0, "keep a loadable model (LoRA merged) every N steps in snapshots/step_<N> "
+                                    "(0: only the final one)", low=0, group=KEEP)
+    keep_snapshots: int | None = flag(None, "keep only the newest M snapshots (default: all)", low=1, group=KEEP)
+    keep_best: bool = flag(False, "keep the model with the best validation accuracy in best/, scored at every "
+                                  "--eval_every on --validation_samples problems held back from the training "
+                                  "data (never the test split the final comparisons use)", group=KEEP)
+    validation_samples: int = flag(100, "with --keep_best: training problems held back to choose the best model",
+                                   low=1, group=KEEP)

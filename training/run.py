@@ -6,6 +6,8 @@ save (LoRA adapter, merged model + tokenizer in HF format). Rank 0 alone writes.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,15 @@ class Progress:
 
 
 COMPLETIONS = "completions.jsonl"
+VALIDATION = "validation"  # --keep_best's held-back training problems: logged as eval_validation_*
+BEST = "best.json"  # in <out>/best: the step and validation accuracy of the model kept there
+
+
+def read_best(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "best" / BEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class Run:
@@ -157,33 +168,71 @@ class Run:
             self.trackers.close()
             self.trackers = None
 
+    def _write_model(self, target: Path, model: Any, tokenizer: Any, *, lora: bool, base_model: str, dtype: Any,
+                     prompt_format: Any, whole_folder: bool) -> None:
+        """A loadable model in `target`: the LoRA adapter in <target>/adapter and the model merged into a
+        fresh base, or the model itself; the tokenizer, the prompt format and the model card beside it.
+        `whole_folder`: swap in a new folder (snapshots, best/); else files into the run folder."""
+        from common.run_files import write_json
+        from models.card import write_model_card
+        from models.lora import merged_copy_for_saving
+
+        def write(tmp: Path) -> None:
+            if lora:
+                adapter = (tmp if whole_folder else target) / "adapter"
+                if whole_folder:
+                    model.save_pretrained(adapter)
+                else:
+                    atomic_dir(adapter, model.save_pretrained)
+            final = merged_copy_for_saving(model, base_model, str(adapter), dtype) if lora else model
+            final.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if prompt_format is not None:
+                from data.prompt import save_format
+
+                save_format(prompt_format, tmp)
+            if whole_folder:
+                write_json(tmp / RUN_CONFIG, self.config)
+
+        if whole_folder:
+            atomic_dir(target, write)
+        else:
+            atomic_files_into(target, write)
+        write_model_card(target)
+
+    def keep(self, step: int, total_steps: int, fields: dict[str, Any], model: Any, tokenizer: Any,
+             **how: Any) -> None:
+        """--save_model_every's snapshots (the newest --keep_snapshots of them) and --keep_best's best/ by
+        the validation accuracy in this step's eval `fields`; `how` is `_write_model`'s keywords."""
+        if not self.dist.is_main:
+            return
+        every, keep = self.cfg.save_model_every, self.cfg.keep_snapshots
+        if every and step % every == 0 and step < total_steps:
+            self._write_model(self.out / "snapshots" / f"step_{step}", model, tokenizer, whole_folder=True, **how)
+            kept = sorted((p for p in (self.out / "snapshots").glob("step_*") if p.name[5:].isdigit()),
+                          key=lambda p: int(p.name[5:]))
+            for old in kept[: -keep] if keep else []:
+                shutil.rmtree(old)
+        score = fields.get(f"eval_{VALIDATION}_accuracy")
+        if self.cfg.keep_best and score is not None:
+            best = read_best(self.out)
+            if best is None or score > best["validation_accuracy"]:
+                self._write_model(self.out / "best", model, tokenizer, whole_folder=True, **how)
+                write_json(self.out / "best" / BEST, {"step": step, "validation_accuracy": score})
+                print(f"best so far: step {step}, validation accuracy {score:.3f} (kept in {self.out / 'best'})")
+
     def save_final(self, model: Any, tokenizer: Any, *, lora: bool, base_model: str, dtype: Any,
                    message: str, prompt_format: Any = None) -> None:
         """The trained model where `from_pretrained(<out>)` finds it (LoRA merged into a fresh base, the
         adapter also in <out>/adapter), the prompt format it was trained with beside it (the next stage
         reads it) and its model card (README.md), then `message`; pushed to the hub with --push_to_hub.
         Other ranks wait for it, so the job ends complete."""
-        from models.card import write_model_card
-        from models.lora import merged_copy_for_saving
         from models.push import push
 
         self.close()
         if self.dist.is_main:
-            if lora:
-                atomic_dir(self.out / "adapter", model.save_pretrained)
-
-            def write(tmp: Path) -> None:
-                final = (merged_copy_for_saving(model, base_model, str(self.out / "adapter"), dtype) if lora
-                         else model)
-                final.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                if prompt_format is not None:
-                    from data.prompt import save_format
-
-                    save_format(prompt_format, tmp)
-
-            atomic_files_into(self.out, write)
-            write_model_card(self.out)
+            self._write_model(self.out, model, tokenizer, lora=lora, base_model=base_model, dtype=dtype,
+                              prompt_format=prompt_format, whole_folder=False)
             print(message)
             if self.cfg.push_to_hub:
                 print(f"pushed to {push(self.out, self.cfg.push_to_hub)}")
