@@ -66,3 +66,22 @@ def test_smooth_and_summary():
     values = smooth([0.0, 10.0] * 20)
     assert 3 < values[-1] < 7  # the smoothed line averages the noise
     assert summary_lines([json.loads(grpo_line(1))])[0] == "steps logged: 1 (last step 1)"
+
+
+def test_several_runs_overlay_on_one_figure_with_a_line_each(tmp_path, capsys):
+    a, b = tmp_path / "a" / "log.jsonl", tmp_path / "b" / "log.jsonl"
+    for path, acc in ((a, 0.2), (b, 0.6)):
+        path.parent.mkdir()
+        path.write_text("\n".join(grpo_line(s, **({"eval_accuracy": acc * s / 4, "eval_seen_accuracy": 0.5}
+                                                  if s % 2 == 0 else {})) for s in range(1, 5)))
+    from visualize_logs import main
+
+    main(["--log_file", str(a), str(b), "--labels", "full", "lora", "--output", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("full: 4 steps; last reward 0.400; accuracy last 0.200, best 0.200 at step 4")
+    assert lines[1].startswith("lora: 4 steps; last reward 0.400; accuracy last 0.600, best 0.600 at step 4")
+    assert "seen_accuracy last 0.500, best 0.500 at step 2" in lines[1]
+    png = tmp_path / "plots" / "compare.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="1 --labels for 2 --log_file"):
+        main(["--log_file", str(a), str(b), "--labels", "x", "--output", str(tmp_path / "p2")])
