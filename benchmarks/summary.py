@@ -2,7 +2,8 @@
 
     python -m benchmarks.summary OUT_DIR
 
-Reads OUT_DIR/parts.tsv (part, status, seconds) and each part's JSON line in OUT_DIR/<part>.json.
+Reads OUT_DIR/parts.tsv (part, status, seconds) and each part's JSON line in OUT_DIR/results.jsonl
+(tagged with its "part").
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     parts = out / "parts.tsv"
     if not parts.is_file():
         fail(f"no {parts}: run scripts/cuda_checks.sh {out} first")
+    results = out / "results.jsonl"
+    records = {}
+    for line in (results.read_text().splitlines() if results.is_file() else []):
+        if line.strip():
+            record = json.loads(line)
+            records[record.get("part")] = record  # a part's last line
     table = []
     for line in parts.read_text().splitlines():
         name, state, seconds = line.split("\t")
-        record: dict = {}
-        result = out / f"{name}.json"
-        if result.is_file() and result.read_text().strip():
-            record = json.loads(result.read_text().splitlines()[-1])
+        record = records.get(name, {})
         figures = ", ".join(f"{label} {record[key]}" for key, label in FIGURES.items() if key in record)
         table.append((name, state, seconds, figures or "-"))
     return table

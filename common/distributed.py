@@ -151,7 +151,12 @@ def distributed_run(device: str | None = None, backend: str = "auto") -> Iterato
     """(Dist, device) for this process: under torchrun, start the process group, one device per local
     rank, and destroy the group on the way out; otherwise (Dist(), device or the default device)."""
     if not launched_by_torchrun():
-        yield Dist(), device or default_device()
+        device = device or default_device()
+        if device.startswith("cuda:"):  # graph capture, synchronize and peak memory act on the current device
+            import torch
+
+            torch.cuda.set_device(device)
+        yield Dist(), device
         return
     import torch
     import torch.distributed as td
@@ -180,7 +185,9 @@ def wrap_ddp(model: Any, dist: Dist, device: str) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [int(device.split(":")[1])] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # gradients as views into DDP's all-reduce buckets (no second copy of them); no buffers to broadcast
+    # each forward (rotary frequencies are the same on every rank)
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def no_sync_unless(ddp_model: Any, sync: bool) -> Any:

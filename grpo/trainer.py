@@ -82,7 +82,7 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
             rewards: list[tuple[str, Any, float]], fmt: Any) -> Policy:
     """The model to train (fp32 master weights for full fine-tuning: bf16 weights drop lr-1e-6 updates;
     compute is bf16 autocast on CUDA), its frozen reference, AdamW and the LR schedule."""
-    from common.schedule import make_scheduler
+    from common.schedule import adamw, make_scheduler
     from models import frozen_copy, load_model_and_tokenizer
     from models.lora import add_lora
 
@@ -97,8 +97,8 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
             ref_model = frozen_copy(model, torch.bfloat16 if cuda else torch.float32)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], device, cfg.learning_rate,
+                      cfg.weight_decay, (0.9, cfg.adam_beta2))
     updates = total_steps * cfg.num_iterations
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
     return Policy(model, wrap_ddp(model, dist, device), ref_model, tokenizer, optimizer, scheduler, device, rewards,

@@ -13,7 +13,16 @@ def add_lora(model: Any, r: int = 16, alpha: int = 32, dropout: float = 0.05,
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # peft casts every frozen non-quantized weight (embedding, tied head, norms) to fp32; on CUDA the
+        # bf16 forward would then recast the 0.6 GB fp32 embedding/head at every decoded token, so they go
+        # back to the dtype they were loaded in, as the plain LoRA path keeps its bf16 base. Checkpointing
+        # non-reentrant, as on the other paths.
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name, p in model.named_parameters():
+            if not p.requires_grad and p.dtype != loaded[name] and p.dtype.is_floating_point:
+                p.data = p.data.to(loaded[name])
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

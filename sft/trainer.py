@@ -43,10 +43,13 @@ def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[li
 
 def _model(cfg: SFTConfig, device: str) -> tuple[Any, Any]:
     """The model to train (LoRA adapters, or every weight with --finetune full) and its tokenizer."""
-    from models import load_model_and_tokenizer
+    from models import default_dtype, load_model_and_tokenizer
     from models.lora import add_lora
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name, device=device, load_in_4bit=cfg.use_4bit)
+    # full fine-tuning keeps fp32 master weights (bf16 weights would round small AdamW updates away; the
+    # forward still runs under bf16 autocast on CUDA); LoRA trains fp32 adapters on a bf16 base there
+    dtype = torch.float32 if not cfg.lora else default_dtype(device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name, device=device, load_in_4bit=cfg.use_4bit, dtype=dtype)
     if cfg.lora:
         return add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.gradient_checkpointing), tokenizer
     if cfg.gradient_checkpointing:
@@ -81,7 +84,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     `eval_records` (dicts with the columns `cfg` names; training rows need worked solutions) replace
     `cfg.dataset`."""
 
-    from common.schedule import make_scheduler
+    from common.schedule import adamw, make_scheduler
     from data import main_eval_name, other_eval_sets, require_solutions, run_records, split_validation
     from data.prompt import resolve_format, warn_thinking
     from models import default_device, default_dtype
@@ -124,7 +127,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     steps_per_epoch = max(1, micro_per_epoch // (cfg.grad_accum * W))
     total_steps = min(steps_per_epoch * cfg.num_epochs, cfg.max_steps or math.inf)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, device, cfg.learning_rate, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), cfg.lr_decay)
     step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 

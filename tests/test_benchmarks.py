@@ -107,7 +107,8 @@ def test_prompt_sharing_benchmark():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the script would run its full checks")
 def test_cuda_checks_without_a_gpu_is_one_line(tmp_path):
     result = subprocess.run(["bash", "scripts/cuda_checks.sh", str(tmp_path / "out")], cwd=ROOT,
-                            capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+                            capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
+                                                                      "CARRY_DIR": str(tmp_path / "no_carry")})
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no CUDA GPU" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -123,8 +124,8 @@ def test_rollout_benchmark_counts_work_per_decode_step():
 def test_summary_table_of_the_cuda_checks(tmp_path):
     (tmp_path / "parts.tsv").write_text("tests\tok\t31\nstep\tFAILED (exit 124)\t100\n"
                                         "step_graphs\tSKIPPED (budget spent)\t0\n")
-    (tmp_path / "step.json").write_text(json.dumps({"median_time_per_step_s": 9.5, "peak_memory_gb": 17.2,
-                                                    "peak_memory_reserved_gb": 19.0}) + "\n")
+    step = {"part": "step", "median_time_per_step_s": 9.5, "peak_memory_gb": 17.2, "peak_memory_reserved_gb": 19.0}
+    (tmp_path / "results.jsonl").write_text(json.dumps(step) + "\n")
     result = subprocess.run([sys.executable, "-m", "benchmarks.summary", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -156,3 +156,13 @@ def test_an_sft_run_config_given_to_grpo_says_whose_it_is(tmp_path):
     path.write_text('{"stage": "sft", "batch_size": 4}')
     with pytest.raises(UserError, match=r"unknown key 'batch_size' .*it is a sft run's config"):
         parse_flags(GRPOConfig, ["--config", str(path)], None)
+
+
+def test_adamw_is_fused_on_cuda_only():
+    """On CUDA one fused kernel updates every parameter; elsewhere torch's default keeps the CPU's numbers."""
+    from common.schedule import adamw
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert adamw(params, "cuda", 1e-3).defaults["fused"] is True
+    assert adamw(params, "cuda:1", 1e-3).defaults["fused"] is True
+    assert not adamw(params, "cpu", 1e-3).defaults["fused"]

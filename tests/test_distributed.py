@@ -165,3 +165,31 @@ def test_nccl_on_cpu_is_a_one_line_error():
     with pytest.raises(UserError, match="nccl needs CUDA"):
         _pick_device_and_backend("cpu", "nccl", 0)
     assert _pick_device_and_backend("cpu", "auto", 1) == ("cpu", "gloo")
+
+
+def test_a_cuda_device_without_torchrun_becomes_the_current_device(monkeypatch):
+    """--device cuda:1 alone: graph capture, synchronize and peak-memory calls act on the current CUDA
+    device, so it is set once at the start (here a stand-in records it)."""
+    import torch
+
+    from common.distributed import distributed_run
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for device in ("cuda:1", "cuda", "cpu"):
+        with distributed_run(device) as (_, got):
+            assert got == device
+    assert chosen == ["cuda:1"]
+
+
+def test_ddp_keeps_gradients_in_its_buckets_and_broadcasts_no_buffers(monkeypatch):
+    import torch
+
+    from common.distributed import Dist, wrap_ddp
+
+    seen = {}
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kw: seen.update(kw) or model)
+    wrap_ddp(torch.nn.Linear(2, 2), Dist(0, 2, 0), "cuda:0")
+    assert seen == {"device_ids": [0], "gradient_as_bucket_view": True, "broadcast_buffers": False}

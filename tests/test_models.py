@@ -215,3 +215,26 @@ def test_bf16_reference_copy_keeps_the_policy_rotary_frequencies(tiny_model, tin
     # seen: early 0.017, late 0.021; with bf16 rotary buffers the late error is 0.050 (3x the early)
     print("ERRS", early, late)
     assert late < 0.03 and late < 1.5 * early, (early, late)
+
+
+def test_qlora_keeps_the_frozen_embedding_in_its_dtype_and_checkpoints_non_reentrant(tiny_tokenizer):
+    """prepare_model_for_kbit_training casts every frozen non-quantized weight to fp32: they go back to the
+    model's dtype (bf16 here, as on CUDA: the tied embedding and head, the norms), so decoding does not
+    recast them per token and a forward without autocast still runs; gradient checkpointing runs
+    non-reentrant, as on the other paths."""
+    from models.lora import add_lora
+
+    base = load_model("tiny", device="cpu", load_in_4bit=True, tokenizer=tiny_tokenizer, dtype=torch.bfloat16)
+    model = add_lora(base, r=4, alpha=8, dropout=0.0, gradient_checkpointing=True)
+    inner = model.get_base_model()
+    assert inner.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert inner.get_output_embeddings().weight.dtype == torch.bfloat16
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    checkpoint = inner.model._gradient_checkpointing_func
+    assert checkpoint.keywords.get("use_reentrant") is False
+    ids = torch.tensor([encode_prompt(tiny_tokenizer, "How many apples are left?")])
+    model.train()
+    model(ids).logits.float().pow(2).mean().backward()  # trains through the checkpointed 4-bit layers
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

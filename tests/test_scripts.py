@@ -1,6 +1,7 @@
 """The set-up and GPU-check scripts, driven as a user on a GPU machine would meet them."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,55 @@ def test_cuda_checks_step_parts_skip_the_floor_study():
     text = (ROOT / "scripts" / "cuda_checks.sh").read_text().replace("\\\n", " ")
     steps = [line for line in text.splitlines() if "-m benchmarks.step" in line]
     assert len(steps) == 2 and all("--no_floor" in line for line in steps)
+
+
+def test_cuda_checks_on_an_image_with_old_transformers_stop_in_one_line_naming_what_to_carry(tmp_path):
+    """The GPU machine's Python (stubbed here: it claims a CUDA GPU and transformers 5.17) stops at the
+    preflight in one line that names the package and the carry script, before any part runs and without
+    calling pip (there is no .carry folder to install from)."""
+    import sys
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import importlib.metadata as m\n_real = m.version\n"
+        "m.version = lambda name: '5.17.0' if name == 'transformers' else _real(name)\n"
+        "import torch\ntorch.cuda.is_available = lambda: True\n")
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nPYTHONPATH="{fake}" exec "{sys.executable}" "$@"\n')
+    stub.chmod(0o755)
+    env = {"PYTHON": str(stub), "PATH": "/usr/bin:/bin", "CARRY_DIR": str(tmp_path / "no_carry")}
+    result = subprocess.run(["bash", "scripts/cuda_checks.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "transformers>=5.24 (found 5.17.0)" in result.stderr and "scripts/carry_wheels.sh" in result.stderr
+    assert not (tmp_path / "out").exists() and "installing" not in result.stdout
+    # carried wheels for another Python: pip --no-index refuses them, said in one line, nothing else runs
+    carry = tmp_path / "carry"
+    (carry / "wheels").mkdir(parents=True)
+    (carry / "wheels" / "transformers-5.24.0-cp399-cp399-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    result = subprocess.run(["bash", "scripts/cuda_checks.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True, env={**env, "CARRY_DIR": str(carry)})
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "do not install" in result.stderr and not (carry / "site").exists() and not (tmp_path / "out").exists()
+
+
+def test_preflight_names_each_package_below_its_floor():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preflight", ROOT / "scripts" / "preflight.py")
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)
+    ok = {p: "99.0" for p in preflight.NEEDED}
+    assert preflight.missing(ok) == []
+    assert preflight.missing({**ok, "transformers": "5.17.0", "pytest": None}) == [
+        "transformers>=5.24 (found 5.17.0)", "pytest>=8 (not installed)"]
+
+
+def test_cuda_checks_write_at_most_four_files():
+    """The GPU machine returns at most 8 files: the script writes checks.log, results.jsonl, parts.tsv and
+    summary.txt into OUT_DIR, and nothing per part."""
+    text = (ROOT / "scripts" / "cuda_checks.sh").read_text()
+    written = sorted(set(re.findall(r'"\$out/([A-Za-z_.]+)"', text)))
+    assert written == ["checks.log", "parts.tsv", "results.jsonl", "summary.txt"]

@@ -196,3 +196,25 @@ def test_short_sft_teaches_the_format(sft_tiny):
     assert before["step"] == 0 and before["eval_format_rate"] < 0.1  # random weights: no '#### N', no stop
     assert summary["format_rate"] > 0.8, summary
     assert lines[-1]["eval_format_rate"] == summary["format_rate"]
+
+
+@pytest.mark.parametrize("finetune,weights", [("full", torch.float32), ("lora", torch.bfloat16)])
+def test_full_finetuning_on_cuda_keeps_fp32_master_weights(monkeypatch, finetune, weights):
+    """Under CUDA's dtype policy (asked for here with device "cuda", the load itself stood in on the CPU)
+    a full fine-tune loads fp32 weights for AdamW to update (bf16 ones round small updates away; the
+    forward runs under bf16 autocast); LoRA keeps the base in bf16 and trains fp32 adapters."""
+    import models
+    import sft.trainer as trainer
+
+    asked = []
+
+    def load(name, device, load_in_4bit, dtype):
+        asked.append(dtype)
+        return real(name, device="cpu", dtype=dtype)
+
+    real = models.load_model_and_tokenizer
+    monkeypatch.setattr(models, "load_model_and_tokenizer", load)
+    model, _ = trainer._model(quick_config("unused", finetune=finetune, lora_r=4, lora_alpha=8), "cuda")
+    assert asked == [weights]
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trained == {torch.float32}

@@ -61,7 +61,7 @@ def test_names_are_grouped_and_only_finite_numbers_go():
 def test_tensorboard_events_equal_the_log_before_and_after_a_resume(tmp_path, tiny_tokenizer, monkeypatch):
     """A run that crashes after logging step 3 (its checkpoint is at step 2) and is resumed: every
     scalar at every step once, equal to the JSONL log's value there (the step-3 events written before
-    the crash are purged, not shown twice)."""
+    the crash are purged, not shown twice), and completions.jsonl cut back the same way."""
     out = tmp_path / "run"
     real = Run.checkpoint
 
@@ -71,11 +71,17 @@ def test_tensorboard_events_equal_the_log_before_and_after_a_resume(tmp_path, ti
         return real(self, step, *args, **kwargs)
 
     monkeypatch.setattr(Run, "checkpoint", crash_after_step_3)
+    watch = dict(report_to=("tensorboard",), log_completions="1")
     with pytest.raises(RuntimeError):
-        train_grpo(_cfg(out, report_to=("tensorboard",)), rollout_hook=_fixed(tiny_tokenizer))
+        train_grpo(_cfg(out, **watch), rollout_hook=_fixed(tiny_tokenizer))
     monkeypatch.setattr(Run, "checkpoint", real)
     assert [x["step"] for x in _log(out)] == [0, 1, 2, 3]
-    train_grpo(_cfg(out, report_to=("tensorboard",), resume=True), rollout_hook=_fixed(tiny_tokenizer))
+    steps = [json.loads(x)["step"] for x in (out / COMPLETIONS).read_text().splitlines()]
+    assert steps == [1] * 4 + [2] * 4 + [3] * 4
+    train_grpo(_cfg(out, **watch, resume=True), rollout_hook=_fixed(tiny_tokenizer))
+    # completions.jsonl is cut back to the checkpoint like the log: step 3's rows once, not twice
+    steps = [json.loads(x)["step"] for x in (out / COMPLETIONS).read_text().splitlines()]
+    assert steps == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
 
     log = _log(out)
     assert [x["step"] for x in log] == [0, 1, 2, 3, 4]
