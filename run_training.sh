@@ -85,6 +85,9 @@ else
   SFT=(--model_name Qwen/Qwen3-0.6B --num_epochs 3 --batch_size 4)
   GRPO=(--max_steps 500 --eval_every 50 --save_every 50)
   EVAL=(--max_new_tokens 512 --batch_size 64)
+  # rollouts and backward passes of varying lengths fragment the caching allocator: growable segments
+  # return that memory (the A10G's 22.5 GiB are tight at the longest micro-batch)
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 fi
 
 if [ -n "${DATASET:-}" ]; then

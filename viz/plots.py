@@ -162,7 +162,9 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    eval_keys = [k for k in ("eval_accuracy", "eval_format_rate", *named_evals(records)) if series(records, k)[0]]
+    named = named_evals(records)  # several held-out sets: each its curve (the first is also eval_accuracy)
+    eval_keys = [k for k in (*named, "eval_format_rate") if series(records, k)[0]] if named else \
+        [k for k in ("eval_accuracy", "eval_format_rate") if series(records, k)[0]]
     parts = reward_names(records) if grpo else []
     panels = (2 if grpo else 0) + (1 if parts else 0) + (1 if eval_keys else 0)
     fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 3.8), squeeze=False)
