@@ -21,7 +21,7 @@ LAYERS = [
     ("sft", "grpo", "viz"),  # the two trainers; plots of their logs
     ("benchmarks",),
 ]
-CLIS = ("train", "train_sft", "train_grpo", "visualize_logs", "dev")  # scripts: may import any package
+CLIS = ("train", "train_sft", "train_grpo", "visualize_logs", "dev", "scripts")  # may import any package
 LAYER = {package: i for i, names in enumerate(LAYERS) for package in names}
 
 
