@@ -16,23 +16,47 @@ class RolloutBatch:
     position_ids: torch.Tensor  # [B, P + C]: positions counted from each row's first real token
     completion_ids: torch.Tensor  # [B, C]
     completion_mask: torch.Tensor  # [B, C]: 1 on completion tokens (eos included)
+    # the same lengths on the host, so cutting a micro-batch to its widths reads nothing back from the
+    # device (each read is a sync: the host waits for every queued kernel); None: read the masks
+    prompt_lengths: list[int] | None = None
+    completion_lengths: list[int] | None = None  # tokens in the loss: 0 for a row taken out of it
+    groups: list[int] | None = None  # each row's prompt, numbered in order (rows of a group share one)
 
-    def take(self, index: slice | torch.Tensor) -> RolloutBatch:
-        """These rows, cut to the columns they use: the prompt padding all of them have on the left and
-        the completion padding all of them have on the right, so a micro-batch of short completions does
-        not pay for the batch's longest. Completion column j stays column j of the whole batch."""
+    def take(self, index: slice | torch.Tensor, rows: list[int] | None = None) -> RolloutBatch:
+        """These rows (`rows`: the same ones as host indices, when `index` is a tensor), cut to the columns
+        they use: the prompt padding all of them have on the left and the completion padding all of them
+        have on the right, so a micro-batch of short completions does not pay for the batch's longest.
+        Completion column j stays column j of the whole batch."""
         mask, completion_mask = self.attention_mask[index], self.completion_mask[index]
         P = mask.shape[1] - self.completion_width
-        first = int(mask[:, :P].any(0).int().argmax())  # every prompt has a token, so this is < P
-        used = completion_mask.any(0).nonzero()
-        width = int(used.max()) + 1 if used.numel() else 1
+        if isinstance(index, slice):
+            rows = list(range(self.input_ids.shape[0]))[index]
+        known = rows is not None and self.prompt_lengths is not None and self.completion_lengths is not None
+        if known:
+            first = P - max(self.prompt_lengths[r] for r in rows)
+            width = max(1, max(self.completion_lengths[r] for r in rows))
+        else:
+            first = int(mask[:, :P].any(0).int().argmax())  # every prompt has a token, so this is < P
+            used = completion_mask.any(0).nonzero()
+            width = int(used.max()) + 1 if used.numel() else 1
         cols = slice(first, P + width)
+
+        def pick(xs: list[int] | None) -> list[int] | None:
+            return None if xs is None or rows is None else [xs[r] for r in rows]
+
         return RolloutBatch(self.input_ids[index, cols], mask[:, cols], self.position_ids[index, cols],
-                            self.completion_ids[index, :width], completion_mask[:, :width])
+                            self.completion_ids[index, :width], completion_mask[:, :width],
+                            pick(self.prompt_lengths), pick(self.completion_lengths), pick(self.groups))
 
     @property
     def completion_width(self) -> int:
         return self.completion_ids.shape[1]
+
+    def mask_rows(self, cut: list[bool]) -> None:
+        """Take the rows where `cut` is True out of the loss (their completion mask and length zeroed)."""
+        self.completion_mask[torch.tensor(cut, dtype=torch.bool, device=self.completion_mask.device)] = 0
+        if self.completion_lengths is not None:
+            self.completion_lengths = [0 if c else n for n, c in zip(self.completion_lengths, cut)]
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
@@ -49,8 +73,12 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
         attention_mask[i, P - len(p): P + len(c)] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     completion_mask = attention_mask[:, P:].clone()
+    groups = [0]
+    for i in range(1, B):
+        groups.append(groups[-1] + (prompts[i] != prompts[i - 1]))
     return RolloutBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
-                        input_ids[:, P:].to(device), completion_mask.to(device))
+                        input_ids[:, P:].to(device), completion_mask.to(device), [len(p) for p in prompts],
+                        [len(c) for c in completions], groups)
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
@@ -108,9 +136,11 @@ def _prompt_groups(batch: RolloutBatch) -> torch.Tensor | None:
     P = batch.input_ids.shape[1] - batch.completion_width
     if batch.input_ids.shape[0] < 2 or P < 2:
         return None
+    if batch.groups is not None and len(set(batch.groups)) == len(batch.groups):
+        return None  # known on the host: no device read
     ids, mask = batch.input_ids[:, :P], batch.attention_mask[:, :P]
     new = ((ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])).any(1)
-    if bool(new.all()):
+    if batch.groups is None and bool(new.all()):
         return None
     return torch.cat([new.new_zeros(1), new]).long().cumsum(0)
 

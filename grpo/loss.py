@@ -145,6 +145,7 @@ def grpo_loss(
     num_items_in_batch: float | None = None,
     importance_sampling_level: str = "token",
     counts: Counts | None = None,
+    as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `loss_type`.
 
@@ -155,6 +156,8 @@ def grpo_loss(
     KL = exp(ref - logp) - (ref - logp) - 1; loss = surrogate + beta*KL.
     `old_logprobs=None` is on-policy (logp.detach(), so r == 1 with the policy gradient's value).
     Returns (loss, metrics): policy_loss + kl_loss == grpo_loss; kl is the masked token mean of KL.
+    `as_tensors`: the metrics as 0-dim tensors, so the caller reads them all at once (each `.item()` is a
+    device sync).
     """
     mask = mask.to(logprobs.dtype)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -176,24 +179,24 @@ def grpo_loss(
         delta = ref_logprobs - logprobs
         kl = torch.exp(delta) - delta - 1
         kl_loss = beta * aggregate(kl, **agg)
-        mean_kl = masked_mean(kl.detach(), mask).item()
+        mean_kl = masked_mean(kl.detach(), mask)
     else:
         kl_loss = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-        mean_kl = 0.0
+        mean_kl = torch.zeros_like(kl_loss)
     loss = policy_loss + kl_loss
     with torch.no_grad():
         low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
         high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
         metrics = {
-            "grpo_loss": loss.item(),
-            "policy_loss": policy_loss.item(),
-            "kl_loss": kl_loss.item(),
+            "grpo_loss": loss.detach(),
+            "policy_loss": policy_loss.detach(),
+            "kl_loss": kl_loss.detach(),
             "kl": mean_kl,
-            "clip_ratio_low": masked_mean(low, mask).item(),
-            "clip_ratio_high": masked_mean(high, mask).item(),
-            "clip_ratio_region": masked_mean(torch.maximum(low, high), mask).item(),
+            "clip_ratio_low": masked_mean(low, mask),
+            "clip_ratio_high": masked_mean(high, mask),
+            "clip_ratio_region": masked_mean(torch.maximum(low, high), mask),
         }
-    return loss, metrics
+    return loss, metrics if as_tensors else {k: v.item() for k, v in metrics.items()}
 
 
 if __name__ == "__main__":

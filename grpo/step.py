@@ -83,7 +83,8 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
                          autocast: Any) -> tuple[dict[str, float], float]:
     """Loss of one micro-batch, normalized by the step's `counts`, times `scale`, and its backward (gradients
     accumulate; DDP all-reduces only when `sync`);
-    returns (grpo_loss's metrics, the summed entropy of its completion tokens). No [rows, C, V] logits
+    returns (grpo_loss's metrics, the summed entropy of its completion tokens), read from the device in
+    one transfer after the backward is queued. No [rows, C, V] logits
     are held: the loss projects the hidden states a chunk at a time (`completion_logprobs`); on the
     logits path they are never bound to a name, so they are freed once the log-prob pass's backward
     has used them, not held through the model's whole backward."""
@@ -93,21 +94,27 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
         loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mb.completion_mask, beta=cfg.beta,
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                  importance_sampling_level=cfg.importance_sampling_level, counts=counts)
+                                  importance_sampling_level=cfg.importance_sampling_level, counts=counts,
+                                  as_tensors=True)
         (loss * scale).backward()
-    return metrics, (entropy * mb.completion_mask).sum().item()
+    # every figure of the micro-batch read back at once, after the backward is queued: one sync
+    *values, entropy_sum = torch.stack([*metrics.values(), (entropy * mb.completion_mask).sum()]).tolist()
+    return dict(zip(metrics, values)), entropy_sum
 
 
-def trained_rows(s: int, end: int, advantages: torch.Tensor, skip: bool,
-                 live: torch.Tensor | None = None) -> torch.Tensor:
+def trained_rows(s: int, end: int, advantages: list[float], skip: bool, live: list[bool] | None = None) -> list[int]:
     """The rows of micro-batch [s, end) that go through the forward and backward: all of them, or with
     `skip` only those whose advantage is not 0 (with beta 0 a row's whole gradient is A x d ratio, so
     a row with A = 0, e.g. every row of a group whose rewards are all equal, contributes exactly 0);
-    with `live` ([B] bool) only the rows still in the loss (--mask_truncated_completions takes cut ones out)."""
-    rows = torch.arange(s, end, device=advantages.device)
-    if live is not None:
-        rows = rows[live[rows]]
-    return rows[advantages[rows] != 0] if skip else rows
+    with `live` only the rows still in the loss (--mask_truncated_completions takes cut ones out).
+    Decided on the host, from host copies: no device read."""
+    return [r for r in range(s, end) if (live is None or live[r]) and (not skip or advantages[r] != 0)]
+
+
+def _index(rows: list[int], device: str) -> torch.Tensor:
+    """`rows` as a device index; on CUDA through pinned memory, so the copy does not wait for the GPU."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else index.to(device)
 
 
 def _optimizer_step(policy: Policy, cfg: GRPOConfig, dist: Dist, loss: float) -> tuple[float, bool, float]:
@@ -143,9 +150,11 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
     batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
     if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
-        batch.completion_mask[torch.tensor(groups.truncated, dtype=torch.bool, device=device)] = 0
+        batch.mask_rows(groups.truncated)
     live = batch.completion_mask.any(-1)  # the rows in the loss
-    live_host = live.tolist()  # counted on the host once, not per micro-batch
+    # the micro-batches are cut and counted on the host, from host copies: no device read per micro-batch
+    live_host, lengths = [n > 0 for n in batch.completion_lengths], batch.completion_lengths
+    adv_host = all_advantages[dist.rank * B: (dist.rank + 1) * B].tolist()
     num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()  # dapo's normalizer
     step_rows = int(dist.all_reduce(live.sum().float()).item())  # grpo's and dr_grpo's
 
@@ -158,34 +167,34 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     sums: dict[str, float] = {}
     entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
     skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
-    drop = live if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
+    drop = live_host if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
     loss_type = LOSS_TYPES_TABLE[cfg.loss_type]
     went_through = torch.zeros(B, dtype=torch.bool)  # the rows of any update's backward (completions.jsonl)
     for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched
         with timer("backward"):
             for s in range(0, B, micro):
-                full_mask = batch.completion_mask[s: s + micro]
-                trained = trained_rows(s, min(s + micro, B), advantages, skip, drop)
-                if trained.numel() == 0:
+                trained = trained_rows(s, min(s + micro, B), adv_host, skip, drop)
+                if not trained:
                     continue  # no row of it carries a gradient
-                mb = batch.take(trained)  # cut to its own widths: completion columns [:w] of the batch
+                index = _index(trained, device)
+                mb = batch.take(index, trained)  # cut to its own widths: completion columns [:w] of the batch
                 full = sum(live_host[s: s + micro])  # rows in the loss; of them trained: all (DDP) or `trained`
-                kept = trained.numel() if drop is not None else full
+                kept = len(trained) if drop is not None else full
                 # the loss type's weight makes the micro-batches add up to the step's loss (loss.py's table)
                 weight = loss_type.weight(kept, full, step_rows)
-                counts = Counts(tokens=max(full_mask.sum().item(), 1.0), max_length=cfg.max_completion_length,
+                counts = Counts(tokens=max(sum(lengths[s: s + micro]), 1.0), max_length=cfg.max_completion_length,
                                 step_tokens=num_items)
                 w = mb.completion_width
                 metrics, entropy = micro_batch_backward(
-                    policy.train_model, mb, None if old is None else old[trained, :w],
-                    None if ref is None else ref[trained, :w], advantages[trained], cfg, counts, weight * W,
+                    policy.train_model, mb, None if old is None else old[index, :w],
+                    None if ref is None else ref[index, :w], advantages[index], cfg, counts, weight * W,
                     sync=s + micro >= B, autocast=policy.autocast)
-                tokens = mb.completion_mask.sum().item()
+                tokens = sum(mb.completion_lengths)
                 for k, v in metrics.items():  # this rank's share; summed over ranks at log time
                     sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
                 entropy_sum, entropy_tokens = entropy_sum + entropy, entropy_tokens + tokens
-                backward_rows += trained.numel()
-                went_through[trained.cpu()] = True
+                backward_rows += len(trained)
+                went_through[trained] = True
         with timer("optimizer"):
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped

@@ -119,8 +119,10 @@ class _ProjectedLogSoftmax(torch.autograd.Function):
                 w = weight[v: v + chunk].to(dtype)
                 p = (h @ w.T).to(lse.dtype).div_(T).sub_(lse[:, None]).exp_()  # softmax(z / T) [N, chunk]
                 dz = p.mul_(-g)
-                inside = ((ids >= v) & (ids < v + w.shape[0])).nonzero().squeeze(-1)
-                dz.index_put_((inside, ids[inside] - v), g[inside, 0], accumulate=True)
+                # + g at each position's chosen id when it falls in this chunk (+0 elsewhere): a scatter over
+                # every position, so nothing is read back to the host (a nonzero would sync per chunk)
+                inside = (ids >= v) & (ids < v + w.shape[0])
+                dz.scatter_add_(1, (ids - v).clamp(0, w.shape[0] - 1)[:, None], g * inside[:, None])
                 dz = dz.to(dtype)
                 if grad_hidden is not None:
                     grad_hidden += dz @ w

@@ -253,3 +253,54 @@ def test_masked_truncated_rows_leave_the_loss_but_keep_their_rewards(tmp_path, t
                              micro_batch_size=2, mask_truncated_completions=True, max_completion_length=L)
         assert small["grpo_loss"] == pytest.approx(log["grpo_loss"], rel=1e-5, abs=1e-7)
         assert small["grad_norm"] == pytest.approx(log["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("beta,mask_truncated", [(0.04, False), (0.0, True)])
+def test_at_most_one_device_read_per_micro_batch(tmp_path, tiny_tokenizer, monkeypatch, beta, mask_truncated):
+    """Each read of a device value on the host (.item(), .tolist(), a nonzero's size) makes the host wait
+    for every queued kernel. Counted with a dispatch mode over the step's backward phase: one read per
+    micro-batch (its figures, after its backward is queued), with the KL term or with rows skipped
+    and masked out, and the projected loss's backward reads nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import grpo.step as grpo_step
+    from common.timing import Timer
+
+    reads = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+             "aten.equal.default"}
+
+    class Count(TorchDispatchMode):
+        on, seen = False, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.on and str(func) in reads:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counter, real_phase, real_backward, micro_batches = Count(), Timer.__call__, grpo_step.micro_batch_backward, []
+
+    def phase(timer, name):
+        inner = real_phase(timer, name)
+
+        class Counted:
+            def __enter__(self):
+                counter.on = name == "backward"
+                inner.__enter__()
+
+            def __exit__(self, *exc):
+                inner.__exit__(*exc)
+                counter.on = False
+
+        return Counted()
+
+    def backward(*args, **kwargs):
+        micro_batches.append(1)
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(Timer, "__call__", phase)
+    monkeypatch.setattr(grpo_step, "micro_batch_backward", backward)
+    with counter:
+        log, _ = _one_step(tmp_path, tiny_tokenizer, micro_batch_size=4, beta=beta,
+                           mask_truncated_completions=mask_truncated)
+    assert micro_batches and log["backward_rows"] > 0
+    assert counter.seen == ["aten._local_scalar_dense.default"] * len(micro_batches), counter.seen

@@ -207,7 +207,7 @@ def test_non_finite_loss_skips_and_stops_after_three(tmp_path, monkeypatch):
 
     def nan_loss(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
-        return loss * float("nan"), {**metrics, "grpo_loss": float("nan")}
+        return loss * float("nan"), {**metrics, "grpo_loss": metrics["grpo_loss"] * float("nan")}
 
     monkeypatch.setattr(grpo_step, "grpo_loss", nan_loss)
     out = tmp_path / "nan"
