@@ -47,6 +47,10 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only; docs/performance.md)",
                              group=ROLLOUT)
     micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1, group=LOSS)
+    no_grad_micro_batch_size: int | None = flag(None, "completions per pass of the reference and old log-probs "
+                                                      "(no gradient, so no activations kept: default 4x "
+                                                      "--micro_batch_size on CUDA, the same on the CPU)", low=1,
+                                                group=LOSS)
     learning_rate: float = flag(1e-6, "AdamW learning rate", low=0, group=LOSS)
     lr_decay: str = flag("constant", "after warmup", choices=LR_DECAYS, group=LOSS)
     warmup_ratio: float = flag(0.0, "share of updates with linear LR warmup", low=0, high=1, group=LOSS)

@@ -304,3 +304,21 @@ def test_at_most_one_device_read_per_micro_batch(tmp_path, tiny_tokenizer, monke
                            mask_truncated_completions=mask_truncated)
     assert micro_batches and log["backward_rows"] > 0
     assert counter.seen == ["aten._local_scalar_dense.default"] * len(micro_batches), counter.seen
+
+
+def test_no_grad_passes_take_wider_micro_batches_on_cuda_and_give_the_same_logprobs(tiny_model, tiny_tokenizer):
+    """The reference/old log-prob passes keep no activations: 4x the training micro-batch on CUDA (the
+    CPU keeps its own), or --no_grad_micro_batch_size; any width gives the same log-probs."""
+    import contextlib
+
+    from grpo.batch import pack
+    from grpo.step import logprobs_no_grad, no_grad_micro_batch
+
+    cfg = GRPOConfig(micro_batch_size=4)
+    assert (no_grad_micro_batch(cfg, "cuda"), no_grad_micro_batch(cfg, "cpu")) == (16, 4)
+    assert no_grad_micro_batch(GRPOConfig(micro_batch_size=4, no_grad_micro_batch_size=6), "cuda") == 6
+    prompts = [tiny_tokenizer(f"q{i}?")["input_ids"] for i in range(3) for _ in range(4)]
+    completions = [[5 + i, 6, 7][: 1 + i % 3] for i in range(12)]
+    batch = pack(prompts, completions, tiny_tokenizer.pad_token_id, "cpu")
+    narrow, wide = (logprobs_no_grad(tiny_model, batch, m, 0.7, contextlib.nullcontext) for m in (4, 12))
+    assert torch.allclose(narrow, wide, atol=1e-5)
