@@ -75,6 +75,7 @@ class SavedTally:
 
         self.bytes: collections.Counter = collections.Counter()
         self.seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.held: list[object] = []
         self.stack: list[str] = []
 
     def __enter__(self) -> SavedTally:
@@ -96,11 +97,15 @@ class SavedTally:
         self.saved.__exit__(*exc)
         for h in self.hooks:
             h.remove()
+        self.held = []
 
     def _pack(self, t: object) -> object:
         storage = t.untyped_storage()
         if storage.data_ptr() not in self.seen:
             self.seen.add(storage.data_ptr())
+            # held until the tally ends: a storage freed early (a branch of the graph dropped before the
+            # backward) would otherwise hand its address to a later one, which would go uncounted
+            self.held.append(storage)
             self.bytes[self.stack[-1] if self.stack else "loss"] += storage.nbytes()
         return t
 

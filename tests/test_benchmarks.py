@@ -159,3 +159,25 @@ def test_sft_step_benchmark_runs_each_way_in_its_own_process():
     projected, logits, full = (record[f"{way}_saved_gb"] for way in ("projected", "logits", "full"))
     assert projected["Linear"] > 0 and logits["Linear"] > 0 and full["Linear"] > 0
     assert full["loss"] > 2 * logits["loss"] > 2 * projected["loss"]
+
+
+def test_memory_ledger_adds_up_and_its_activations_match_a_whole_model_tally():
+    """The ledger's lines add up to its phases and peak, and the activations it scales from 1- and
+    2-layer tallies equal a tally of the whole (tiny, 4-layer) model."""
+    from benchmarks.memory import MemoryArgs, ledger, saved_bytes
+
+    args = MemoryArgs(model="tiny", prompt_tokens=20, completion_tokens=16)
+    got = ledger(args)
+    assert got["held_all_step"] == pytest.approx(got["weights"] + got["gradients"] + got["adamw_moments"]
+                                                 + got["reference"])
+    assert got["peak"] == pytest.approx(got["held_all_step"] + max(got["rollout"], got["training"]))
+    one, two = saved_bytes(args, 1), saved_bytes(args, 2)
+    from models.loading import load_tokenizer
+    from models.tiny import tiny_config
+
+    layers = tiny_config(load_tokenizer("tiny")).num_hidden_layers
+    assert one + (layers - 1) * (two - one) == pytest.approx(saved_bytes(args, layers), rel=0.02)
+    lora = ledger(MemoryArgs(model="tiny", finetune="lora", prompt_tokens=20, completion_tokens=16))
+    assert lora["reference"] == 0 and lora["gradients"] < got["gradients"] / 5
+    graphs = ledger(MemoryArgs(model="tiny", cuda_graphs=True, prompt_tokens=20, completion_tokens=16))
+    assert graphs["training"] == pytest.approx(got["training"] + got["decode_weights"] + got["kv_cache"])
