@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         run = Path(dist.gather_objects(tmp)[0]) / "run"  # rank 0's folder: only rank 0 writes
         cfg = GRPOConfig(model_name=args.model, dataset="synthetic", grpo_output=str(run),
                          max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
-                         prompts_per_step=args.prompts_per_step, lora=args.lora, device=device,
-                         cuda_graphs=args.cuda_graphs, save_every=10**9, show_progress=False)
+                         prompts_per_step=args.prompts_per_step, finetune="lora" if args.lora else "full",
+                         device=device, cuda_graphs=args.cuda_graphs, save_every=10**9, show_progress=False)
         train_grpo(cfg)
         if not dist.is_main:
             return
