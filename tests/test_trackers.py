@@ -168,3 +168,36 @@ def test_each_in_training_eval_keeps_its_predictions(tmp_path, tiny_tokenizer):
         line = next(x for x in _log(out) if x["step"] == step)
         assert summary["accuracy"] == line["eval_accuracy"]
         assert len((out / "eval" / f"step_{step}" / "eval_predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_sft_reports_to_tensorboard_too(tmp_path):
+    from sft.trainer import LOG_NAME as SFT_LOG
+    from sft.trainer import SFTConfig, train_sft
+
+    out = tmp_path / "sft"
+    train_sft(SFTConfig(model_name="tiny", dataset="synthetic", sft_output=str(out), max_samples=32, batch_size=8,
+                        max_steps=3, eval_samples=4, eval_max_new_tokens=8, device="cpu", show_progress=False,
+                        report_to=("tensorboard",), run_name="sft-run"))
+    log = [json.loads(x) for x in (out / SFT_LOG).read_text().splitlines()]
+    scalars = _scalars(out / "tracker" / "sft-run")
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([x["loss"] for x in log])
+
+
+def test_a_trackio_stand_in_sees_the_run_by_its_stored_name(tmp_path, tiny_tokenizer, monkeypatch):
+    calls = []
+    fake = types.ModuleType("trackio")
+    fake.init = lambda **kw: calls.append(("init", kw))
+    fake.log = lambda metrics, step: calls.append(("log", step, metrics))
+    fake.finish = lambda: calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "trackio" else None)
+    out = tmp_path / "run"
+    train_grpo(_cfg(out, max_steps=2, report_to=("trackio",), run_name="t"), rollout_hook=_fixed(tiny_tokenizer))
+    first = calls[0][1]
+    assert first["name"].startswith("t-") and first["resume"] == "allow" and calls[-1] == ("finish",)
+    assert sorted(step for kind, step, *_ in (c for c in calls if c[0] == "log")) == [0, 1, 2]
+    calls.clear()
+    train_grpo(_cfg(out, max_steps=3, report_to=("trackio",), run_name="t", resume=True),
+               rollout_hook=_fixed(tiny_tokenizer))
+    assert calls[0][1]["name"] == first["name"]  # the resumed run continues the same Trackio run
