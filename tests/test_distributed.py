@@ -95,6 +95,7 @@ def weights_of_tiny() -> dict:
     return load_file(str(tiny_dir() / "model.safetensors"))
 
 
+@pytest.mark.slow  # 20-25 s: two processes under torchrun, end to end (the 2-rank update test stays quick)
 def test_torchrun_grpo_cli_writes_one_log_one_checkpoint_one_model(tmp_path):
     out = tmp_path / "grpo"
     torchrun("train_grpo.py", "--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "3",
@@ -118,6 +119,7 @@ def test_torchrun_grpo_cli_writes_one_log_one_checkpoint_one_model(tmp_path):
                               resume=True, device="cpu", show_progress=False))
 
 
+@pytest.mark.slow  # 10-12 s: two processes under torchrun, end to end
 def test_torchrun_sft_cli_leaves_one_log_one_checkpoint_one_model(tmp_path):
     out = tmp_path / "sft"
     torchrun("train_sft.py", "--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "3",
