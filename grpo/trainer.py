@@ -28,11 +28,9 @@ from grpo.policy import Policy
 from grpo.prompt_order import extra_prompts, step_prompts
 from grpo.record import step_record
 from grpo.step import grpo_step
-from models.push import check_push
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
-from training.run import VALIDATION, Run
-from training.trackers import check as check_trackers
+from training.run import Run, check_watch, run_data
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning
@@ -43,10 +41,7 @@ __all__ = ["LOG_NAME", "GRPOConfig", "train_grpo"]
 
 def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     check(cfg)
-    check_trackers(cfg.report_to)
-    check_push(cfg.push_to_hub)
-    if cfg.keep_best and cfg.eval_every == 0:
-        fail("--keep_best picks the best model at each held-out eval; give --eval_every N too")
+    check_watch(cfg)
     if cfg.use_4bit and not cfg.lora:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")
     if cfg.prompts_per_step % dist.world_size:
@@ -153,7 +148,6 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     ids) instead of sampling (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
-    from data import main_eval_name, other_eval_sets, run_records, split_validation
     from data.prompt import resolve_format, warn_thinking
     from models import default_device
 
@@ -167,10 +161,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         warn_thinking(fmt, cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_every > 0,
                       "GRPO's held-out evals")
     rewards = _rewards(cfg, reward_funcs, fmt.thinking)
-    train_records, held_out = run_records(cfg, train_records, eval_records)
-    eval_sets = {main_eval_name(cfg, eval_records): held_out, **other_eval_sets(cfg, eval_records)}
-    if cfg.keep_best:  # chosen on training problems held back, never on the test split
-        train_records, eval_sets[VALIDATION] = split_validation(train_records, cfg.validation_samples, cfg.seed)
+    train_records, eval_sets = run_data(cfg, train_records, eval_records)
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
     seed_everything(cfg.seed)

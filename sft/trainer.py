@@ -25,10 +25,8 @@ from common.distributed import Dist, check_4bit, current, no_sync_unless, wrap_d
 from common.errors import fail
 from common.flags import check
 from common.run_files import now_iso, seed_everything
-from models.push import check_push
 from sft.config import SFTConfig
-from training.run import VALIDATION, Run
-from training.trackers import check as check_trackers
+from training.run import Run, check_watch, run_data
 
 LOG_NAME = "sft_training_logs.jsonl"
 
@@ -85,16 +83,13 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     `cfg.dataset`."""
 
     from common.schedule import adamw, make_scheduler
-    from data import main_eval_name, other_eval_sets, require_solutions, run_records, split_validation
+    from data import require_solutions
     from data.prompt import resolve_format, warn_thinking
     from models import default_device, default_dtype
     from sft.batching import collate, encode_records
 
     check(cfg)
-    check_trackers(cfg.report_to)
-    check_push(cfg.push_to_hub)
-    if cfg.keep_best and cfg.eval_every == 0:
-        fail("--keep_best picks the best model at each held-out eval; give --eval_every N too")
+    check_watch(cfg)
     if not cfg.lora and cfg.use_4bit:
         fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; use --finetune lora or drop --use_4bit")
     dist, device = current(), cfg.device or default_device()
@@ -104,11 +99,8 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     seed_everything(cfg.seed)
     source = cfg.dataset if train_records is None else "train_records"
-    api_eval = eval_records
-    train_records, eval_records = run_records(cfg, train_records, eval_records)
-    eval_sets = {main_eval_name(cfg, api_eval): eval_records, **other_eval_sets(cfg, api_eval)}
-    if cfg.keep_best:  # chosen on training problems held back, never on the test split
-        train_records, eval_sets[VALIDATION] = split_validation(train_records, cfg.validation_samples, cfg.seed)
+    train_records, eval_sets = run_data(cfg, train_records, eval_records)
+    held_out = next(iter(eval_sets.values()))  # the main held-out set
     require_solutions(train_records, source, cfg.fields())
     model, tokenizer = _model(cfg, device)
     examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator, fmt)
@@ -177,7 +169,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     summary = summary or evaluate()[0]  # resumed at the end: nothing trained, still report
     run.save_final(model, tokenizer, **how, message=(
                        f"after SFT: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}, "
-                       f"truncation rate {summary['truncation_rate']:.3f} on {len(eval_records)} held-out problems\n"
+                       f"truncation rate {summary['truncation_rate']:.3f} on {len(held_out)} held-out problems\n"
                        f"saved: model + tokenizer in {run.out}"
                        + ("" if not cfg.lora else f", LoRA adapter in {run.out / 'adapter'}")))
     return summary

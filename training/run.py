@@ -63,6 +63,32 @@ def read_best(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def check_watch(cfg: Any) -> None:
+    """The watch flags (training/flags.py) both trainers check before any model loads, one line each."""
+    from common.errors import fail
+    from models.push import check_push
+    from training.trackers import check as check_trackers
+
+    check_trackers(cfg.report_to)
+    check_push(cfg.push_to_hub)
+    if cfg.keep_best and cfg.eval_every == 0:
+        fail("--keep_best picks the best model at each held-out eval; give --eval_every N too")
+
+
+def run_data(cfg: Any, train_rows: list[Any] | None, eval_rows: list[Any] | None) -> tuple[list[Any],
+                                                                                             dict[str, list[Any]]]:
+    """A run's training records and its held-out sets by name: the main one first (`data.run_records`),
+    then each further --eval_dataset, then with --keep_best the validation problems held back from the
+    training records (never the test split)."""
+    from data import main_eval_name, other_eval_sets, run_records, split_validation
+
+    train, held_out = run_records(cfg, train_rows, eval_rows)
+    sets = {main_eval_name(cfg, eval_rows): held_out, **other_eval_sets(cfg, eval_rows)}
+    if cfg.keep_best:
+        train, sets[VALIDATION] = split_validation(train, cfg.validation_samples, cfg.seed)
+    return train, sets
+
+
 class Run:
     """One training run's folder. `cfg` needs `resume`, `overwrite`, `save_every`, `show_progress` and
     the watch flags (training/flags.py)."""
@@ -173,7 +199,6 @@ class Run:
         """A loadable model in `target`: the LoRA adapter in <target>/adapter and the model merged into a
         fresh base, or the model itself; the tokenizer, the prompt format and the model card beside it.
         `whole_folder`: swap in a new folder (snapshots, best/); else files into the run folder."""
-        from common.run_files import write_json
         from models.card import write_model_card
         from models.lora import merged_copy_for_saving
 
