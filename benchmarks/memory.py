@@ -18,7 +18,7 @@ out the CUDA context and the caching allocator's fragmentation (`peak_memory_res
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from benchmarks.common import BenchArgs
@@ -27,33 +27,46 @@ from common.flags import FINETUNE, flag
 GB = 2**30
 
 
+def _recipe(name: str) -> Any:
+    """train_grpo.py's default for `name`: the ledger's defaults are the recipe's."""
+    from grpo.config import GRPOConfig
+
+    return next(f.default for f in fields(GRPOConfig) if f.name == name)
+
+
 @dataclass
 class MemoryArgs(BenchArgs):
-    model: str = flag("random:Qwen/Qwen3-0.6B", "the model shape: random:<hub id>, tiny, or a folder")
-    finetune: str = flag("full", "full or lora, as train_grpo.py --finetune", choices=FINETUNE)
-    prompts_per_step: int = flag(4, "prompts per step", low=1)
-    num_generations: int = flag(4, "completions per prompt", low=1)
-    micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1)
+    model: str = flag("random:Qwen/Qwen3-0.6B", "the model shape: random:<hub id> or tiny")
+    finetune: str = flag(_recipe("finetune"), "full or lora, as train_grpo.py --finetune", choices=FINETUNE)
+    prompts_per_step: int = flag(_recipe("prompts_per_step"), "prompts per step", low=1)
+    num_generations: int = flag(_recipe("num_generations"), "completions per prompt", low=1)
+    micro_batch_size: int = flag(_recipe("micro_batch_size"), "completions per forward/backward pass", low=1)
     prompt_tokens: int = flag(150, "prompt length (GSM8K's prompts: ~100-250 tokens)", low=1)
-    completion_tokens: int = flag(512, "completion length: --max_completion_length, the worst case", low=1)
-    beta: float = flag(0.01, "the KL coefficient: > 0 holds a frozen reference (without LoRA)", low=0)
-    lora_r: int = flag(16, "LoRA rank", low=1)
+    completion_tokens: int = flag(_recipe("max_completion_length"), "completion length: "
+                                  "--max_completion_length, the worst case", low=1)
+    beta: float = flag(_recipe("beta"), "the KL coefficient: > 0 holds a frozen reference (without LoRA)", low=0)
+    lora_r: int = flag(_recipe("lora_r"), "LoRA rank", low=1)
     cuda_graphs: bool = flag(False, "the graphed decode state stays through the backward")
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward")
 
 
-def _model(args: MemoryArgs, layers: int) -> Any:
-    """The model's shape with `layers` layers and random weights, on the CPU in fp32."""
+def _config(args: MemoryArgs) -> Any:
+    """The model's config: `tiny`'s, or the real architecture of random:<hub id>."""
     from models.loading import load_tokenizer
-    from models.tiny import _init_model, random_config, tiny_config
+    from models.tiny import random_config, tiny_config
 
     tokenizer = load_tokenizer("tiny")
-    if args.model == "tiny":
-        config = tiny_config(tokenizer)
-    else:
-        config = random_config(args.model.removeprefix("random:"), tokenizer)
+    return tiny_config(tokenizer) if args.model == "tiny" else random_config(args.model.removeprefix("random:"),
+                                                                             tokenizer)
+
+
+def _model(args: MemoryArgs, layers: int) -> Any:
+    """The model's shape with `layers` layers and random weights, on the CPU in fp32."""
+    from models.tiny import _init_model
+
+    config = _config(args)
     config.num_hidden_layers = layers
-    if hasattr(config, "layer_types") and config.layer_types:
+    if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:layers]
     return _init_model(config, 0)
 
@@ -91,7 +104,7 @@ def ledger(args: MemoryArgs) -> dict[str, float]:
     one, two = saved_bytes(args, 1), saved_bytes(args, 2)
     model = _model(args, 1)
     cfg = model.config
-    layers, per_layer = _model_layers(args), two - one
+    layers, per_layer = _config(args).num_hidden_layers, two - one
     activations = one - per_layer + layers * per_layer
     params_per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     outside = sum(p.numel() for p in model.parameters()) - params_per_layer  # embedding (tied head), norm
@@ -123,16 +136,6 @@ def ledger(args: MemoryArgs) -> dict[str, float]:
     out["training"] = out["saved_activations"] + graphs
     out["peak"] = out["held_all_step"] + max(out["rollout"], out["training"])
     return out
-
-
-def _model_layers(args: MemoryArgs) -> int:
-    from models.loading import load_tokenizer
-    from models.tiny import random_config, tiny_config
-
-    tokenizer = load_tokenizer("tiny")
-    config = tiny_config(tokenizer) if args.model == "tiny" else random_config(args.model.removeprefix("random:"),
-                                                                               tokenizer)
-    return config.num_hidden_layers
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -206,15 +206,15 @@ def read_config(path: str, cls: type) -> dict[str, Any]:
         fail(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(exc).splitlines()[0]})")
     if not isinstance(data, dict):
         fail(f"--config {path}: expected a mapping of setting names to values")
-    fields = {f.name: (f, meta, hint) for f, meta, hint in _fields(cls) if meta["cli"]}
+    hints = {f.name: hint for f, meta, hint in _fields(cls) if meta["cli"]}
     out = {}
     for key, value in data.items():
         if key in RUN_CONFIG_KEYS or key == "config":
             continue
-        if key not in fields:
+        if key not in hints:
             whose = f"; it is a {data['stage']} run's config" if "stage" in data else ""
             fail(f"--config {path}: unknown key {key!r} (not a setting of {cls.__name__}{whose}; see --help)")
-        out[key] = _from_file(path, key, value, *fields[key])
+        out[key] = _from_file(path, key, value, hints[key])
     try:
         check(cls(**out))
     except UserError as exc:
@@ -222,7 +222,7 @@ def read_config(path: str, cls: type) -> dict[str, Any]:
     return out
 
 
-def _from_file(path: str, key: str, value: Any, f: dataclasses.Field, meta: dict[str, Any], hint: Any) -> Any:
+def _from_file(path: str, key: str, value: Any, hint: Any) -> Any:
     """`value` as the field's type (a YAML 1e-6 is text, a JSON list a tuple)."""
     base = _base_type(hint)
     if value is None:

@@ -30,9 +30,8 @@ class RolloutBatch:
         mask, completion_mask = self.attention_mask[index], self.completion_mask[index]
         P = mask.shape[1] - self.completion_width
         if isinstance(index, slice):
-            rows = list(range(self.input_ids.shape[0]))[index]
-        known = rows is not None and self.prompt_lengths is not None and self.completion_lengths is not None
-        if known:
+            rows = range(self.input_ids.shape[0])[index]
+        if rows is not None and self.prompt_lengths is not None:  # pack() sets the lengths together
             first = P - max(self.prompt_lengths[r] for r in rows)
             width = max(1, max(self.completion_lengths[r] for r in rows))
         else:

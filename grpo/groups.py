@@ -36,13 +36,13 @@ def generate_completions(policy: Policy, cfg: GRPOConfig, prompts: list[list[int
 
 
 def score_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], prompts: list[list[int]],
-            completions: list[list[int]], truncated: list[bool], state: TrainerState) -> torch.Tensor:
+                 completions: list[list[int]], texts: list[str], truncated: list[bool],
+                 state: TrainerState) -> torch.Tensor:
     """[rows, reward functions] of this rank's completions, NaN where a reward returned None. Each
     function is called as TRL calls rewards (rewards/functions.py): prompts, completions, completion_ids,
     every column of the records, `truncated` and `trainer_state`."""
     G, tok = cfg.num_generations, policy.tokenizer
     rows = [r for r in records for _ in range(G)]
-    texts = tok.batch_decode(completions, skip_special_tokens=True)
     if cfg.reward_format == "messages":
         prompt_of = [build_messages(r["question"], fmt=policy.prompt) for r in records]
         shown = [[{"role": "assistant", "content": t}] for t in texts]
@@ -69,7 +69,7 @@ def score_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]],
 class Groups:
     """This rank's sampled groups: per prompt its record, tokens and which rollout of the step it came
     from (0; 1, 2... for --dynamic_sampling's further ones); per completion its tokens, whether it was
-    cut, its reward functions' scores."""
+    cut, its text and its reward functions' scores."""
 
     records: list[dict[str, Any]]
     prompts: list[list[int]]
@@ -77,17 +77,18 @@ class Groups:
     truncated: list[bool]
     scores: torch.Tensor  # [rows, reward functions]
     rollout: list[int]
+    texts: list[str]  # the completions decoded (special tokens left out), as the rewards read them
 
     def take(self, groups: list[int], G: int) -> Groups:
         rows = [g * G + k for g in groups for k in range(G)]
         return Groups([self.records[g] for g in groups], [self.prompts[g] for g in groups],
                       [self.completions[r] for r in rows], [self.truncated[r] for r in rows],
-                      self.scores[rows], [self.rollout[g] for g in groups])
+                      self.scores[rows], [self.rollout[g] for g in groups], [self.texts[r] for r in rows])
 
     def __add__(self, other: Groups) -> Groups:
         return Groups(self.records + other.records, self.prompts + other.prompts,
                       self.completions + other.completions, self.truncated + other.truncated,
-                      torch.cat([self.scores, other.scores]), self.rollout + other.rollout)
+                      torch.cat([self.scores, other.scores]), self.rollout + other.rollout, self.texts + other.texts)
 
 
 def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], state: TrainerState,
@@ -98,8 +99,9 @@ def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]]
         completions, truncated = generate_completions(policy, cfg, prompts, [r["answer"] for r in records],
                                                       state.global_step, rollout_hook)
     with timer("reward"):
-        scores = score_groups(policy, cfg, records, prompts, completions, truncated, state)
-    return Groups(list(records), prompts, completions, truncated, scores, [rollout] * len(records))
+        texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        scores = score_groups(policy, cfg, records, prompts, completions, texts, truncated, state)
+    return Groups(list(records), prompts, completions, truncated, scores, [rollout] * len(records), texts)
 
 
 def has_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
@@ -116,7 +118,7 @@ def with_signal_first(rewards: torch.Tensor, G: int, n: int) -> list[int]:
 
 
 def dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], state: TrainerState,
-                    rollout_hook: Any, draw_more: Any, timer: Timer) -> tuple[Groups, int, int]:
+                   rollout_hook: Any, draw_more: Any, timer: Timer) -> tuple[Groups, int, int]:
     """DAPO's dynamic sampling: sample further prompts (draw_more(attempt) gives this rank's next
     ones) until every rank holds as many groups with a signal as it has prompts, at most
     --max_extra_rollouts times; keep those groups first, all-equal ones only to fill what is missing.
@@ -146,15 +148,15 @@ def completion_rows(policy: Policy, groups: Groups, step: int, rewards: torch.Te
     """completions.jsonl's lines for this rank's first `n_groups` groups (None: all): each completion
     with its question, gold answer, tokens, every reward and their weighted sum (`rewards`, this rank's
     rows), its advantage, whether it went through the backward, and which rollout it came from."""
-    G, tok = len(groups.completions) // max(len(groups.records), 1), policy.tokenizer
+    G = len(groups.completions) // max(len(groups.records), 1)
     n = len(groups.completions) if n_groups is None else min(len(groups.completions), n_groups * G)
-    texts = tok.batch_decode(groups.completions[:n], skip_special_tokens=True)
     names = [name for name, _, _ in policy.rewards]
     rows = []
     for i in range(n):
         record = groups.records[i // G]
         rows.append({"step": step, "question": record["question"], "answer": record["answer"],
-                     "completion": texts[i], "tokens": len(groups.completions[i]), "truncated": groups.truncated[i],
+                     "completion": groups.texts[i], "tokens": len(groups.completions[i]),
+                     "truncated": groups.truncated[i],
                      **{f"reward_{name}": _number(groups.scores[i, j]) for j, name in enumerate(names)},
                      "reward": float(rewards[i]), "advantage": float(advantages[i]), "trained": trained[i],
                      "rollout": groups.rollout[i // G]})

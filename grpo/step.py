@@ -156,16 +156,18 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     parts = {n: everything[:, i] for i, (n, _, _) in enumerate(policy.rewards)}
     all_advantages = group_advantages(rewards, G, cfg.scale_rewards)  # over the whole step's batch (all ranks)
     completions, B, W = groups.completions, len(groups.completions), dist.world_size
-    advantages = all_advantages[dist.rank * B: (dist.rank + 1) * B].to(device)
+    mine = all_advantages[dist.rank * B: (dist.rank + 1) * B]
+    advantages = mine.to(device)
     batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
     if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
         batch.mask_rows(groups.truncated)
-    live = batch.completion_mask.any(-1)  # the rows in the loss
     # the micro-batches are cut and counted on the host, from host copies: no device read per micro-batch
-    live_host, lengths = [n > 0 for n in batch.completion_lengths], batch.completion_lengths
-    adv_host = all_advantages[dist.rank * B: (dist.rank + 1) * B].tolist()
-    num_items = dist.all_reduce(batch.completion_mask.sum().float()).clamp(min=1).item()  # dapo's normalizer
-    step_rows = int(dist.all_reduce(live.sum().float()).item())  # grpo's and dr_grpo's
+    lengths, adv_host = batch.completion_lengths, mine.tolist()
+    live_host = [n > 0 for n in lengths]  # the rows in the loss
+    # the step's completion tokens (dapo's normalizer) and rows in the loss (grpo's, dr_grpo's), all ranks
+    num_items, step_rows = dist.all_reduce(torch.tensor([float(sum(lengths)), float(sum(live_host))],
+                                                        device=device)).tolist()
+    num_items, step_rows = max(num_items, 1.0), int(step_rows)
 
     with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
         micro, T, wide = cfg.micro_batch_size, cfg.temperature, no_grad_micro_batch(cfg, device)

@@ -6,8 +6,8 @@ steps: TensorBoard purges the events past the checkpoint (`purge_step`), W&B and
 whose id the first start stored in the output folder. No tracker package is a requirement: `check`
 says in one line which one is missing, before any model loads.
 
-To add a tracker: a class with `log(metrics, step)`, `table(name, columns, rows, step)` and `close()`,
-one entry in BACKENDS, and the package it needs in PACKAGES.
+To add a tracker: a class with `package` (what it imports), `log(metrics, step)`, `table(name, columns,
+rows, step)` and `close()`, and one entry in BACKENDS.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import fail
-from common.run_files import is_measured
+from common.run_files import is_measured, write_json
 
 PROJECT = os.environ.get("WANDB_PROJECT") or "qwen-gsm8k-grpo"  # W&B's and Trackio's project
 RUN_ID = "tracker_run_id.json"  # in the output folder: each tracker's run id, for --resume
@@ -51,6 +51,8 @@ def tracked(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoard:
+    package = "tensorboard"
+
     def __init__(self, log_dir: Path, name: str, config: dict[str, Any], resume_step: int | None, out: Path):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -78,16 +80,16 @@ class TensorBoard:
 class _RunById:
     """W&B and Trackio: a run that a resumed training run continues, by the id stored in the folder."""
 
-    module = ""
+    package = ""  # also the module imported
 
     def __init__(self, log_dir: Path, name: str, config: dict[str, Any], resume_step: int | None, out: Path):
         import importlib
 
-        self.lib = importlib.import_module(self.module)
+        self.lib = importlib.import_module(self.package)
         ids = _read_ids(out)
-        run_id = ids.get(self.module) if resume_step is not None else None
+        run_id = ids.get(self.package) if resume_step is not None else None
         run_id = run_id or secrets.token_hex(4)
-        _write_ids(out, {**ids, self.module: run_id})
+        _write_ids(out, {**ids, self.package: run_id})
         self.run = self.start(log_dir, name, config, run_id)
 
     def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
@@ -104,7 +106,7 @@ class _RunById:
 
 
 class WandB(_RunById):
-    module = "wandb"
+    package = "wandb"
 
     def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ class WandB(_RunById):
 
 
 class Trackio(_RunById):
-    module = "trackio"
+    package = "trackio"
 
     def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
         # Trackio names runs, not ids: the stored id keeps a resumed run's name and resumes it
@@ -120,7 +122,6 @@ class Trackio(_RunById):
 
 
 BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 def _read_ids(out: Path) -> dict[str, str]:
@@ -131,8 +132,6 @@ def _read_ids(out: Path) -> dict[str, str]:
 
 
 def _write_ids(out: Path, ids: dict[str, str]) -> None:
-    from common.run_files import write_json
-
     write_json(out / RUN_ID, ids)
 
 
@@ -141,8 +140,9 @@ def check(report_to: tuple[str, ...]) -> None:
     for name in report_to:
         if name not in BACKENDS:
             fail(f"--report_to must be one of {', '.join(BACKENDS)} (got {name})")
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            fail(f"--report_to {name} needs the {PACKAGES[name]} package: pip install {PACKAGES[name]} "
+        package = BACKENDS[name].package
+        if importlib.util.find_spec(package) is None:
+            fail(f"--report_to {name} needs the {package} package: pip install {package} "
                  f"(or leave --report_to {name} out)")
 
 
