@@ -87,9 +87,46 @@ def alternate(runs: dict[str, Callable[[], Any]], repeats: int, device: str,
     return times, peaks
 
 
+FREE_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_unsafe_view", "aten::resize_",
+            "aten::lift_fresh"}  # allocations and views that return no alias in their schema: no kernel
+
+
+def _is_view(name: str) -> bool:
+    """An aten op whose every overload returns aliases of its input, written to by none (`view`, `slice`,
+    `t`, `chunk`, `to`: a `to` that converts shows the copy inside it). Overloads on lists and strings
+    (`slice.str`) are not tensor ops."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None or not packet.overloads():
+        return False
+    schemas = [sch for o in packet.overloads()
+               if (sch := getattr(packet, o)._schema).arguments and str(sch.arguments[0].type) == "Tensor"]
+    def aliases(s: Any) -> bool:
+        return bool(s.returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in s.returns)
+    return bool(schemas) and all(aliases(s) for s in schemas)
+
+
+def _does_work(event: Any) -> bool:
+    """True when a profiled aten op, or an op inside it, computes or copies (a kernel on a GPU)."""
+    free = event.name in FREE_OPS or _is_view(event.name)
+    return not free or any(_does_work(child) for child in event.cpu_children)
+
+
+def device_ops(events: list[Any]) -> int:
+    """How many ops issued from Python do device work, out of torch.profiler's CPU events: top-level aten
+    ops (not inside another aten op) that compute or copy, themselves or inside. Views, reshapes that
+    copy nothing and allocations are free. On a GPU each is a kernel launch or two (a broadcast `baddbmm`
+    copies its input first): the CPU's count of what a CUDA step launches."""
+    def top(e: Any) -> bool:
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        return parent is None
+    return sum(e.name.startswith("aten::") and top(e) and _does_work(e) for e in events)
+
+
 def kernel_launches(fn: Callable[[], Any], device: str) -> int:
     """What `fn` asks of the device, counted with torch.profiler: on CUDA the kernel launches (a CUDA
-    graph replay is one launch); on the CPU the aten ops it runs, the same Python-issued work."""
+    graph replay is one launch); on the CPU `device_ops`, the same Python-issued work."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -97,11 +134,10 @@ def kernel_launches(fn: Callable[[], Any], device: str) -> int:
     with profile(activities=activities) as prof:
         fn()
         sync(device)
-    names = [e.name for e in prof.events()]
     if cuda:
         launch = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
-        return sum(n in launch for n in names)
-    return sum(n.startswith("aten::") for n in names)
+        return sum(e.name in launch for e in prof.events())
+    return device_ops(prof.events())
 
 
 def median(values: list[float]) -> float:

@@ -107,8 +107,9 @@ def supports(model: Any) -> bool:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """weight * (x / rms(x)) as the model's RMSNorm rounds it: normed in float32, cast back, then scaled.
+    One fused op and a product (on CUDA `rms_norm` is one kernel, float32 inside, instead of six)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 Weight = torch.Tensor | tuple[torch.Tensor, ...]  # one weight, or the pieces of a fused one, kept apart
@@ -122,8 +123,9 @@ FEW_ROWS = 32  # up to this many rows, the CPU's products go as (w @ x.T).T
 COPY_COLUMNS = 4096  # columns per piece of that product's transposing copy
 
 
-def _linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """x @ w.T for rows x [B, in] and a weight w [out, in]. On the CPU, for a few rows, as (w @ x.T).T:
+def _linear(x: torch.Tensor, w: Weight, cuda_layout: bool) -> torch.Tensor:
+    """x @ w.T for rows x [B, in] and a weight w [out, in]: one product in the CUDA layout. On the CPU,
+    for a few rows, as (w @ x.T).T:
     there MKL's sgemm runs x @ w.T well below the rate of reading the weight, and w @ x.T near it
     (Llama-3.2-1B's products at 8 rows: 620 against 400 ms a step here); from ~32 rows on x @ w.T is
     as fast or faster (2x at 64 rows on a vocabulary head). The [out, B] product is copied to [B, out]
@@ -131,8 +133,8 @@ def _linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     takes 12x a plain copy (6 ms for 16 x 151,936), in cache-sized pieces about a third of that.
     A tuple of weights (unfused q/k/v or gate/up) gives their outputs side by side, as the fused one would."""
     if isinstance(w, tuple):
-        return torch.cat([_linear(x, piece) for piece in w], dim=-1)
-    if x.is_cuda or x.shape[0] > FEW_ROWS:
+        return torch.cat([_linear(x, piece, cuda_layout) for piece in w], dim=-1)
+    if cuda_layout or x.shape[0] > FEW_ROWS:
         return x @ w.T
     product = torch.mm(w, x.T)  # [out, B]
     out = torch.empty((x.shape[0], w.shape[0]), dtype=product.dtype, device=product.device)
@@ -141,9 +143,12 @@ def _linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
+    """RoPE, x * cos + rotate_half(x) * sin, in four ops instead of six: rotate_half(x) = (-x2, x1) is
+    x's halves swapped (`swap`, an index) times the sign that `sin_signed` (-sin, sin) already carries.
+    The same values to the bit (negation is exact); `addcmul` would save one more op but round once
+    where the model rounds twice."""
+    return x * cos + x[..., swap] * sin_signed
 
 
 def _tied(model: Any) -> bool:
@@ -207,9 +212,11 @@ def _flat(item: LayerWeights | torch.Tensor) -> list[torch.Tensor]:
 
 
 class DecodeWeights:
-    """Decode-step weights of `model` in `dtype` (fused copies on CUDA) and the shapes they need."""
+    """Decode-step weights of `model` in `dtype` and the shapes they need. `cuda_layout` (default: on
+    CUDA) fuses q/k/v and gate/up into copies and runs every product as one matmul; the CPU tests force
+    it to count the ops a CUDA step launches (tests/test_sampling.py)."""
 
-    def __init__(self, model: Any, dtype: torch.dtype):
+    def __init__(self, model: Any, dtype: torch.dtype, cuda_layout: bool | None = None):
         model = _base(model)
         cfg = model.config
         self.eps = cfg.rms_norm_eps
@@ -217,7 +224,10 @@ class DecodeWeights:
         self.dtype = dtype
         self.inv_freq = model.model.rotary_emb.inv_freq.float()
         self.scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
-        self.fused = model.model.embed_tokens.weight.is_cuda
+        self.fused = model.model.embed_tokens.weight.is_cuda if cuda_layout is None else cuda_layout
+        D, device = self.head_dim, self.inv_freq.device
+        self.rope_swap = torch.cat((torch.arange(D // 2, D), torch.arange(D // 2))).to(device)  # (x2, x1)
+        self.rope_sign = torch.cat((-torch.ones(D // 2), torch.ones(D // 2))).to(device)  # rotate_half's signs
         with torch.no_grad():
             items = [item.to(dtype) for item in _sources(model, self.fused)]
         n = len(model.model.layers)
@@ -252,38 +262,41 @@ class DecodeWeights:
         freqs = position[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(self.dtype)[:, None, :]  # [B, 1, D]
-        sin = (emb.sin() * self.scaling).to(self.dtype)[:, None, :]
+        sin = (emb.sin() * (self.scaling * self.rope_sign)).to(self.dtype)[:, None, :]  # (-sin, sin)
         allowed = slot_mask[:, :width] & (torch.arange(width, device=token.device)[None, :] <= slot[:, None])
         per_row = slot.shape[0] > 1
         if per_row:  # each row's slot as an index into the cache viewed as [B * KV * slots, D]
             S = keys[0].shape[2]
             flat = ((torch.arange(B, device=token.device)[:, None] * KV + torch.arange(KV, device=token.device))
                     * S + slot[:, None]).reshape(-1)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=token.device)
-        bias = bias.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # [B, 1, 1, width]
+        # the mask as an additive bias in the step's dtype (0 or -inf: adding it rounds nothing), one row
+        # per (row, KV head): attention runs as [B * KV] products of a KV head's H/KV queries
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=token.device).masked_fill_(~allowed, float("-inf"))
+        bias = bias.repeat_interleave(KV, dim=0)[:, None, :]  # [B * KV, 1, width]
         h = self.embed[token]  # [B, hidden]
         for i, layer in enumerate(self.layers):
-            qkv = _linear(_rms(h, layer.input_norm, self.eps), layer.qkv)
+            qkv = _linear(_rms(h, layer.input_norm, self.eps), layer.qkv, self.fused)
             if layer.qkv_bias is not None:  # Qwen2
                 qkv = qkv + layer.qkv_bias
             qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
             if layer.qk_norm is not None:  # Qwen3
                 qk = _rms(qk, layer.qk_norm, self.eps)
-            qk = _rotate(qk, cos, sin)
+            qk = _rotate(qk, cos, sin, self.rope_swap)
             if per_row:
                 keys[i].view(-1, D).index_copy_(0, flat, qk[:, H:].reshape(B * KV, D))
                 values[i].view(-1, D).index_copy_(0, flat, qkv[:, (H + KV) * D:].reshape(B * KV, D))
             else:
                 keys[i].index_copy_(2, slot, qk[:, H:, None])
                 values[i].index_copy_(2, slot, qkv[:, (H + KV) * D:].view(B, KV, 1, D))
-            ks, vs = keys[i][:, :, :width], values[i][:, :, :width]  # [B, KV, width, D]
-            # one query per row: grouped heads as a [B, KV, H/KV, D] x [B, KV, D, width] product
-            scores = (qk[:, :H].reshape(B, KV, H // KV, D) @ ks.transpose(-1, -2)) * self.head_dim**-0.5
-            probs = torch.softmax(scores.float() + bias, dim=-1).to(vs.dtype)
-            h = h + _linear((probs @ vs).reshape(B, H * D), layer.o)
-            gate, up = _linear(_rms(h, layer.post_attention_norm, self.eps), layer.gate_up).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, layer.down)
-        return _linear(_rms(h, self.norm, self.eps), self.lm_head)
+            ks, vs = keys[i][:, :, :width].flatten(0, 1), values[i][:, :, :width].flatten(0, 1)  # [B * KV, width, D]
+            q = qk[:, :H].reshape(B * KV, H // KV, D)  # a copy (q sits beside k in qk): a KV head's queries
+            # scores scaled and masked in one product, softmax in float32, weights back in the step's dtype
+            scores = torch.baddbmm(bias, q, ks.transpose(1, 2), alpha=D**-0.5)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            h = h + _linear(torch.bmm(probs, vs).view(B, H * D), layer.o, self.fused)
+            gate, up = _linear(_rms(h, layer.post_attention_norm, self.eps), layer.gate_up, self.fused).chunk(2, dim=-1)
+            h = h + _linear(F.silu(gate) * up, layer.down, self.fused)
+        return _linear(_rms(h, self.norm, self.eps), self.lm_head, self.fused)
 
 
 class DecodeState:
@@ -292,8 +305,9 @@ class DecodeState:
     for a new rollout in place, so a state kept across rollouts (CUDA graphs read by address) keeps
     every tensor where it was."""
 
-    def __init__(self, model: Any, dtype: torch.dtype, rows: int, slots: int, device: torch.device):
-        self.weights = DecodeWeights(model, dtype)
+    def __init__(self, model: Any, dtype: torch.dtype, rows: int, slots: int, device: torch.device,
+                 cuda_layout: bool | None = None):
+        self.weights = DecodeWeights(model, dtype, cuda_layout)
         cfg = _base(model).config
         shape = (rows, cfg.num_key_value_heads, slots, head_dim(cfg))
         n = cfg.num_hidden_layers
@@ -315,6 +329,10 @@ class DecodeState:
                 buf[:, :, L:].zero_()
         self.slot_mask[:, :L].copy_(mask.bool().repeat_interleave(G, dim=0))
         self.slot_mask[:, L:] = True
+
+    def nbytes(self) -> int:
+        """Bytes of what the step reads: the weights (copies on CUDA), the KV cache and the slot mask."""
+        return sum(t.nbytes for t in (*self.weights.tensors(), *self.keys, *self.values, self.slot_mask))
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows (new, smaller buffers: for eager decoding, never under CUDA graphs)."""

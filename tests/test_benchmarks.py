@@ -181,3 +181,37 @@ def test_memory_ledger_adds_up_and_its_activations_match_a_whole_model_tally():
     assert lora["reference"] == 0 and lora["gradients"] < got["gradients"] / 5
     graphs = ledger(MemoryArgs(model="tiny", cuda_graphs=True, prompt_tokens=20, completion_tokens=16))
     assert graphs["training"] == pytest.approx(got["training"] + got["decode_weights"] + got["kv_cache"])
+
+
+def test_device_ops_count_what_computes_or_copies_not_views():
+    """The CPU's count of what a CUDA step launches: views, no-op casts and allocations are free; a
+    reshape that copies, a cast that converts and an in-place op each count once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.common import device_ops
+
+    x = torch.randn(8, 6, dtype=torch.bfloat16)
+
+    def count(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return device_ops(prof.events())
+
+    assert count(lambda: (x.view(6, 8), x.t(), x[:, :3], x.chunk(2), x.to(torch.bfloat16), torch.empty(4))) == 0
+    assert count(lambda: x.t().reshape(48)) == 1  # a transposed reshape copies
+    assert count(lambda: x.float()) == 1
+    assert count(lambda: (x + 1, x.mul_(2), torch.softmax(x, -1))) == 3
+    assert count(lambda: torch.nn.functional.rms_norm(x, (6,))) == 1  # one op issued (a kernel on CUDA)
+
+
+def test_launch_counts_per_decoded_token():
+    """benchmarks.launches on tiny: the step's ops per layer in the CUDA layout (before the fused norms,
+    RoPE and attention: 46), the loop's ops around it and host reads at one look per SYNC_EVERY."""
+    from benchmarks.launches import LaunchArgs, launches
+    from sampling.batch import SYNC_EVERY
+
+    figures = launches(LaunchArgs(model="tiny", rows=4))
+    assert figures["step_ops_per_layer"] <= 25
+    assert figures["step_ops"] == figures["step_ops_outside_layers"] + figures["layers"] * figures["step_ops_per_layer"]
+    assert 0 < figures["loop_ops_per_token"] < 60
+    assert figures["host_reads_per_token"] == 1 / SYNC_EVERY

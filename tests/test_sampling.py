@@ -355,6 +355,7 @@ def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prom
     assert third.token_ids == sample_batch(tiny_model, longer, **args).token_ids
 
 
+
 def _tensor_bytes(obj) -> int:
     """Bytes of the distinct storages among `obj`'s tensor attributes (and tensors in its lists, tuples and
     dataclasses)."""
@@ -381,7 +382,7 @@ def test_the_decode_steps_cpu_product_is_x_times_w_transposed(rows, dtype, out_f
     from sampling.fast_decode import _linear
 
     x, w = torch.randn(rows, 96, dtype=dtype), torch.randn(out_features, 96, dtype=dtype)
-    out = _linear(x, w)
+    out = _linear(x, w, cuda_layout=False)
     assert out.is_contiguous() and out.shape == (rows, out_features) and out.dtype == dtype
     torch.testing.assert_close(out.float(), (x.float() @ w.float().T), atol=0.2 if dtype == torch.bfloat16 else 1e-4,
                                rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -397,7 +398,8 @@ def test_decode_weights_copy_a_tied_embedding_once(tiny_model):
     fast = DecodeWeights(tiny_model, torch.bfloat16)
     n_params = sum(p.numel() for p in tiny_model.parameters())  # counts the tied weight once
     norms = cfg.num_hidden_layers * cfg.head_dim * (cfg.num_attention_heads + cfg.num_key_value_heads - 2)
-    assert _tensor_bytes(fast) == 2 * (n_params + norms) + 4 * fast.inv_freq.numel()
+    rope = 4 * fast.inv_freq.numel() + fast.rope_swap.nbytes + fast.rope_sign.nbytes  # RoPE's frequencies, halves
+    assert _tensor_bytes(fast) == 2 * (n_params + norms) + rope
     assert fast.lm_head.data_ptr() == fast.embed.data_ptr()
 
 
@@ -459,3 +461,19 @@ def test_finished_rows_are_read_on_the_host_only_every_sync_every_steps(tiny_mod
     assert sparse.logprobs == every_step.logprobs
     assert len({len(r) for r in sparse.token_ids}) > 1
     assert 1 <= len(reads) <= 30 // 8
+
+
+def test_the_cuda_layout_step_gives_the_cpu_layouts_logits(tiny_model):
+    """The step as CUDA runs it (fused q/k/v and gate/up copies, plain products), forced on the CPU,
+    computes the CPU layout's logits: the layout the op counts are taken on is the one that is tested."""
+    from sampling.fast_decode import DecodeState
+
+    g = torch.Generator().manual_seed(0)
+    states = [DecodeState(tiny_model, torch.float32, 3, 12, torch.device("cpu"), cuda_layout=c) for c in (True, False)]
+    assert [s.weights.fused for s in states] == [True, False]
+    for s in states:
+        s.slot_mask[:] = True  # every slot up to the step's may be attended
+    for t in range(8):
+        token, position = torch.randint(0, 500, (3,), generator=g), torch.full((3,), t)
+        cuda, cpu = (s.step(token, position, torch.tensor([t]), t + 1) for s in states)
+        torch.testing.assert_close(cuda, cpu, atol=1e-5, rtol=1e-5)
