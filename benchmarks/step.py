@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from benchmarks.common import BenchArgs
 from common.errors import run_cli
-from common.flags import flag
+from common.flags import CUDA_GRAPHS, flag
 
 
 @dataclass
@@ -35,7 +35,8 @@ class StepArgs(BenchArgs):
     warmup: int = flag(2, "untimed steps first", low=0)
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1)
     lora: bool = flag(False, "LoRA instead of full fine-tuning")
-    cuda_graphs: bool = flag(False, "rollouts replay the decode step from CUDA graphs")
+    cuda_graphs: str = flag("auto", "rollouts replay the decode step from CUDA graphs: as train_grpo.py "
+                                    "--cuda_graphs (auto: on CUDA)", choices=CUDA_GRAPHS, bare="on")
     floor: bool = flag(True, "the floor study: a second, counted run of the steps", name="--no_floor")
 
 
@@ -77,9 +78,11 @@ PHASES = {"time_per_step_s": "total", "generation_time_s": "generation", "refere
 def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
     """The timed steps' figures (medians, peak memory), printed as a table."""
     from benchmarks.common import median
+    from sampling.cuda_graphs import use_cuda_graphs
 
+    graphs = use_cuda_graphs(args.cuda_graphs, timed[0]["device"])
     record = {"benchmark": "step", "model": args.model, "device": timed[0]["device"], "lora": args.lora,
-              "cuda_graphs": args.cuda_graphs, "processes": timed[0]["world_size"],
+              "cuda_graphs": graphs, "processes": timed[0]["world_size"],
               "completions_per_step": cfg.prompts_per_step * cfg.num_generations,
               "micro_batch_size": cfg.micro_batch_size, "max_new_tokens": args.max_new_tokens, "steps": len(timed),
               "completion_len_mean": round(sum(x["completion_len_mean"] for x in timed) / len(timed), 1),
@@ -89,7 +92,7 @@ def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
                                                            for x in timed]), 1)}
     for key in PHASES:
         record[f"median_{key}"] = round(median([x[key] for x in timed]), 4)
-    print(f"{args.model} on {record['device']}{' (CUDA graphs)' if args.cuda_graphs else ''} x "
+    print(f"{args.model} on {record['device']}{' (CUDA graphs)' if graphs else ''} x "
           f"{record['processes']} process(es): "
           f"{record['completions_per_step']} completions/step, "
           f"micro-batches of {cfg.micro_batch_size}, up to {args.max_new_tokens} new tokens "

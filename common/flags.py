@@ -23,21 +23,23 @@ from common.errors import UserError, fail
 
 DEVICE = (r"cpu|cuda(:[0-9]+)?", "cpu, cuda or cuda:N")  # `text=` of every --device flag
 FINETUNE = ("full", "lora")  # `choices=` of both trainers' --finetune: every weight, or LoRA adapters
+CUDA_GRAPHS = ("auto", "on", "off")  # `choices=` of --cuda_graphs: on CUDA (the default), always (CUDA only), never
 FINETUNE_HELP = "what trains: full (every weight) or lora (adapters on a frozen base; with --use_4bit, QLoRA)"
 
 
 def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # noqa: A002
          above: float | None = None, choices: tuple[str, ...] | None = None, group: str | None = None,
          name: str | None = None, cli: bool = True, required: bool = False,
-         text: tuple[str, str] | None = None) -> Any:
+         text: tuple[str, str] | None = None, bare: str | None = None) -> Any:
     """A dataclass field that is also a CLI flag. `low`/`high`: inclusive bounds; `above`: exclusive
     lower bound; `text`: (regular expression, its description in words) a text value must match;
     `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default turns the
     field off; `help` says what the field does when on, and --help shows it as "turns off: <help>");
     `cli=False`: a field with no flag (set by the code that calls the trainer); `required`:
-    the CLI needs it (the field's default is then only the Python API's)."""
+    the CLI needs it (the field's default is then only the Python API's); `bare`: the value of the
+    flag given without one (`--cuda_graphs` alone is `--cuda_graphs on`, as when it was a switch)."""
     meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli,
-                required=required, text=text)
+                required=required, text=text, bare=bare)
     return dataclasses.field(default=default, metadata={"flag": meta})
 
 
@@ -93,9 +95,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
                 help=f"{help_text} (default: {' '.join(map(str, f.default)) if f.default else 'none'})", **many)
             continue
         shown = "" if f.default is None or meta["required"] else f" (default: {f.default})"
+        bare = dict(nargs="?", const=meta["bare"]) if meta["bare"] is not None else {}
         add(flag_name(f.name, meta), dest=f.name, type=_parser_type(base), default=f.default,
             required=meta["required"], help=help_text + shown,
-            metavar=None if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}")
+            metavar=None if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}", **bare)
 
 
 def add_flag_of(parser: argparse.ArgumentParser, cls: type, field_name: str, help: str | None = None) -> None:  # noqa: A002

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.distributed import add_backend_argument
 from common.errors import fail, run_cli
-from common.flags import DEVICE, flag, parse_flags
+from common.flags import CUDA_GRAPHS, DEVICE, flag, parse_flags
 from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 
@@ -40,7 +40,9 @@ class EvalArgs(DataFlags):
     seed: int = flag(0, "sampling seed", low=0)
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
     device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)", text=DEVICE)
-    cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only)")
+    cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA, without "
+                                    "--continuous), on (CUDA only; alone, --cuda_graphs is on) or off",
+                            choices=CUDA_GRAPHS, bare="on")
     continuous: bool = flag(True, "continuous batching: rows take the next prompt as soon as their completion ends "
                                   "(off: static batches of --batch_size prompts)", name="--static_batches")
     show_progress: bool = flag(True, "a progress bar on a terminal", name="--no_progress")
@@ -79,21 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     from data.prompt import resolve_format, warn_thinking
     from eval.evaluate import evaluate, write_results
     from models import load_model_and_tokenizer
-    from sampling.cuda_graphs import check_cuda_graphs
+    from sampling.cuda_graphs import use_cuda_graphs
 
     fmt = resolve_format(args, args.model)
     warn_thinking(fmt, args.max_new_tokens, args.temperature <= 0, "eval")
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
     shots, shot_indices = fewshot(args)
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
-        check_cuda_graphs(args.cuda_graphs, device)
+        graphs = use_cuda_graphs(args.cuda_graphs, device) and not (args.continuous and args.cuda_graphs == "auto")
+        if graphs and args.continuous:
+            fail("--continuous refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or --continuous")
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
         torch.manual_seed(args.seed + dist.rank)
         summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                                         temperature=args.temperature, top_p=args.top_p,
                                         top_k=args.top_k, min_p=args.min_p,
-                                        show_progress=args.show_progress, cuda_graphs=args.cuda_graphs,
+                                        show_progress=args.show_progress, cuda_graphs=graphs,
                                         max_prompt_length=args.max_prompt_length, shots=shots,
                                         continuous=args.continuous, prompt_format=fmt)
     if not dist.is_main:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from common.flags import DEVICE, FINETUNE, FINETUNE_HELP, flag
+from common.flags import CUDA_GRAPHS, DEVICE, FINETUNE, FINETUNE_HELP, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
@@ -44,8 +44,10 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     max_extra_rollouts: int = flag(4, "with --dynamic_sampling, at most this many further rollouts of "
                                       "--prompts_per_step prompts a step; groups without a signal fill what is "
                                       "still missing (logged as extra_rollouts)", low=1, group=ROLLOUT)
-    cuda_graphs: bool = flag(False, "replay the decode step from CUDA graphs (CUDA only; docs/performance.md)",
-                             group=ROLLOUT)
+    cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA), on (CUDA only; "
+                                    "alone, --cuda_graphs is on) or off; the graphed state is freed before each "
+                                    "backward until a step shows it fits (docs/performance.md)",
+                            choices=CUDA_GRAPHS, bare="on", group=ROLLOUT)
     micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1, group=LOSS)
     no_grad_micro_batch_size: int | None = flag(None, "completions per pass of the reference and old log-probs "
                                                       "(no gradient, so no activations kept: default 4x "

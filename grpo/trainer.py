@@ -29,7 +29,7 @@ from grpo.prompt_order import extra_prompts, step_prompts
 from grpo.record import step_record
 from grpo.step import grpo_step
 from rewards.functions import TrainerState
-from sampling.cuda_graphs import DecodeGraphs, check_cuda_graphs
+from sampling.cuda_graphs import DecodeGraphs, use_cuda_graphs
 from training.run import Run, check_watch, run_data
 
 LOG_NAME = "grpo_training_logs.jsonl"
@@ -48,7 +48,7 @@ def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
         fail(f"--prompts_per_step {cfg.prompts_per_step} does not split across {dist.world_size} processes; "
              f"use a multiple of {dist.world_size} (a group of samples never spans processes)")
     check_4bit(cfg.use_4bit, dist, device)
-    check_cuda_graphs(cfg.cuda_graphs, device)
+    use_cuda_graphs(cfg.cuda_graphs, device)  # --cuda_graphs on off CUDA: one line
 
 
 def _start_model(cfg: GRPOConfig) -> str:
@@ -96,8 +96,9 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
                       cfg.weight_decay, (0.9, cfg.adam_beta2))
     updates = total_steps * cfg.num_iterations
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
-    return Policy(model, wrap_ddp(model, dist, device), ref_model, tokenizer, optimizer, scheduler, device, rewards,
-                  DecodeGraphs() if cfg.cuda_graphs else False, fmt)  # graphs captured once, replayed every step
+    train_model = wrap_ddp(model, dist, device)
+    graphs = DecodeGraphs() if use_cuda_graphs(cfg.cuda_graphs, device) else False
+    return Policy(model, train_model, ref_model, tokenizer, optimizer, scheduler, device, rewards, graphs, fmt)
 
 
 def _fitting_prompts(cfg: GRPOConfig, policy: Policy, records: list[Any], dist: Dist) -> tuple[list[Any], int]:
@@ -176,7 +177,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     def evaluate(at: int | None = None) -> dict[str, float]:
         with policy.autocast():
             return run.evaluate_sets(policy.model, policy.tokenizer, eval_sets, step=at,
-                                     batch_size=cfg.eval_batch_size, cuda_graphs=cfg.cuda_graphs,
+                                     batch_size=cfg.eval_batch_size, cuda_graphs=bool(policy.graphs),
                                      max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
                                      max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)[1]
 
@@ -197,6 +198,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
                           draw_more=_draw_more(cfg, train_records, step, dist),
                           state=TrainerState(step, total_steps, epoch))
         step += 1
+        if policy.graphs and device.startswith("cuda"):  # the graphed decode state stays while a step shows it fits
+            total = torch.cuda.get_device_properties(device).total_memory
+            policy.graphs.measured(torch.cuda.max_memory_allocated(), total,
+                                   longest=max(stats.lengths, default=0) >= cfg.max_completion_length)
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device,
                   "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start),
                   "prompts_skipped": skipped}

@@ -7,7 +7,12 @@ cache slot) and attends over a fixed number of cache slots: the slots in use rou
 memory pool. The KV cache buffers must stay the same tensors for the graphs' life (no dropped rows).
 
 `DecodeGraphs` keeps one decode state (weight copies, KV cache) and its graphs across rollouts: a GRPO
-run captures each width once, not once per step, and refreshes the weights in place before each rollout.
+run captures each width once, not once per step, and refreshes the weights in place before each rollout,
+as long as that state fits beside the backward (`before_backward`, `measured`); otherwise it is freed
+before each backward and captured again at the next rollout.
+
+Graphs are the CUDA default (`--cuda_graphs auto`): they replay a step as one launch where the eager
+step issues ~700 (`python -m benchmarks.launches`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from common.errors import fail
 from sampling.fast_decode import DecodeState, _base
 
 BUCKET = 128  # attention width granularity: fewer graphs against less attention over masked slots
+FITS = 0.9  # the graphed state stays through backward passes while a step's peak with it is under this share
 
 
-def check_cuda_graphs(enabled: bool, device: str) -> None:
-    """One-line error for --cuda_graphs off a CUDA device."""
-    if enabled and not str(device).startswith("cuda"):
-        fail(f"--cuda_graphs needs a CUDA device, not {device}: drop it or run with --device cuda")
+def use_cuda_graphs(choice: str | bool, device: str) -> bool:
+    """--cuda_graphs as a yes or no on `device`: auto is yes on CUDA; on off CUDA is a one-line error."""
+    cuda = str(device).startswith("cuda")
+    if choice is True or choice == "on":
+        if not cuda:
+            fail(f"--cuda_graphs on needs a CUDA device, not {device}: use --cuda_graphs auto or --device cuda")
+        return True
+    return cuda and choice == "auto"
 
 
 class CapturedStep:
@@ -95,14 +105,23 @@ class DecodeGraphs:
     A rollout of the same model, dtype and rows that needs at most the state's cache slots reuses it:
     weights refreshed in place (training updates and LoRA merges follow), the cache refilled, every
     graph already captured replayed as it is. Otherwise the old state is dropped and a new one, with
-    room for at least as many slots as before, is built. The state's memory (bf16 weight copies, the KV
-    cache, the graph pool) stays held between rollouts, backward passes included: `release()` frees it."""
+    room for at least as many slots as before, is built. `release()` frees the state's memory (bf16
+    weight copies, the KV cache, the graph pool).
+
+    A trainer calls `before_backward()` before each backward phase, which frees the state unless it has
+    been measured to fit (`measured`), and `measured()` after each step. Qwen3-0.6B's state at the
+    recipe's 16 rows x 662 slots is ~2.6 GB, against a ledger peak of 16.0 GB without it and 18.2 GB
+    with it (docs/training.md): it fits on a 24 GB GPU, but a step measured with shorter completions
+    than the longest allowed says nothing about the longest, so only a step that reached
+    --max_completion_length can show that it fits."""
 
     def __init__(self) -> None:
         self.state: DecodeState | None = None
         self.graphed: GraphedDecodeStep | None = None
         self._model: Any = None
         self.builds = 0
+        self.keep = False  # hold the state through backward passes: set once measured to fit
+        self.state_bytes = 0  # what the last state built holds (weights and cache; the graph pool is small)
 
     def prepare(self, model: Any, dtype: torch.dtype, rows: int, slots: int,
                 device: torch.device) -> tuple[DecodeState, GraphedDecodeStep]:
@@ -119,7 +138,24 @@ class DecodeGraphs:
             self.graphed = GraphedDecodeStep(self.state.step, rows, room, device)
             self._model = weakref.ref(base)
             self.builds += 1
+            self.state_bytes = self.state.nbytes()
         return self.state, self.graphed
 
     def release(self) -> None:
         self.state = self.graphed = None
+
+    def before_backward(self) -> None:
+        """Free the state before a backward phase unless it has been measured to fit beside one."""
+        if not self.keep:
+            self.release()
+
+    def measured(self, peak_bytes: int, total_bytes: int, longest: bool) -> None:
+        """After a step: its peak allocated bytes on a device of `total_bytes`; `longest`: a completion
+        reached the longest length allowed (the widest backward). A kept state goes back to being freed
+        when a step peaked above FITS of the device; a freed one is kept from the next step on when
+        the step reached the longest length and its peak plus the state stays under FITS."""
+        room = FITS * total_bytes
+        if self.keep:
+            self.keep = peak_bytes <= room
+        else:
+            self.keep = longest and peak_bytes + self.state_bytes <= room

@@ -79,9 +79,9 @@ part rollout_llama 30 "$PYTHON" -m benchmarks.rollout --model random:HuggingFace
   --prompts 4 --num_generations 4 --device cuda
 # --no_floor: the floor study (a second, op-counted run) is for CPU timings; here it would only eat the cap
 part step 100 "$PYTHON" -m benchmarks.step --model $qwen --max_new_tokens 512 --device cuda --warmup 1 --steps 2 \
-  --no_floor
+  --cuda_graphs off --no_floor
 part step_graphs 100 "$PYTHON" -m benchmarks.step --model $qwen --max_new_tokens 512 --device cuda --warmup 1 \
-  --steps 2 --cuda_graphs --no_floor
+  --steps 2 --cuda_graphs on --no_floor
 "$PYTHON" -m benchmarks.summary "$out" | tee "$out/summary.txt"
 echo "== $((SECONDS - start)) s in all (budget $BUDGET_S s); checks.log, results.jsonl, parts.tsv, summary.txt in $out"
 exit $status

@@ -90,5 +90,5 @@ def test_eval_cli_rejects_greedy_samples(tmp_path):
 def test_eval_cli_rejects_cuda_graphs_off_cuda(tmp_path):
     result = subprocess.run([sys.executable, "-m", "eval", "--model", "tiny", "--dataset", "synthetic",
                              "--device", "cpu", "--cuda_graphs"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("error: --cuda_graphs needs a CUDA device")
+    assert result.returncode == 2 and result.stderr.startswith("error: --cuda_graphs on needs a CUDA device")
     assert result.stderr.count("\n") == 1

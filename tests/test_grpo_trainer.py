@@ -233,8 +233,8 @@ def test_config_errors_are_one_line(tmp_path):
         train_grpo(quick(tmp_path / "b", model_name=None, sft_output=str(tmp_path / "missing")))
     with pytest.raises(UserError, match="--num_generations must be >= 2 \\(got 1\\)"):
         train_grpo(quick(tmp_path / "c", num_generations=1))
-    with pytest.raises(UserError, match="--cuda_graphs needs a CUDA device, not cpu"):
-        train_grpo(quick(tmp_path / "d", cuda_graphs=True))
+    with pytest.raises(UserError, match="--cuda_graphs on needs a CUDA device, not cpu"):
+        train_grpo(quick(tmp_path / "d", cuda_graphs="on"))
     assert not (tmp_path / "d").exists()  # refused before anything is written
     result = subprocess.run([sys.executable, "train_grpo.py", "--sft_output", str(tmp_path / "none"),
                              "--grpo_output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)

@@ -356,6 +356,61 @@ def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prom
 
 
 
+def test_cuda_graphs_are_the_cuda_default_and_on_off_cuda_is_one_line():
+    from common.errors import UserError
+    from sampling.cuda_graphs import use_cuda_graphs
+
+    assert [use_cuda_graphs(c, "cuda:0") for c in ("auto", "on", "off")] == [True, True, False]
+    assert [use_cuda_graphs(c, "cpu") for c in ("auto", "off")] == [False, False]
+    with pytest.raises(UserError, match="--cuda_graphs on needs a CUDA device, not cpu"):
+        use_cuda_graphs("on", "cpu")
+
+
+def test_graphed_state_is_kept_through_backwards_only_once_a_longest_step_shows_it_fits(tiny_model, tiny_tokenizer,
+                                                                                       prompts, graphs_on_cpu):
+    """Freed before every backward until a step that reached the longest completion peaked low enough
+    that the state fits beside it (FITS of the device); freed again once a step with it peaks above."""
+    from sampling import DecodeGraphs
+    from sampling.cuda_graphs import FITS
+
+    graphs = DecodeGraphs()
+    sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=8), cuda_graphs=graphs)
+    size = graphs.state_bytes
+    state = graphs.state
+    assert size == sum(t.nbytes for t in (*state.weights.tensors(), *state.keys, *state.values, state.slot_mask))
+    graphs.before_backward()
+    assert graphs.state is None and not graphs.keep  # the first step: nothing measured yet
+    total = 100 * size
+    graphs.measured(int(FITS * total) - size, total, longest=False)
+    assert not graphs.keep  # fits, but shorter completions than allowed say nothing of the longest
+    graphs.measured(int(FITS * total) - size + 1, total, longest=True)
+    assert not graphs.keep  # one byte too many
+    graphs.measured(int(FITS * total) - size, total, longest=True)
+    assert graphs.keep
+    sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=8), cuda_graphs=graphs)
+    graphs.before_backward()
+    assert graphs.state is not None  # kept through this backward
+    graphs.measured(int(FITS * total) + 1, total, longest=False)
+    assert not graphs.keep  # a step with the state peaked above: freed from the next backward on
+    graphs.before_backward()
+    assert graphs.state is None
+
+
+def test_grpo_frees_the_graphed_state_before_each_backward(tmp_path, monkeypatch, graphs_on_cpu):
+    """A GRPO run with graphs (stand-in captures on the CPU) frees the decode state before each backward
+    and builds it again at the next rollout: two steps, two builds, nothing held at the end."""
+    import grpo.trainer
+    from grpo.trainer import GRPOConfig, train_grpo
+    from sampling import DecodeGraphs
+
+    made = []
+    monkeypatch.setattr(grpo.trainer, "use_cuda_graphs", lambda choice, device: True)
+    monkeypatch.setattr(grpo.trainer, "DecodeGraphs", lambda: made.append(DecodeGraphs()) or made[-1])
+    train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path), max_steps=2,
+                          prompts_per_step=2, num_generations=2, max_completion_length=8, device="cpu",
+                          eval_every=0, show_progress=False, save_every=10))
+    assert len(made) == 1 and made[0].builds == 2 and made[0].state is None
+
 def _tensor_bytes(obj) -> int:
     """Bytes of the distinct storages among `obj`'s tensor attributes (and tensors in its lists, tuples and
     dataclasses)."""
