@@ -118,10 +118,7 @@ def _completion_forward(model, batch: RolloutBatch, share_prompts: bool, hidden:
     cache = DynamicCache(config=_config(model))
     prefix = dict(input_ids=batch.input_ids[first, : P - 1], attention_mask=batch.attention_mask[first, : P - 1],
                   position_ids=batch.position_ids[first, : P - 1], cache=cache, use_cache=True)
-    if hidden:
-        model.get_decoder()(**prefix)
-    else:
-        model(**prefix, logits_to_keep=1)
+    head_input(model, hidden, 1, **prefix)  # fills the cache; its one position's output goes unused
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
     return head_input(model, hidden, None, input_ids=batch.input_ids[:, P - 1: width - 1],

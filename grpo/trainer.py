@@ -79,6 +79,7 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
     compute is bf16 autocast on CUDA), its frozen reference, AdamW and the LR schedule."""
     from common.schedule import adamw, make_scheduler
     from models import frozen_copy, load_model_and_tokenizer
+    from models.logprobs import HeadOptional
     from models.lora import add_lora
 
     cuda = device.startswith("cuda")
@@ -96,7 +97,8 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
                       cfg.weight_decay, (0.9, cfg.adam_beta2))
     updates = total_steps * cfg.num_iterations
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
-    train_model = wrap_ddp(model, dist, device)
+    # under DDP, the forward that gives hidden states goes through the wrapper: the loss still projects them
+    train_model = wrap_ddp(HeadOptional(model) if dist.enabled else model, dist, device)
     graphs = DecodeGraphs() if use_cuda_graphs(cfg.cuda_graphs, device) else False
     return Policy(model, train_model, ref_model, tokenizer, optimizer, scheduler, device, rewards, graphs, fmt)
 

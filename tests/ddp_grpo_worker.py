@@ -3,8 +3,10 @@
     torchrun --standalone --nproc_per_node 2 tests/ddp_grpo_worker.py OUT_ROOT
 
 runs every case of CASES into OUT_ROOT/<case>; the test runs the same cases in one process and compares
-the updated weights. The completions come from `fixed_completions`, a pure function of the prompt, so
-both runs train on exactly the same tokens whatever the split of prompts across ranks.
+the updated weights. Each rank also writes OUT_ROOT/paths_<rank>.json: for each log-prob pass under DDP,
+whether the loss projected the hidden states itself (no [B, C, V] logits). The completions come from
+`fixed_completions`, a pure function of the prompt, so both runs train on exactly the same tokens
+whatever the split of prompts across ranks.
 """
 
 from __future__ import annotations
@@ -54,12 +56,27 @@ def run_case(out_dir: Path, loss_type: str, finetune: str) -> None:
 
 
 def main() -> None:
+    import json
+
+    import torch
+
+    import grpo.batch
     from common.distributed import distributed_run
 
     root = Path(sys.argv[1])
-    with distributed_run("cpu"):
+    real, projected = grpo.batch.head_weight, []
+
+    def recorded(model):
+        weight = real(model)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            projected.append(weight is not None)
+        return weight
+
+    grpo.batch.head_weight = recorded
+    with distributed_run("cpu") as (dist, _):
         for name, case in CASES.items():
             run_case(root / name, **case)
+        (root / f"paths_{dist.rank}.json").write_text(json.dumps(projected))
 
 
 if __name__ == "__main__":

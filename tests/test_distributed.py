@@ -49,12 +49,16 @@ def test_prompt_shards_cover_the_step_in_order():
 
 
 def test_two_ranks_make_the_single_process_update(tmp_path):
-    """2 ranks x 2 prompts == 1 rank x 4 prompts on the same completions: dapo and grpo, full and LoRA."""
+    """2 ranks x 2 prompts == 1 rank x 4 prompts on the same completions: dapo and grpo, full and LoRA,
+    the loss projecting DDP's hidden states itself."""
     import torch
 
     from tests.ddp_grpo_worker import CASES, G, run_case
 
     torchrun("tests/ddp_grpo_worker.py", str(tmp_path / "ddp"))
+    for rank in range(2):  # under DDP too the loss projects the hidden states itself: no [B, C, V] logits
+        paths = json.loads((tmp_path / "ddp" / f"paths_{rank}.json").read_text())
+        assert len(paths) >= len(CASES) and all(paths), paths
     start = weights_of_tiny()
     for name, case in CASES.items():
         run_case(tmp_path / "single" / name, **case)
