@@ -177,9 +177,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     step = run.start(policy.model, policy.optimizer, policy.scheduler, cfg.lora, device, total_steps)
 
     def evaluate(at: int | None = None) -> dict[str, float]:
+        graphs = bool(policy.graphs and not policy.graphs.failed)  # a capture that failed is not tried again
         with policy.autocast():
             return run.evaluate_sets(policy.model, policy.tokenizer, eval_sets, step=at,
-                                     batch_size=cfg.eval_batch_size, cuda_graphs=bool(policy.graphs),
+                                     batch_size=cfg.eval_batch_size, cuda_graphs=graphs,
                                      max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
                                      max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)[1]
 

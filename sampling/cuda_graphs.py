@@ -17,6 +17,7 @@ step issues ~700 (`python -m benchmarks.launches`).
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -122,6 +123,7 @@ class DecodeGraphs:
         self.builds = 0
         self.keep = False  # hold the state through backward passes: set once measured to fit
         self.state_bytes = 0  # what the last state built holds (weights and cache; the graph pool is small)
+        self.failed: str | None = None  # why a capture failed: the run decodes eagerly from then on
 
     def prepare(self, model: Any, dtype: torch.dtype, rows: int, slots: int,
                 device: torch.device) -> tuple[DecodeState, GraphedDecodeStep]:
@@ -143,6 +145,14 @@ class DecodeGraphs:
 
     def release(self) -> None:
         self.state = self.graphed = None
+
+    def give_up(self, error: Exception) -> None:
+        """A capture failed (a torch build or GPU that refuses it): say so once; eager from now on. The
+        run goes on with the same samples, only slower: graphs are the default, not a requirement."""
+        self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        print(f"warning: CUDA graph capture failed ({self.failed}); decoding eagerly from now on "
+              "(--cuda_graphs off skips the attempt)", file=sys.stderr, flush=True)
+        self.release()
 
     def before_backward(self) -> None:
         """Free the state before a backward phase unless it has been measured to fit beside one."""

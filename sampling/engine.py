@@ -70,10 +70,13 @@ class _FastDecoder:
         rows, slots = ids.shape[0] * G, self.L + max_new_tokens
         logits, keys, values = prefill(model, ids, mask)
         self.first_logits = logits.repeat_interleave(G, dim=0)
+        if graphs is not None and graphs.failed:
+            graphs = None  # a capture failed earlier in this run: eager
         if graphs is None:
             self.state, self.graphed = DecodeState(model, dtype, rows, slots, ids.device), None
         else:
             self.state, self.graphed = graphs.prepare(model, dtype, rows, slots, ids.device)
+        self.graphs = graphs
         self.state.load(keys, values, mask, G)
         self.slot_ids = torch.arange(slots, device=ids.device)  # slot i as a [1] view: no host copy per step
         self.can_drop_rows = graphs is None
@@ -84,7 +87,11 @@ class _FastDecoder:
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         slot = self.L + t
         if self.graphed is not None:
-            return self.graphed(token, position, slot)
+            try:
+                return self.graphed(token, position, slot)
+            except RuntimeError as error:  # the capture failed: this rollout and the run go on eagerly
+                self.graphs.give_up(error)
+                self.graphed = None
         with torch.autocast(token.device.type, enabled=False):  # the step fixes its own dtypes
             return self.state.step(token, position, self.slot_ids[slot: slot + 1], slot + 1)
 

@@ -396,6 +396,29 @@ def test_graphed_state_is_kept_through_backwards_only_once_a_longest_step_shows_
     assert graphs.state is None
 
 
+def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, tiny_tokenizer, prompts, monkeypatch, capsys):
+    """Graphs are the CUDA default, so a capture a GPU or torch build refuses must not end the run: the
+    rollout goes on eagerly with the same samples, one warning says so, and later rollouts do not try
+    again."""
+    import sampling.cuda_graphs as cg
+    from sampling import DecodeGraphs
+
+    attempts = []
+
+    def refuse(fn, pool):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing\n(more lines)")
+
+    monkeypatch.setattr(cg, "capture", refuse)
+    args = kwargs(tiny_tokenizer, max_new_tokens=12)
+    graphs = DecodeGraphs()
+    eager = sample_batch(tiny_model, prompts, **args)
+    for _ in range(2):
+        assert sample_batch(tiny_model, prompts, **args, cuda_graphs=graphs).token_ids == eager.token_ids
+    assert len(attempts) == 1 and graphs.failed.startswith("RuntimeError: operation not permitted")
+    err = capsys.readouterr().err
+    assert err.count("warning: CUDA graph capture failed") == 1 and err.count("\n") == 1
+
 def test_grpo_frees_the_graphed_state_before_each_backward(tmp_path, monkeypatch, graphs_on_cpu):
     """A GRPO run with graphs (stand-in captures on the CPU) frees the decode state before each backward
     and builds it again at the next rollout: two steps, two builds, nothing held at the end."""
