@@ -9,8 +9,8 @@ CUDA graph (`--cuda_graphs`, the CUDA default) replays the whole step as one lau
 torch.profiler on the CPU (`benchmarks.common.device_ops`: ops issued from Python that compute or copy):
 - the decode step in its CUDA layout (q/k/v and gate/up fused, every product one matmul), on 1 and 2
   layers of the model's shape, scaled to its depth (every layer issues the same);
-- the sampling loop's own ops per token around the step (sampling, recording, the eos check): a
-  32-token rollout less a 16-token one, less the step's ops;
+- the sampling loop's own ops per token around the step (sampling the GPU way, recording, the eos
+  check): a 32-token rollout less a 16-token one, less the step's ops;
 - host reads per token (each a device sync) at CUDA's default of one look every `SYNC_EVERY` steps.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 from benchmarks.common import BenchArgs
 from common.flags import flag
@@ -30,19 +31,14 @@ class LaunchArgs(BenchArgs):
     rows: int = flag(16, "rows decoding at once (the recipe: 4 prompts x 4 completions)", low=1)
 
 
-def _model(name: str, layers: int) -> tuple[Any, Any]:
-    """The shape `name` with `layers` layers, random bf16 weights, and its tokenizer."""
-    import torch
-
+def _config(name: str) -> tuple[Any, Any]:
+    """The config of shape `name` (tiny, or random:<hub id>) and the tiny tokenizer."""
     from models.loading import load_tokenizer
-    from models.tiny import _init_model, random_config, tiny_config
+    from models.tiny import random_config, tiny_config
 
     tokenizer = load_tokenizer("tiny")
-    config = tiny_config(tokenizer) if name == "tiny" else random_config(name.removeprefix("random:"), tokenizer)
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:layers]
-    return _init_model(config, 0).to(torch.bfloat16).eval(), tokenizer
+    return (tiny_config(tokenizer) if name == "tiny" else random_config(name.removeprefix("random:"), tokenizer),
+            tokenizer)
 
 
 def _profiled(fn: Any) -> list[Any]:
@@ -53,20 +49,21 @@ def _profiled(fn: Any) -> list[Any]:
     return list(prof.events())
 
 
+GRAPH_INPUTS = 3  # a graphed step copies token, position and slot into its fixed inputs (GraphedDecodeStep)
 SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero")
 
 
-def counts(name: str, layers: int, rows: int) -> dict[str, float]:
-    """Device ops of one decode step (CUDA layout, and the CPU's own), and per token of a rollout:
-    its ops and host reads."""
+def counts(model: Any, tokenizer: Any, rows: int) -> dict[str, float]:
+    """Device ops of one decode step of `model` (CUDA layout, and the CPU's own), and per token of a
+    rollout with tokens chosen the GPU way: its ops and host reads."""
     import torch
 
+    import sampling.tokens
     from benchmarks.common import device_ops
     from sampling.batch import SYNC_EVERY
     from sampling.engine import sample_batch
     from sampling.fast_decode import DecodeState
 
-    model, tokenizer = _model(name, layers)
     token, position, slot = torch.zeros(rows, dtype=torch.long), torch.full((rows,), 7), torch.tensor([7])
     step = {}
     for layout in (True, False):
@@ -81,8 +78,9 @@ def counts(name: str, layers: int, rows: int) -> dict[str, float]:
                                               pad_token_id=tokenizer.pad_token_id, num_samples=rows,
                                               max_new_tokens=n, temperature=1.0, sync_every=SYNC_EVERY))
 
-    rollout(4)
-    short, long = rollout(16), rollout(32)
+    with mock.patch.dict(sampling.tokens.WAYS, cpu=sampling.tokens.WAYS["cuda"]):  # tokens chosen the GPU way
+        rollout(4)
+        short, long = rollout(16), rollout(32)
     per_token = (device_ops(long) - device_ops(short)) / 16
     syncs = (sum(e.name in SYNCS for e in long) - sum(e.name in SYNCS for e in short)) / 16
     return {"step_cuda_layout": step[True], "step_cpu_layout": step[False],
@@ -91,26 +89,30 @@ def counts(name: str, layers: int, rows: int) -> dict[str, float]:
 
 def launches(args: LaunchArgs) -> dict[str, float]:
     """Per decoded token at the model's depth: the step's ops (per layer and outside the layers), the
-    sampling loop's, their sum (an eager CUDA token's launches) and the host reads."""
-    from models.tiny import random_config
+    sampling loop's, their sum (an eager CUDA token's launches) and the host reads. Counted on 1 and 2
+    layers of the shape (random bf16 weights), the 1-layer model being the 2-layer one cut short."""
+    import torch
 
-    one, two = counts(args.model, 1, args.rows), counts(args.model, 2, args.rows)
-    if args.model == "tiny":
-        from models.loading import load_tokenizer
-        from models.tiny import tiny_config
+    from models.tiny import _init_model
 
-        depth = tiny_config(load_tokenizer("tiny")).num_hidden_layers
-    else:
-        from models.loading import load_tokenizer
-
-        depth = random_config(args.model.removeprefix("random:"), load_tokenizer("tiny")).num_hidden_layers
+    config, tokenizer = _config(args.model)
+    depth = config.num_hidden_layers
+    config.num_hidden_layers = 2
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:2]
+    model = _init_model(config, 0).to(torch.bfloat16).eval()
+    two = counts(model, tokenizer, args.rows)
+    model.model.layers, config.num_hidden_layers = model.model.layers[:1], 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    one = counts(model, tokenizer, args.rows)
     per_layer = two["step_cuda_layout"] - one["step_cuda_layout"]
     outside = one["step_cuda_layout"] - per_layer
     step = outside + depth * per_layer
     return {"layers": depth, "step_ops_per_layer": per_layer, "step_ops_outside_layers": outside,
             "step_ops": step, "loop_ops_per_token": one["loop_per_token"],
             "eager_launches_per_token": step + one["loop_per_token"],
-            "graphed_launches_per_token": 1 + one["loop_per_token"],
+            "graphed_launches_per_token": 1 + GRAPH_INPUTS + one["loop_per_token"],
             "host_reads_per_token": one["syncs_per_token"]}
 
 

@@ -205,13 +205,14 @@ def test_device_ops_count_what_computes_or_copies_not_views():
 
 
 def test_launch_counts_per_decoded_token():
-    """benchmarks.launches on tiny: the step's ops per layer in the CUDA layout (before the fused norms,
-    RoPE and attention: 46), the loop's ops around it and host reads at one look per SYNC_EVERY."""
+    """benchmarks.launches on a 4-layer Qwen3 with the full vocabulary: the step's ops per layer in the
+    CUDA layout (before the fused norms, RoPE and attention: 46), the sampling loop's ops around it
+    (before the GPU's exponential race: 48) and host reads at one look per SYNC_EVERY."""
     from benchmarks.launches import LaunchArgs, launches
     from sampling.batch import SYNC_EVERY
 
-    figures = launches(LaunchArgs(model="tiny", rows=4))
+    figures = launches(LaunchArgs(model="random:qwen3-4x256", rows=4))
     assert figures["step_ops_per_layer"] <= 25
     assert figures["step_ops"] == figures["step_ops_outside_layers"] + figures["layers"] * figures["step_ops_per_layer"]
-    assert 0 < figures["loop_ops_per_token"] < 60
+    assert 0 < figures["loop_ops_per_token"] <= 30
     assert figures["host_reads_per_token"] == 1 / SYNC_EVERY

@@ -112,6 +112,35 @@ def test_two_level_draw_follows_the_weights_over_a_large_vocabulary(V):
         assert abs(freq[i].item() - w / 10.0) < 0.01, (i, freq[i].item(), w / 10.0)
 
 
+def test_the_gpu_way_is_an_exponential_race_that_follows_the_weights(monkeypatch):
+    """GPUs draw by exponential race (few whole-row kernels, not the CPU's ~25 small passes): the same
+    distribution, zero weights never drawn, the same row totals; sample_token and greedy through it
+    (the GPU way forced on the CPU)."""
+    import sampling.tokens as tokens
+
+    assert tokens.WAYS["cuda"].draw is tokens._race
+    n, V = 40_000, 2600
+    weights = torch.zeros(V)
+    picks = {3: 1.0, 1023: 2.0, 1025: 1.0, 2047: 0.5, 2048: 3.0, V - 1: 2.5}
+    for i, w in picks.items():
+        weights[i] = w
+    drawn, total = tokens._race(weights.repeat(n, 1), torch.Generator().manual_seed(0))
+    assert torch.allclose(total, torch.full((n, 1), 10.0))
+    freq = torch.bincount(drawn, minlength=V).float() / n
+    assert set(drawn.unique().tolist()) == set(picks)
+    for i, w in picks.items():
+        assert abs(freq[i].item() - w / 10.0) < 0.01, (i, freq[i].item(), w / 10.0)
+    monkeypatch.setitem(tokens.WAYS, "cpu", tokens.WAYS["cuda"])
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
+    token, logp = sample_token(logits, 0.5, 0.8, torch.Generator().manual_seed(1))
+    want = torch.softmax(logits[0] / 0.5, -1)  # .87, .12, .02, .00: top-p 0.8 keeps the first alone
+    assert set(token.tolist()) == {0} and torch.allclose(logp, torch.log(want)[token])
+    token, _ = sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(2))
+    freq = torch.bincount(token, minlength=4).float() / len(token)
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.01)
+    assert sample_token(logits[:2], 0.0, 1.0, None)[0].tolist() == [0, 0]
+
+
 def test_draw_never_picks_a_zero_weight_entry_when_rand_returns_zero(monkeypatch):
     zeros = torch.zeros
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: zeros(shape, dtype=kw.get("dtype")))
