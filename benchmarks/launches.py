@@ -31,16 +31,6 @@ class LaunchArgs(BenchArgs):
     rows: int = flag(16, "rows decoding at once (the recipe: 4 prompts x 4 completions)", low=1)
 
 
-def _config(name: str) -> tuple[Any, Any]:
-    """The config of shape `name` (tiny, or random:<hub id>) and the tiny tokenizer."""
-    from models.loading import load_tokenizer
-    from models.tiny import random_config, tiny_config
-
-    tokenizer = load_tokenizer("tiny")
-    return (tiny_config(tokenizer) if name == "tiny" else random_config(name.removeprefix("random:"), tokenizer),
-            tokenizer)
-
-
 def _profiled(fn: Any) -> list[Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,18 +83,14 @@ def launches(args: LaunchArgs) -> dict[str, float]:
     layers of the shape (random bf16 weights), the 1-layer model being the 2-layer one cut short."""
     import torch
 
-    from models.tiny import _init_model
+    from benchmarks.common import shape_config, shape_model, with_layers
+    from models.loading import load_tokenizer
 
-    config, tokenizer = _config(args.model)
-    depth = config.num_hidden_layers
-    config.num_hidden_layers = 2
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:2]
-    model = _init_model(config, 0).to(torch.bfloat16).eval()
+    depth, tokenizer = shape_config(args.model).num_hidden_layers, load_tokenizer("tiny")
+    model = shape_model(args.model, 2).to(torch.bfloat16).eval()
     two = counts(model, tokenizer, args.rows)
-    model.model.layers, config.num_hidden_layers = model.model.layers[:1], 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
+    model.model.layers = model.model.layers[:1]
+    with_layers(model.config, 1)
     one = counts(model, tokenizer, args.rows)
     per_layer = two["step_cuda_layout"] - one["step_cuda_layout"]
     outside = one["step_cuda_layout"] - per_layer

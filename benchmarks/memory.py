@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import BenchArgs, shape_config, shape_model
 from common.flags import FINETUNE, flag
 
 GB = 2**30
@@ -50,27 +50,6 @@ class MemoryArgs(BenchArgs):
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward")
 
 
-def _config(args: MemoryArgs) -> Any:
-    """The model's config: `tiny`'s, or the real architecture of random:<hub id>."""
-    from models.loading import load_tokenizer
-    from models.tiny import random_config, tiny_config
-
-    tokenizer = load_tokenizer("tiny")
-    return tiny_config(tokenizer) if args.model == "tiny" else random_config(args.model.removeprefix("random:"),
-                                                                             tokenizer)
-
-
-def _model(args: MemoryArgs, layers: int) -> Any:
-    """The model's shape with `layers` layers and random weights, on the CPU in fp32."""
-    from models.tiny import _init_model
-
-    config = _config(args)
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:layers]
-    return _init_model(config, 0)
-
-
 def saved_bytes(args: MemoryArgs, layers: int) -> int:
     """Bytes autograd saves over one training micro-batch's forward (the projected loss included)."""
     import torch
@@ -80,7 +59,7 @@ def saved_bytes(args: MemoryArgs, layers: int) -> int:
     from grpo.loss import grpo_loss
     from models.lora import add_lora
 
-    model = _model(args, layers)
+    model = shape_model(args.model, layers)
     if args.finetune == "lora":
         model = add_lora(model, args.lora_r, 2 * args.lora_r, 0.0, args.gradient_checkpointing)
     elif args.gradient_checkpointing:
@@ -102,9 +81,9 @@ def saved_bytes(args: MemoryArgs, layers: int) -> int:
 def ledger(args: MemoryArgs) -> dict[str, float]:
     """GB per line of the ledger, the phases and the peak."""
     one, two = saved_bytes(args, 1), saved_bytes(args, 2)
-    model = _model(args, 1)
+    model = shape_model(args.model, 1)
     cfg = model.config
-    layers, per_layer = _config(args).num_hidden_layers, two - one
+    layers, per_layer = shape_config(args.model).num_hidden_layers, two - one
     activations = one - per_layer + layers * per_layer
     params_per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     outside = sum(p.numel() for p in model.parameters()) - params_per_layer  # embedding (tied head), norm
