@@ -224,12 +224,12 @@ class DecodeWeights:
         self.dtype = dtype
         self.inv_freq = model.model.rotary_emb.inv_freq.float()
         self.scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
-        self.fused = model.model.embed_tokens.weight.is_cuda if cuda_layout is None else cuda_layout
+        self.cuda_layout = model.model.embed_tokens.weight.is_cuda if cuda_layout is None else cuda_layout
         D, device = self.head_dim, self.inv_freq.device
         self.rope_swap = torch.cat((torch.arange(D // 2, D), torch.arange(D // 2))).to(device)  # (x2, x1)
         self.rope_sign = torch.cat((-torch.ones(D // 2), torch.ones(D // 2))).to(device)  # rotate_half's signs
         with torch.no_grad():
-            items = [item.to(dtype) for item in _sources(model, self.fused)]
+            items = [item.to(dtype) for item in _sources(model, self.cuda_layout)]
         n = len(model.model.layers)
         self.layers: list[LayerWeights] = items[:n]
         self.embed, self.norm = items[n], items[n + 1]
@@ -244,7 +244,7 @@ class DecodeWeights:
     def load(self, model: Any) -> None:
         """Copy `model`'s current weights (adapters merged) into these tensors in place: the same
         addresses, so CUDA graphs captured on them stay valid, and no second set is ever held."""
-        sources = (t for item in _sources(_base(model), self.fused) for t in _flat(item))
+        sources = (t for item in _sources(_base(model), self.cuda_layout) for t in _flat(item))
         for dst, src in zip(self.tensors(), sources, strict=True):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
@@ -273,9 +273,9 @@ class DecodeWeights:
         # per (row, KV head): attention runs as [B * KV] products of a KV head's H/KV queries
         bias = torch.zeros(allowed.shape, dtype=self.dtype, device=token.device).masked_fill_(~allowed, float("-inf"))
         bias = bias.repeat_interleave(KV, dim=0)[:, None, :]  # [B * KV, 1, width]
-        h = self.embed[token]  # [B, hidden]
+        h, cuda = self.embed[token], self.cuda_layout  # [B, hidden]; products as CUDA runs them
         for i, layer in enumerate(self.layers):
-            qkv = _linear(_rms(h, layer.input_norm, self.eps), layer.qkv, self.fused)
+            qkv = _linear(_rms(h, layer.input_norm, self.eps), layer.qkv, cuda)
             if layer.qkv_bias is not None:  # Qwen2
                 qkv = qkv + layer.qkv_bias
             qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
@@ -293,10 +293,10 @@ class DecodeWeights:
             # scores scaled and masked in one product, softmax in float32, weights back in the step's dtype
             scores = torch.baddbmm(bias, q, ks.transpose(1, 2), alpha=D**-0.5)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-            h = h + _linear(torch.bmm(probs, vs).view(B, H * D), layer.o, self.fused)
-            gate, up = _linear(_rms(h, layer.post_attention_norm, self.eps), layer.gate_up, self.fused).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, layer.down, self.fused)
-        return _linear(_rms(h, self.norm, self.eps), self.lm_head, self.fused)
+            h = h + _linear(torch.bmm(probs, vs).view(B, H * D), layer.o, cuda)
+            gate, up = _linear(_rms(h, layer.post_attention_norm, self.eps), layer.gate_up, cuda).chunk(2, dim=-1)
+            h = h + _linear(F.silu(gate) * up, layer.down, cuda)
+        return _linear(_rms(h, self.norm, self.eps), self.lm_head, cuda)
 
 
 class DecodeState:

@@ -516,7 +516,7 @@ def test_cpu_decode_weights_in_the_models_dtype_are_the_models_own(tiny_model):
     from sampling.fast_decode import DecodeWeights
 
     fast = DecodeWeights(tiny_model, torch.float32)
-    assert not fast.fused
+    assert not fast.cuda_layout
     params = {p.data_ptr() for p in tiny_model.parameters()}
     matrices = [fast.embed, fast.lm_head]
     for layer in fast.layers:
@@ -577,7 +577,7 @@ def test_the_cuda_layout_step_gives_the_cpu_layouts_logits(tiny_model):
 
     g = torch.Generator().manual_seed(0)
     states = [DecodeState(tiny_model, torch.float32, 3, 12, torch.device("cpu"), cuda_layout=c) for c in (True, False)]
-    assert [s.weights.fused for s in states] == [True, False]
+    assert [s.weights.cuda_layout for s in states] == [True, False]
     for s in states:
         s.slot_mask[:] = True  # every slot up to the step's may be attended
     for t in range(8):
