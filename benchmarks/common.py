@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import statistics
@@ -116,6 +117,7 @@ FREE_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_un
             "aten::lift_fresh"}  # allocations and views that return no alias in their schema: no kernel
 
 
+@functools.cache  # asked once per profiled event: thousands of events, a few dozen names
 def _is_view(name: str) -> bool:
     """An aten op whose every overload returns aliases of its input, written to by none (`view`, `slice`,
     `t`, `chunk`, `to`: a `to` that converts shows the copy inside it). Overloads on lists and strings
