@@ -2,7 +2,12 @@
 
 import logging
 
-from models.loading import (
+from models.offline import hub_kernels_off
+
+# before any model loads: no hub kernels in this process (models/offline.py)
+hub_kernels_off()
+
+from models.loading import (  # noqa: E402
     TINY,
     autocast,
     default_device,
@@ -14,8 +19,8 @@ from models.loading import (
     require_4bit,
 )
 
-# bitsandbytes tries to fetch an optional CPU kernel from the hub when imported (peft imports it) and
-# warns when that fails offline; its own fallback kernel is used either way.
+# bitsandbytes warns when its optional CPU kernel is not fetched (hub_kernels_off refuses it); its own
+# kernel is used either way.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = [

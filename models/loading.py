@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from common.distributed import default_device
 from common.errors import fail
+from models.offline import cached_first
 from models.tiny import PAD, random_model, tiny_dir
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
@@ -94,7 +95,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
     else:
         source = _source(name_or_path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = cached_first(AutoTokenizer.from_pretrained, source)
         except Exception as exc:  # noqa: BLE001
             if Path(source).is_dir():
                 _unloadable(source, exc)
@@ -157,7 +158,8 @@ def load_model(
             fail("4-bit needs trained weights; use it with a hub id or a local folder, not random:")
         model = random_model(name_or_path[len(RANDOM_PREFIX):], tokenizer).to(device=device, dtype=dtype)
     else:
-        kwargs: dict[str, Any] = {"dtype": dtype}
+        # use_kernels=False: the model's own modules, never hub kernels (models/offline.py says why)
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": False}
         if load_in_4bit:
             require_4bit(device)
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -168,7 +170,7 @@ def load_model(
         source = _source(name_or_path)
         local = Path(source).is_dir()
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model = cached_first(AutoModelForCausalLM.from_pretrained, source, **kwargs)
         except Exception as exc:  # noqa: BLE001 - each case becomes one line naming the folder
             if local:
                 _unloadable(source, exc)
