@@ -8,8 +8,11 @@
 #     CPU-only torch in the venv stops it with one line (a .venv made earlier on a CPU machine).
 #   - CPU machine: the CPU build $TORCH_CPU_SPEC (default torch==2.13.0) is installed first, so the
 #     loose `torch>=2.6` in requirements.txt is already satisfied and no multi-GB CUDA build is pulled.
+#   - Versions: the exact ones in constraints.txt, those the whole suite passed with (PINS=loose takes
+#     requirements*.txt's ranges instead; scripts/pin_versions.sh refreshes the pins on purpose).
+#   - The project itself is installed editable (pip install -e .), so its packages import from any folder.
 # Env: PYTHON (interpreter, default python3), VENV (default .venv), TORCH_CPU_SPEC, SYSTEM_TORCH
-# (auto|0), DEV=0 to skip pytest/hypothesis/ruff.
+# (auto|0), DEV=0 to skip pytest/hypothesis/ruff, PINS (exact|loose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,6 +20,12 @@ VENV=${VENV:-.venv}
 TORCH_CPU_SPEC=${TORCH_CPU_SPEC:-torch==2.13.0}
 SYSTEM_TORCH=${SYSTEM_TORCH:-auto}
 DEV=${DEV:-1}
+PINS=${PINS:-exact}
+case "$PINS" in
+  exact) pins=(-c constraints.txt) ;;
+  loose) pins=() ;;
+  *) echo "error: PINS must be exact or loose (got '$PINS')" >&2; exit 2 ;;
+esac
 req=requirements.txt
 [ "$DEV" = 1 ] && req=requirements-dev.txt
 
@@ -25,7 +34,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   accel=cpu
 fi
-stamp="$VENV/.installed-$accel-$(cat requirements.txt requirements-dev.txt "$0" | sha256sum | cut -c1-16)-dev$DEV"
+stamp="$VENV/.installed-$accel-$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml "$0" | sha256sum \
+  | cut -c1-16)-dev$DEV-$PINS"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -65,10 +75,12 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [ "$accel" = cpu ]; then
   "${pip[@]}" "$TORCH_CPU_SPEC"
 fi
-"${pip[@]}" -r "$req"
+"${pip[@]}" "${pins[@]}" -r "$req"
+# editable: `import grpo` works from any folder, and edits here take effect without reinstalling
+"${pip[@]}" --no-deps -e .
 refuse_cpu_torch
 build=$(torch_build "$VENV/bin/python")
-echo "setup: torch ${build% *} ($([ "${build##* }" = cpu ] && echo "CPU build" || echo "CUDA ${build##* }"))" >&2
+echo "setup: torch ${build% *} ($([ "${build##* }" = cpu ] && echo "CPU build" || echo "CUDA ${build##* }")), versions $PINS" >&2
 rm -f "$VENV"/.installed-*
 touch "$stamp"
 echo "setup: done ($VENV)" >&2

@@ -104,3 +104,39 @@ def test_cuda_checks_write_at_most_four_files():
     text = (ROOT / "scripts" / "cuda_checks.sh").read_text()
     written = sorted(set(re.findall(r'"\$out/([A-Za-z_.]+)"', text)))
     assert written == ["checks.log", "parts.tsv", "results.jsonl", "summary.txt"]
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {n.lower().replace("_", "-"): v for n, v in (x.split("==") for x in lines if x and not x.startswith("#"))}
+
+
+def test_constraints_pin_every_requirement_exactly():
+    """Upstream releases change defaults under us (transformers 5.25 turned hub kernels on): every
+    requirement has an exact pin, torch excepted (the CPU build or the GPU machine's own)."""
+    pins = _pins()
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            m = re.match(r"\s*([A-Za-z0-9_.-]+)", line.split("#")[0])
+            if m and not line.lstrip().startswith("-r") and m.group(1) != "torch":
+                assert m.group(1).lower().replace("_", "-") in pins, f"{m.group(1)} ({name}) has no pin"
+    assert "torch" not in pins and all(re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", v) for v in pins.values())
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "pins=(-c constraints.txt)" in setup and 'PINS=${PINS:-exact}' in setup
+
+
+def test_the_venv_runs_the_pinned_versions():
+    """What the suite runs on is what constraints.txt says it passed with (skipped for PINS=loose)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if any(p.endswith("-loose") for p in os.listdir(sys.prefix) if p.startswith(".installed-")):
+        pytest.skip("this venv was set up with PINS=loose")
+    wrong = {}
+    for name, pinned in _pins().items():
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            found = None
+        if found != pinned:
+            wrong[name] = (pinned, found)
+    assert wrong == {}
