@@ -4,7 +4,8 @@
     python -m benchmarks.step --model random:qwen3-4x256 --max_new_tokens 128   (4 layers, Qwen3's vocabulary)
     python -m benchmarks.step --model random:Qwen/Qwen3-0.6B --max_new_tokens 512 --device cuda
 
-Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) and
+Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) with
+train_grpo.py's --no_save (no checkpoint or model is written: the figures come out as the steps end), and
 prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
 rollout tokens/s and peak memory, and a JSON line, flushed before the floor study starts (a run stopped
 during it keeps these figures). `benchmarks.trl_step` times the same step under TRL, on the same model
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = GRPOConfig(model_name=args.model, dataset="synthetic", grpo_output=str(run),
                          max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
                          prompts_per_step=args.prompts_per_step, finetune="lora" if args.lora else "full",
-                         device=device, cuda_graphs=args.cuda_graphs, save_every=10**9, show_progress=False)
+                         device=device, cuda_graphs=args.cuda_graphs, save_models=False, show_progress=False)
         train_grpo(cfg)
         if not dist.is_main:
             return
@@ -77,6 +78,8 @@ PHASES = {"time_per_step_s": "total", "generation_time_s": "generation", "refere
 
 def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
     """The timed steps' figures (medians, peak memory), printed as a table."""
+    import os
+
     from benchmarks.common import median
     from sampling.cuda_graphs import use_cuda_graphs
 
@@ -86,6 +89,10 @@ def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
               "completions_per_step": cfg.prompts_per_step * cfg.num_generations,
               "micro_batch_size": cfg.micro_batch_size, "max_new_tokens": args.max_new_tokens, "steps": len(timed),
               "completion_len_mean": round(sum(x["completion_len_mean"] for x in timed) / len(timed), 1),
+              # the ledger (benchmarks.memory, docs/training.md) is set against these widths and the allocator's
+              "prompt_len_mean": round(sum(x["prompt_len_mean"] for x in timed) / len(timed), 1),
+              "prompt_len_max": max(x["prompt_len_max"] for x in timed),
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
               "peak_memory_gb": round(max(x["peak_memory_gb"] for x in timed), 3),
               "peak_memory_reserved_gb": round(max(x["peak_memory_reserved_gb"] for x in timed), 3),
               "median_rollout_tokens_per_s": round(median([x["tokens_generated"] / x["generation_time_s"]
@@ -96,7 +103,8 @@ def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
           f"{record['processes']} process(es): "
           f"{record['completions_per_step']} completions/step, "
           f"micro-batches of {cfg.micro_batch_size}, up to {args.max_new_tokens} new tokens "
-          f"(mean {record['completion_len_mean']})")
+          f"(mean {record['completion_len_mean']}), prompts of {record['prompt_len_mean']} tokens (max "
+          f"{record['prompt_len_max']}), PYTORCH_CUDA_ALLOC_CONF={record['alloc_conf'] or '(unset)'}")
     for key, name in PHASES.items():
         print(f"  {name:<17} {record[f'median_{key}']:8.3f} s  (median of {len(timed)})")
     print(f"  rollout           {record['median_rollout_tokens_per_s']:8.0f} tokens/s (median)")

@@ -30,6 +30,7 @@ class StepStats:
     advantages: torch.Tensor
     lengths: list[int]
     truncated: list[bool]
+    prompt_lengths: list[int]  # per completion: its prompt's tokens (the step's widths set its memory)
     grad_norm: float
     skipped: int
     learning_rate: float
@@ -62,9 +63,9 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
                                           device=device, dtype=torch.float64)).tolist()
     *summed, entropy_tokens, backward_rows, prompts_sampled, masked_rows = summed
     spans = stats.thinking or [(0, True)] * len(stats.lengths)
-    per_completion = torch.tensor([[n, t, th, closed] for n, t, (th, closed) in
-                                   zip(stats.lengths, stats.truncated, spans)], device=device)
-    lengths, truncated, thinking, closed = dist.all_gather(per_completion).cpu().T.tolist()
+    per_completion = torch.tensor([[n, t, th, closed, p] for n, t, (th, closed), p in
+                                   zip(stats.lengths, stats.truncated, spans, stats.prompt_lengths)], device=device)
+    lengths, truncated, thinking, closed, prompt_lengths = dist.all_gather(per_completion).cpu().T.tolist()
     think_fields = {} if stats.thinking is None else thinking_fields(list(zip(thinking, closed)))
     n_iter, rewards, advantages = cfg.num_iterations, stats.rewards, stats.advantages
     return {
@@ -82,7 +83,9 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
         "tokens_generated": sum(lengths), "entropy": summed[-1] / max(1.0, entropy_tokens),
         "backward_rows": int(backward_rows) // n_iter,
         "completion_len_mean": sum(lengths) / len(lengths), "completion_len_min": min(lengths),
-        "completion_len_max": max(lengths), "clipped_ratio": sum(truncated) / len(truncated),
+        "completion_len_max": max(lengths),
+        "prompt_len_mean": sum(prompt_lengths) / len(prompt_lengths), "prompt_len_max": max(prompt_lengths),
+        "clipped_ratio": sum(truncated) / len(truncated),
         "frac_reward_zero_std": (~has_signal(rewards, cfg.num_generations)).float().mean().item(),
         "extra_rollouts": stats.extra_rollouts, "prompts_sampled": int(prompts_sampled),
         "masked_rows": int(masked_rows),

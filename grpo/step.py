@@ -219,6 +219,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     return StepStats(sums=sums, entropy_sum=entropy_sum, entropy_tokens=entropy_tokens, backward_rows=backward_rows,
                      num_items=num_items, rewards=rewards, reward_parts=parts, advantages=all_advantages,
                      lengths=[len(c) for c in completions], truncated=groups.truncated, grad_norm=grad_norm,
+                     prompt_lengths=[len(p) for p in groups.prompts for _ in range(G)],
                      skipped=skipped, learning_rate=lr, times=timer.totals, extra_rollouts=extra,
                      prompts_sampled=sampled, masked_rows=B - sum(live_host),
                      thinking=thinking_spans(policy, completions), completions_log=logged)

@@ -44,8 +44,8 @@ def test_step_benchmark():
                 "median_backward_time_s", "median_optimizer_time_s", "peak_memory_gb",
                 "median_rollout_tokens_per_s"):
         assert record[key] > 0, key
-    assert record["processes"] == 1
-    assert "forward+backward" in out
+    assert record["processes"] == 1 and record["prompt_len_max"] >= record["prompt_len_mean"] > 10
+    assert "forward+backward" in out and "PYTORCH_CUDA_ALLOC_CONF" in out
     # the floor: a second run drew the same completions, its products were timed, and only the
     # phases that multiply matrices have one
     assert record["floor_steps_matched"] is True and "floor:" in out
@@ -54,6 +54,20 @@ def test_step_benchmark():
     for phase in ("generation", "reference", "backward"):
         assert record[f"floor_{phase}_s"] > 0, phase
     assert record["floor_optimizer_s"] == 0.0
+
+
+def test_step_benchmark_writes_no_model_and_no_checkpoint(monkeypatch, capsys):
+    """A benchmark's figures never wait on (or die in) ~10 GB of saving: nothing is saved at all."""
+    import transformers
+
+    import benchmarks.step
+
+    writes = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", lambda *a, **k: writes.append("model"))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: writes.append("torch.save"))
+    benchmarks.step.main(["--model", "tiny", "--max_new_tokens", "4", "--steps", "1", "--warmup", "0", "--device",
+                          "cpu", "--no_floor"])
+    assert writes == [] and '"benchmark": "step"' in capsys.readouterr().out
 
 
 def test_matmul_counter_counts_each_product_by_step_and_phase():

@@ -70,3 +70,16 @@ def test_keep_best_needs_evals_and_room_to_train(tmp_path):
         train_grpo(_cfg(tmp_path / "a", keep_best=True))
     with pytest.raises(UserError, match=r"^--validation_samples 10 would leave no training data"):
         split_validation([{"question": "q"}] * 10, 10, 0)
+
+
+def test_no_save_writes_nothing_and_refuses_what_would_keep_a_model(tmp_path):
+    """--no_save (the benchmarks' runs): log and evals only, no checkpoint, no model; the flags that keep
+    or publish a model are refused with it before anything loads."""
+    train_grpo(_cfg(tmp_path / "a", save_models=False))
+    written = {p.name for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert not {n for n in written if n.endswith((".safetensors", ".pt", ".bin"))} and "checkpoint" not in written
+    assert "grpo_training_logs.jsonl" in written
+    for extra, name in ((dict(keep_best=True, eval_every=1), "--keep_best"),
+                        (dict(save_model_every=1), "--save_model_every"), (dict(push_to_hub="me/x"), "--push_to_hub")):
+        with pytest.raises(UserError, match=f"^--no_save writes no model, so {name}"):
+            train_grpo(_cfg(tmp_path / "b", save_models=False, **extra))

@@ -26,5 +26,7 @@ class WatchFlags:
     keep_best: bool = flag(False, "keep the model with the best validation accuracy in best/, scored at every "
                                   "--eval_every on --validation_samples problems held back from the training "
                                   "data (never the test split the final comparisons use)", group=KEEP)
+    save_models: bool = flag(True, "write checkpoints and models (--no_save: the log and evals only, as the "
+                                   "benchmarks run; nothing to resume from or publish)", name="--no_save", group=KEEP)
     validation_samples: int = flag(100, "with --keep_best: training problems held back to choose the best model",
                                    low=1, group=KEEP)

@@ -69,6 +69,12 @@ def check_watch(cfg: Any) -> None:
     from models.push import check_push
     from training.trackers import check as check_trackers
 
+    if not cfg.save_models:
+        kept = [name for name, on in (("--push_to_hub", cfg.push_to_hub), ("--keep_best", cfg.keep_best),
+                                      ("--save_model_every", cfg.save_model_every)) if on]
+        if kept:
+            fail(f"--no_save writes no model, so {' and '.join(kept)} would have nothing to keep; drop one or the "
+                 f"other")
     check_trackers(cfg.report_to)
     check_push(cfg.push_to_hub)
     if cfg.keep_best and cfg.eval_every == 0:
@@ -179,8 +185,9 @@ class Run:
 
     def checkpoint(self, step: int, total_steps: int, model: Any, optimizer: Any, scheduler: Any,
                    lora: bool) -> None:
-        """Every `save_every` steps and at the last: everything --resume needs, atomically."""
-        if step % self.cfg.save_every == 0 or step == total_steps:
+        """Every `save_every` steps and at the last: everything --resume needs, atomically (never with
+        --no_save)."""
+        if self.cfg.save_models and (step % self.cfg.save_every == 0 or step == total_steps):
             rng_states = self.dist.gather_objects(rng_state())
             if self.dist.is_main:
                 save_checkpoint(self.out, model, optimizer, scheduler, step, total_steps, lora, rng_states)
@@ -251,11 +258,13 @@ class Run:
         """The trained model where `from_pretrained(<out>)` finds it (LoRA merged into a fresh base, the
         adapter also in <out>/adapter), the prompt format it was trained with beside it (the next stage
         reads it) and its model card (README.md), then `message`; pushed to the hub with --push_to_hub.
-        Other ranks wait for it, so the job ends complete."""
+        Other ranks wait for it, so the job ends complete. With --no_save: nothing is written."""
         from models.push import push
 
         self.close()
-        if self.dist.is_main:
+        if self.dist.is_main and not self.cfg.save_models:
+            print(f"--no_save: no model written; the log and evals are in {self.out}")
+        elif self.dist.is_main:
             self._write_model(self.out, model, tokenizer, lora=lora, base_model=base_model, dtype=dtype,
                               prompt_format=prompt_format, whole_folder=False)
             print(message)
