@@ -88,31 +88,6 @@ def alternate(runs: dict[str, Callable[[], Any]], repeats: int, device: str,
     return times, peaks
 
 
-def shape_config(name: str) -> Any:
-    """The config of a benchmark's model shape: `tiny`'s, or the real architecture of random:<hub id>."""
-    from models.loading import load_tokenizer
-    from models.tiny import random_config, tiny_config
-
-    tokenizer = load_tokenizer("tiny")
-    return tiny_config(tokenizer) if name == "tiny" else random_config(name.removeprefix("random:"), tokenizer)
-
-
-def with_layers(config: Any, layers: int) -> Any:
-    """`config` cut to its first `layers` layers (in place), per-layer types included."""
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:layers]
-    return config
-
-
-def shape_model(name: str, layers: int) -> Any:
-    """The model shape `name` with `layers` layers and random weights (seed 0), on the CPU in fp32:
-    ledgers and counts take 1 and 2 layers of a real shape and scale to its depth."""
-    from models.tiny import _init_model
-
-    return _init_model(with_layers(shape_config(name), layers), 0)
-
-
 FREE_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_unsafe_view", "aten::resize_",
             "aten::lift_fresh"}  # allocations and views that return no alias in their schema: no kernel
 

@@ -83,10 +83,9 @@ def launches(args: LaunchArgs) -> dict[str, float]:
     layers of the shape (random bf16 weights), the 1-layer model being the 2-layer one cut short."""
     import torch
 
-    from benchmarks.common import shape_config, shape_model, with_layers
-    from models.loading import load_tokenizer
+    from models.loading import load_tokenizer, model_config, shape_model, with_layers
 
-    depth, tokenizer = shape_config(args.model).num_hidden_layers, load_tokenizer("tiny")
+    depth, tokenizer = model_config(args.model).num_hidden_layers, load_tokenizer("tiny")
     model = shape_model(args.model, 2).to(torch.bfloat16).eval()
     two = counts(model, tokenizer, args.rows)
     model.model.layers = model.model.layers[:1]

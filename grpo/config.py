@@ -94,6 +94,9 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     lora_r: int = flag(16, "LoRA rank", low=1, group=MEMORY)
     lora_alpha: int = flag(32, "LoRA alpha", low=1, group=MEMORY)
     use_4bit: bool = flag(False, "4-bit NF4 base (with --finetune lora), e.g. Qwen3-4B on 24 GB", group=MEMORY)
+    fit_check: bool = flag(True, "skip the check, made on CUDA before the model loads, that the memory ledger's "
+                                 "peak fits the GPU's free memory (it names the settings that would fit)",
+                           name="--no_fit_check", group=MEMORY)
     gradient_checkpointing: bool = flag(False, "recompute activations in backward", group=MEMORY)
     seed: int = flag(42, "seed for prompt order and sampling", low=0, group=RUN)
     save_every: int = flag(50, "checkpoint every N steps (and at the end)", low=1, group=RUN)

@@ -24,6 +24,7 @@ from common.errors import UserError, fail
 from common.flags import check
 from common.run_files import CHECKPOINT, now_iso, seed_everything
 from grpo.config import GRPOConfig
+from grpo.memory import LedgerSettings, check_fit
 from grpo.policy import Policy
 from grpo.prompt_order import extra_prompts, step_prompts
 from grpo.record import step_record
@@ -116,6 +117,19 @@ def _fitting_prompts(cfg: GRPOConfig, policy: Policy, records: list[Any], dist: 
     return kept, skipped
 
 
+def ledger_settings(cfg: GRPOConfig, start_model: str, fmt: Any, records: list[Any]) -> LedgerSettings:
+    """The memory ledger's settings for this run: its model, step shape and longest training prompt."""
+    from data.prompt import prompts_within
+    from models import load_tokenizer
+
+    _, prompts, _ = prompts_within(load_tokenizer(start_model), records, cfg.max_prompt_length, fmt=fmt)
+    return LedgerSettings(model=start_model, finetune=cfg.finetune, use_4bit=cfg.use_4bit,
+                          prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
+                          micro_batch_size=cfg.micro_batch_size, prompt_tokens=max(map(len, prompts), default=1),
+                          completion_tokens=cfg.max_completion_length, beta=cfg.beta, lora_r=cfg.lora_r,
+                          gradient_checkpointing=cfg.gradient_checkpointing)
+
+
 def _draw_more(cfg: GRPOConfig, records: list[Any], step: int, dist: Dist) -> Any:
     """--dynamic_sampling's source of further prompts for `step`: attempt -> this rank's records."""
     def draw(attempt: int) -> list[Any]:
@@ -170,6 +184,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     seed_everything(cfg.seed)
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
+    if cfg.fit_check and device.startswith("cuda"):  # before the model loads: will the step fit?
+        check_fit(ledger_settings(cfg, start_model, fmt, train_records), device)
     policy = _policy(cfg, start_model, dist, device, total_steps, rewards, fmt)
     train_records, skipped = _fitting_prompts(cfg, policy, train_records, dist)
     if dist.rank > 0:

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from common.distributed import default_device
 from common.errors import fail
 from models.offline import cached_first
-from models.tiny import PAD, random_model, tiny_dir
+from models.tiny import PAD, _init_model, random_config, random_model, tiny_config, tiny_dir
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 # Rollouts and the training forward pass their KV cache as `cache=`; releases before 5.24 call it
@@ -186,6 +186,36 @@ def load_model(
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.bos_token_id = None
     return model
+
+
+def model_config(name_or_path: str) -> Any:
+    """The config of any name load_model takes (`tiny`, random:<hub id>, a folder, a hub id), without
+    loading weights: the memory ledger's shapes."""
+    if name_or_path == TINY:
+        return tiny_config(load_tokenizer(TINY))
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return random_config(name_or_path[len(RANDOM_PREFIX):], load_tokenizer(TINY))
+    from transformers import AutoConfig
+
+    source = _source(name_or_path)
+    try:
+        return cached_first(AutoConfig.from_pretrained, source)
+    except OSError as exc:
+        _not_found(name_or_path, exc)
+
+
+def with_layers(config: Any, layers: int) -> Any:
+    """`config` cut to its first `layers` layers (in place), per-layer types included."""
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def shape_model(name_or_path: str, layers: int) -> Any:
+    """The shape of model `name_or_path` with `layers` layers and random weights (seed 0), on the CPU in
+    fp32: ledgers and counts take 1 and 2 layers of a real shape and scale to its depth."""
+    return _init_model(with_layers(model_config(name_or_path), layers), 0)
 
 
 def keep_4bit_trainable(model: Any) -> None:

@@ -178,7 +178,8 @@ def test_sft_step_benchmark_runs_each_way_in_its_own_process():
 def test_memory_ledger_adds_up_and_its_activations_match_a_whole_model_tally():
     """The ledger's lines add up to its phases and peak, and the activations it scales from 1- and
     2-layer tallies equal a tally of the whole (tiny, 4-layer) model."""
-    from benchmarks.memory import MemoryArgs, ledger, saved_bytes
+    from benchmarks.memory import MemoryArgs
+    from grpo.memory import ledger, saved_bytes
 
     args = MemoryArgs(model="tiny", prompt_tokens=20, completion_tokens=16)
     got = ledger(args)
