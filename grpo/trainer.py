@@ -185,7 +185,9 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if cfg.fit_check and device.startswith("cuda"):  # before the model loads: will the step fit?
-        check_fit(ledger_settings(cfg, start_model, fmt, train_records), device)
+        peak = check_fit(ledger_settings(cfg, start_model, fmt, train_records), device)
+        if dist.is_main:
+            print(f"memory ledger: this run peaks at about {peak:.2f} GB on {device} (python -m benchmarks.memory)")
     policy = _policy(cfg, start_model, dist, device, total_steps, rewards, fmt)
     train_records, skipped = _fitting_prompts(cfg, policy, train_records, dist)
     if dist.rank > 0:

@@ -1,11 +1,16 @@
-"""`python -m models [--model NAME]`: load a model, show its size and one prompt, sample one answer.
+"""`python -m models [--model NAME] [--save_to DIR]`: load a model, show its size and one prompt,
+sample one answer; with --save_to, first save it (and its tokenizer) as a model folder.
 
-A quick offline check that data, prompt format, model loading and reward fit together.
+A quick offline check that data, prompt format, model loading and reward fit together. `--model
+random:Qwen/Qwen3-0.6B --save_to DIR` writes a real shape with random weights as a folder that every
+stage then loads through `from_pretrained`, as it loads a downloaded hub model (the rehearsal, the GPU
+checks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import run_cli
 from common.flags import flag, parse_flags
@@ -18,6 +23,7 @@ class ModelCheckArgs:
     dataset: str = flag("synthetic", "where the one problem comes from", choices=DATASETS)
     data_dir: str | None = flag(None, "folder with GSM8K's {train,test}.jsonl")
     max_new_tokens: int = flag(64, "token limit of the sampled answer", low=1)
+    save_to: str | None = flag(None, "save the loaded model (bf16) and tokenizer to this new folder first")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +37,21 @@ def main(argv: list[str] | None = None) -> None:
     from rewards import extract_answer, numeric_reward
 
     record = load_records(args.dataset, "test", data_dir=args.data_dir, max_samples=1)[0]
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.save_to:
+        from common.errors import fail
+        from common.run_files import atomic_dir
+
+        if Path(args.save_to).exists():
+            fail(f"--save_to {args.save_to} already exists; name a new folder (it is never overwritten)")
+        model, tokenizer = load_model_and_tokenizer(args.model, device="cpu", dtype=torch.bfloat16)
+
+        def write(tmp):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        atomic_dir(Path(args.save_to), write)
+        print(f"saved {args.model} (bf16) and its tokenizer in {args.save_to}")
+    model, tokenizer = load_model_and_tokenizer(args.save_to or args.model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.model} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters, {model.dtype}, "
           f"{model.device}); vocab {len(tokenizer)}, eos {tokenizer.eos_token!r}, pad {tokenizer.pad_token!r}")

@@ -2,6 +2,8 @@
 
     python scripts/preflight.py          (scripts/cuda_checks.sh runs it first)
 
+Exit 0: ready; 3: a package is missing or too old (the only case carried wheels can fix); 2: no CUDA GPU.
+
 Reads the floors from requirements.txt (and pytest from requirements-dev.txt), looks at what is
 installed without importing the project, and says what is missing and how to bring it: on a machine
 without a network, `scripts/carry_wheels.sh` run elsewhere downloads exactly those wheels into .carry/,
@@ -18,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ("torch", "transformers", "peft", "numpy", "tqdm", "pyyaml", "safetensors", "pytest")  # for the checks
 IMPORT_NAME = {"pyyaml": "yaml"}
+MISSING = 3  # the exit status that says: bring the wheels
 
 
 def floors() -> dict[str, str]:
@@ -63,7 +66,7 @@ def main() -> int:
         print(f"error: this Python lacks {', '.join(lacking)} for the GPU checks; on a machine with a network run "
               f"scripts/carry_wheels.sh, bring the .carry folder along, and run scripts/cuda_checks.sh again "
               f"(it installs from .carry with pip --no-index)", file=sys.stderr)
-        return 2
+        return MISSING
     import torch
 
     if not torch.cuda.is_available():

@@ -119,13 +119,19 @@ def test_prompt_sharing_benchmark():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the script would run its full checks")
-def test_cuda_checks_without_a_gpu_is_one_line(tmp_path):
+def test_cuda_checks_without_a_gpu_is_one_line_and_installs_nothing(tmp_path):
+    """"No CUDA GPU" is no missing package: carried wheels beside it stay uninstalled (a trial on a CPU
+    machine once unpacked 132 MB into the repository, past what a device call carries)."""
+    carry = tmp_path / "carry"
+    (carry / "wheels").mkdir(parents=True)
+    (carry / "wheels" / "transformers-5.25.0-py3-none-any.whl").write_bytes(b"")
     result = subprocess.run(["bash", "scripts/cuda_checks.sh", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
-                                                                      "CARRY_DIR": str(tmp_path / "no_carry")})
+                                                                      "CARRY_DIR": str(carry),
+                                                                      "CARRY_SITE": str(tmp_path / "site")})
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no CUDA GPU" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "site").exists() and "installing" not in result.stdout
 
 
 @pytest.mark.slow  # 10-16 s: a benchmark CLI end to end, in several processes

@@ -37,13 +37,24 @@ def test_setup_on_a_gpu_machine_refuses_a_venv_holding_a_cpu_torch(tmp_path):
 
 
 def test_cuda_checks_fit_their_time_budget_by_construction():
-    """scripts/cuda_checks.sh gives each part at most what is left of an 8-minute budget."""
+    """scripts/cuda_checks.sh gives each part at most what is left of its budget (510 s, inside a device
+    lease), the parts' caps add up to it, and a part that ignores SIGTERM is killed."""
     text = (ROOT / "scripts" / "cuda_checks.sh").read_text()
-    assert "BUDGET_S=${BUDGET_S:-480}" in text and "timeout" in text
+    assert "BUDGET_S=${BUDGET_S:-510}" in text and "timeout -k 5" in text
+    caps = [int(m) for m in re.findall(r"^\s*part \w+ (\d+) ", text, re.M)]
+    assert len(caps) == 8 and sum(caps) <= 510, caps
     result = subprocess.run(["bash", "-c", f"source <(sed -n '/^part_limit()/,/^}}/p' {ROOT}/scripts/cuda_checks.sh);"
                              " start=0; BUDGET_S=480; SECONDS=400; part_limit 300"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "80", result.stdout + result.stderr
+
+
+def test_cuda_checks_keep_the_image_plugins_out_and_measure_the_recipe_allocator():
+    text = (ROOT / "scripts" / "cuda_checks.sh").read_text()
+    assert "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1" in text and "-p no:cacheprovider" in text
+    assert "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" in text
+    assert "expandable_segments:True" in (ROOT / "run_training.sh").read_text()
+    assert "--no-compile" in text and "--target \"$site\"" in text
 
 
 def test_cuda_checks_step_parts_skip_the_floor_study():
@@ -80,10 +91,11 @@ def test_cuda_checks_on_an_image_with_old_transformers_stop_in_one_line_naming_w
     carry = tmp_path / "carry"
     (carry / "wheels").mkdir(parents=True)
     (carry / "wheels" / "transformers-5.24.0-cp399-cp399-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    site = tmp_path / "site"
     result = subprocess.run(["bash", "scripts/cuda_checks.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                            text=True, env={**env, "CARRY_DIR": str(carry)})
+                            text=True, env={**env, "CARRY_DIR": str(carry), "CARRY_SITE": str(site)})
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "do not install" in result.stderr and not (carry / "site").exists() and not (tmp_path / "out").exists()
+    assert "do not install" in result.stderr and not site.exists() and not (tmp_path / "out").exists()
 
 
 def test_preflight_names_each_package_below_its_floor():
