@@ -6,6 +6,23 @@
 #                              SFT on worked solutions of six kinds of problem, GRPO on only the final
 #                              answers of a seventh, against SFT continued as long (README, the demo)
 #   ./run_training.sh --tiny --smoke   the same stages at toy sizes (seconds): a check that all runs
+#   ./run_training.sh --rehearse       the real recipe's stages, flags and GSM8K files on a CPU, offline, in
+#                              under 10 minutes on 2 cores, leaving every file the real run leaves. It differs
+#                              from the real run in exactly these ways:
+#                              - the model: random weights of Qwen3-0.6B's shape and vocabulary (28 layers,
+#                                151,936 tokens), first saved as a folder (base/) and then loaded by
+#                                from_pretrained as the downloaded hub model is; its tokenizer is the built-in
+#                                tiny one (GSM8K prompts of 87-380 tokens, ~100-250 with Qwen3's own), so the
+#                                answers score 0;
+#                              - the device: the CPU in fp32 (the real run: CUDA, bf16 autocast, CUDA graphs,
+#                                the memory fit check);
+#                              - SFT: 2 steps of 2 examples of at most 256 tokens (real: 3 epochs of 4, 512),
+#                                its eval 4 problems of 16 tokens (real: 100 of 256);
+#                              - GRPO: 2 steps of 2 prompts x 2 completions of 32 tokens (real: 500 steps of
+#                                4 x 4 of 512), eval and checkpoint at step 2 on 4 problems (real: every 50
+#                                steps, 100 problems);
+#                              - the final evals: 8 problems of 32 tokens (real: all 1,319 of 512).
+#                              GSM8K from GSM8K_DIR, else ../shared/data/gsm8k.
 # Env: OUT (default ./runs/<preset>) holds sft/, grpo/, eval/ and plots/; an existing run there is
 # replaced (the preset is a demo; use train_sft.py/train_grpo.py with --resume for long runs).
 # DATASET (a data file, a folder with train/test files, or a hub dataset id; docs/data.md) and
@@ -19,9 +36,10 @@ smoke=0
 for arg in "$@"; do
   case "$arg" in
     --tiny) preset=tiny ;;
+    --rehearse) preset=rehearse ;;
     --smoke) smoke=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument $arg (use --tiny, or nothing for the real recipe)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $arg (use --tiny, --rehearse, or nothing for the real recipe)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-./runs/$preset}
@@ -78,6 +96,22 @@ if [ "$preset" = tiny ]; then
           --eval_every 2 --eval_samples 8)
     EVAL=(--max_new_tokens 16 --max_samples 8)
   fi
+elif [ "$preset" = rehearse ]; then
+  GSM8K_DIR=${GSM8K_DIR:-../shared/data/gsm8k}
+  if [ ! -f "$GSM8K_DIR/train.jsonl" ] || [ ! -f "$GSM8K_DIR/test.jsonl" ]; then
+    echo "error: --rehearse reads GSM8K's files: set GSM8K_DIR to a folder with train.jsonl and test.jsonl" >&2
+    exit 2
+  fi
+  # the real recipe's stages, flags and data; only the sizes the help text names are cut (and the CPU)
+  SFT_DATA=(--dataset gsm8k --data_dir "$GSM8K_DIR")
+  GRPO_DATA=("${SFT_DATA[@]}")
+  EVAL_DATA=("${SFT_DATA[@]}")
+  BASE=(--model random:Qwen/Qwen3-0.6B --save_to "$OUT/base")
+  SFT=(--model_name "$OUT/base" --num_epochs 3 --batch_size 2 --max_steps 2 --max_length 256 --eval_samples 4
+       --eval_max_new_tokens 16 --device cpu)
+  GRPO=(--max_steps 2 --eval_every 2 --save_every 2 --prompts_per_step 2 --num_generations 2
+        --max_completion_length 32 --eval_samples 4 --device cpu)
+  EVAL=(--max_new_tokens 32 --batch_size 64 --max_samples 8 --device cpu)
 else
   SFT_DATA=(--dataset gsm8k ${GSM8K_DIR:+--data_dir "$GSM8K_DIR"})
   GRPO_DATA=("${SFT_DATA[@]}")
@@ -110,6 +144,10 @@ evaluate() {  # evaluate <model>
   fi
 }
 stage reward-selftest $PY -m rewards
+if [ -n "${BASE:-}" ]; then  # the rehearsal's stand-in for the hub download: a model folder
+  rm -rf "$OUT/base"
+  stage base $PY -m models "${BASE[@]}" "${SFT_DATA[@]}" --max_new_tokens 8
+fi
 # SFT and GRPO print a progress line every tenth of their steps (output is not a terminal here)
 stage sft  $PY train_sft.py  "${SFT_DATA[@]}" "${SFT[@]}" --seed "$SEED" --sft_output "$OUT/sft" --overwrite
 stage grpo $PY train_grpo.py "${GRPO_DATA[@]}" "${GRPO[@]}" --seed "$SEED" --sft_output "$OUT/sft" \

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"saved {args.model} (bf16) and its tokenizer in {args.save_to}")
     model, tokenizer = load_model_and_tokenizer(args.save_to or args.model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters, {model.dtype}, "
+    print(f"model: {args.save_to or args.model} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
+          f"{model.dtype}, "
           f"{model.device}); vocab {len(tokenizer)}, eos {tokenizer.eos_token!r}, pad {tokenizer.pad_token!r}")
     prompt = encode_prompt(tokenizer, record["question"])
     torch.manual_seed(0)
