@@ -48,7 +48,7 @@ from common.timing import Timer
 from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
 from grpo.groups import completion_rows, dynamic_groups, thinking_spans
-from grpo.loss import LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
+from grpo.loss import DRIFT_MAXES, DRIFT_SUMS, LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
 from grpo.policy import Policy
 from grpo.record import StepStats
 from rewards.functions import TrainerState
@@ -95,7 +95,9 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                   importance_sampling_level=cfg.importance_sampling_level, counts=counts,
-                                  as_tensors=True)
+                                  as_tensors=True, sampler_logprobs=mb.sampler_logprobs,
+                                  rollout_correction=cfg.rollout_correction,
+                                  rollout_correction_cap=cfg.rollout_correction_cap)
         (loss * scale).backward()
     # every figure of the micro-batch read back at once, after the backward is queued: one sync
     *values, entropy_sum = torch.stack([*metrics.values(), (entropy * mb.completion_mask).sum()]).tolist()
@@ -158,7 +160,8 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     completions, B, W = groups.completions, len(groups.completions), dist.world_size
     mine = all_advantages[dist.rank * B: (dist.rank + 1) * B]
     advantages = mine.to(device)
-    batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
+    batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device,
+                 groups.sampler_logprobs)
     if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
         batch.mask_rows(groups.truncated)
     # the micro-batches are cut and counted on the host, from host copies: no device read per micro-batch
@@ -178,6 +181,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                if cfg.beta != 0.0 else None)
 
     sums: dict[str, float] = {}
+    drift_sums, drift_max = dict.fromkeys(DRIFT_SUMS, 0.0), dict.fromkeys(DRIFT_MAXES, -math.inf)
     entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
     skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
     drop = live_host if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
@@ -204,7 +208,12 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                     sync=s + micro >= B, autocast=policy.autocast)
                 tokens = sum(mb.completion_lengths)
                 for k, v in metrics.items():  # this rank's share; summed over ranks at log time
-                    sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
+                    if k in drift_sums:  # the sampler's drift: plain sums and maxima (loss.py's sampler_drift)
+                        drift_sums[k] += v
+                    elif k in drift_max:
+                        drift_max[k] = max(drift_max[k], v)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
                 entropy_sum, entropy_tokens = entropy_sum + entropy, entropy_tokens + tokens
                 backward_rows += len(trained)
                 went_through[trained] = True
@@ -221,4 +230,5 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                      lengths=[len(c) for c in completions], truncated=groups.truncated, grad_norm=grad_norm,
                      skipped=skipped, learning_rate=lr, times=timer.totals, extra_rollouts=extra,
                      prompts_sampled=sampled, masked_rows=B - sum(live_host),
-                     thinking=thinking_spans(policy, completions), completions_log=logged)
+                     thinking=thinking_spans(policy, completions), completions_log=logged,
+                     drift_sums=drift_sums, drift_max=drift_max)
