@@ -24,8 +24,13 @@ Where we depart from the paper's GRPO (Shao et al., 2024, DeepSeekMath), and why
 - `--mask_truncated_completions` (off by default) takes completions cut at the length limit out of the
   loss and out of every normalizer, rows included (TRL zeroes their tokens but still counts them in
   grpo's mean over rows); they keep their rewards in the group's statistics.
-- Rollouts cut by `--top_p`/`--top_k`/`--min_p` are slightly off-policy: the loss uses the whole
-  softmax at the temperature.
+- Rollouts cut by `--top_p`/`--top_k`/`--min_p` are off-policy: the loss uses the whole softmax at the
+  temperature, while the engine drew from the renormalized cut (its log-probs are the cut's), so the
+  logged sampler ratio is the kept mass (< 1) on every token; `--rollout_correction *_truncate` weighs
+  each token by it (docs/training.md).
+- The rollout engine is a second implementation of the forward (bf16 decode on CUDA, CUDA graphs): its
+  log-probs are measured against the trainer's every step (sampler_* in the log) and, with
+  `--rollout_correction`, corrected by truncated or masked importance sampling (TRL's, verl's).
 
 Under torchrun each rank takes prompts_per_step / W prompts (a group never spans ranks); rewards are
 gathered so advantages and metrics are the whole batch's, and each micro-batch's loss is scaled so
