@@ -216,3 +216,20 @@ def test_launch_counts_per_decoded_token():
     assert figures["step_ops"] == figures["step_ops_outside_layers"] + figures["layers"] * figures["step_ops_per_layer"]
     assert 0 < figures["loop_ops_per_token"] <= 30
     assert figures["host_reads_per_token"] == 1 / SYNC_EVERY
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_drift_benchmark(precision):
+    """The drift of the engine's log-probs from the training forward's, as the log reports it: nil in fp32
+    (the CPU's policy), finite and small but not nil under the CUDA policy forced on the CPU (bf16
+    autocast, a bf16 decode step). Only eager on the CPU (graphs need CUDA)."""
+    out, r = run_json(["benchmarks.drift", "--model", "tiny", "--device", "cpu", "--max_new_tokens", "6",
+                       "--prompts", "1", "--num_generations", "2", "--precision", precision])
+    assert "eager:" in out and "graphs_sampler_kl" not in r and r["tokens_per_rollout"] == 12
+    assert r["eager_sampler_ratio_min"] <= r["eager_sampler_ratio_mean"] <= r["eager_sampler_ratio_max"]
+    if precision == "fp32":
+        assert r["eager_sampler_kl"] < 1e-6 and r["eager_sampler_logp_diff_max"] < 1e-4
+        assert r["forward_vs_fp32_diff_max"] == 0.0
+    else:
+        assert 0 < r["eager_sampler_logp_diff_max"] < 0.1 and 0 <= r["eager_sampler_kl"] < 1e-3
+        assert r["forward_vs_fp32_diff_max"] > 0
