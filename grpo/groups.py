@@ -17,16 +17,18 @@ from data.prompt import build_messages, encode_prompt, think_close_id, thinking_
 from grpo.config import GRPOConfig
 from grpo.policy import Policy
 from rewards.functions import TrainerState, score
-from sampling import sample
+from sampling import Completions, sample
 
 
 def generate_completions(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers: list[str],
                          step: int, rollout_hook: Any) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
     """G completions per prompt from the policy (or `rollout_hook`'s fixed ones), whether each was cut,
-    and the log-prob the sampler drew each token with (None for a hook's completions)."""
+    and the log-prob the sampler drew each token with (None for a hook's token ids; a hook may return
+    `Completions` with log-probs instead, standing in for the engine's)."""
     fixed = rollout_hook(step, prompts, answers) if rollout_hook else None
     if fixed is not None:
-        return fixed, [policy.tokenizer.eos_token_id not in c for c in fixed], None
+        rows, logprobs = (fixed.token_ids, fixed.logprobs) if isinstance(fixed, Completions) else (fixed, None)
+        return rows, [policy.tokenizer.eos_token_id not in c for c in rows], logprobs
     tok = policy.tokenizer
     with policy.autocast():
         out = sample(policy.model, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
