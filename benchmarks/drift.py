@@ -11,9 +11,11 @@ on CUDA, replayed from CUDA graphs, then scores the same tokens with the trainin
 no-grad log-prob pass of grpo/step.py, under the same autocast) and reports, for each rollout, what
 the training log reports per step (grpo/loss.py's `sampler_drift`): sampler_kl (k3), the mean and max
 |sampler - trainer| log-prob and the raw ratio's min, mean and max. It also reports the training
-forward's own bf16 error (against an fp32 forward of the same tokens). On the CPU the same bf16 policy
-is forced (`--precision bf16`: bf16 autocast and a bf16 decode step, as CUDA runs them) or left as the
-CPU trains (`--precision fp32`). Nothing is written: no model, no checkpoint. Prints one JSON line.
+forward's own bf16 error (against an fp32 forward of the same tokens) and, on CUDA, the graphed rollout
+against the eager one on the same draws (the share of rows with equal tokens, the largest |diff| of
+their log-probs up to each row's first different token). On the CPU the same bf16 policy is forced
+(`--precision bf16`: bf16 autocast and a bf16 decode step, as CUDA runs them) or left as the CPU trains
+(`--precision fp32`). Nothing is written: no model, no checkpoint. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ def drift_of(trainer: Any, sampler: Any, mask: Any) -> dict[str, float]:
     values = {k: float(v) for k, v in stats.items()}
     fields = drift_fields(values, values, 1)
     return {k: v for k, v in fields.items() if k.startswith("sampler_")}
+
+
+def graphed_against_eager(eager: Any, graphed: Any) -> dict[str, float]:
+    """Two rollouts of the same prompts and draws (`Completions`): the share of rows whose tokens are
+    equal, and the largest |difference| of their log-probs over each row's tokens up to its first
+    different one (after it the rows hold different text)."""
+    agree, diffs = 0, [0.0]
+    for e_ids, g_ids, e_lp, g_lp in zip(eager.token_ids, graphed.token_ids, eager.logprobs, graphed.logprobs):
+        n = next((j for j, (a, b) in enumerate(zip(e_ids, g_ids)) if a != b), min(len(e_ids), len(g_ids)))
+        agree += e_ids == g_ids
+        diffs += [abs(a - b) for a, b in zip(e_lp[:n], g_lp[:n])]
+    return {"graphs_rows_equal_eager": agree / len(eager.token_ids), "graphs_vs_eager_diff_max": max(diffs)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     ways = {"eager": False}
     if cuda:
         ways["graphs"] = DecodeGraphs()
-    rows = {}
+    rows, outs = {}, {}
     for name, graphs in ways.items():
-        out = rollout(graphs)
+        out = outs[name] = rollout(graphs)
         batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tokenizer.pad_token_id, device,
                      out.logprobs)
         trainer = logprobs_no_grad(model, batch, args.micro_batch_size, args.temperature, autocast)
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         if graphs:
             record["graphs_failed"] = graphs.failed  # a capture that failed decodes eagerly: said, not hidden
             graphs.release()
+    if "graphs" in outs:
+        record.update(graphed_against_eager(outs["eager"], outs["graphs"]))
     record["tokens_per_rollout"] = len(prompts) * args.num_generations * args.max_new_tokens
     print(f"{args.model} on {device}, {args.precision}: {record['tokens_per_rollout']} tokens per rollout, "
           f"decode in {record['decode_dtype']}, training forward {record['training_forward']}")
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
               f"mean {r['sampler_ratio_mean']:.4f} max {r['sampler_ratio_max']:.4f}")
     print(f"  training forward against fp32: kl {record['forward_vs_fp32_kl']:.3e}  |diff| mean "
           f"{record['forward_vs_fp32_diff_mean']:.3e} max {record['forward_vs_fp32_diff_max']:.3e}")
+    if "graphs_vs_eager_diff_max" in record:
+        print(f"  graphed against eager (same draws): {100 * record['graphs_rows_equal_eager']:.0f}% of rows equal, "
+              f"|diff| max {record['graphs_vs_eager_diff_max']:.3e} up to each row's first different token")
     print_json(record)
 
 

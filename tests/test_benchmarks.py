@@ -233,3 +233,15 @@ def test_drift_benchmark(precision):
     else:
         assert 0 < r["eager_sampler_logp_diff_max"] < 0.1 and 0 <= r["eager_sampler_kl"] < 1e-3
         assert r["forward_vs_fp32_diff_max"] > 0
+
+
+def test_drift_benchmark_compares_graphed_to_eager_up_to_each_row_s_first_different_token():
+    from benchmarks.drift import graphed_against_eager
+    from sampling import Completions
+
+    eager = Completions([0, 0], [[1, 2, 3], [4, 5]], [True, True], [[-1.0, -2.0, -3.0], [-1.0, -1.0]])
+    graphed = Completions([0, 0], [[1, 2, 3], [4, 6]], [True, True], [[-1.0, -2.5, -3.0], [-1.25, -9.0]])
+    # row 0 equal (largest |diff| 0.5); row 1 differs at its second token: only its first counts (0.25)
+    assert graphed_against_eager(eager, graphed) == {"graphs_rows_equal_eager": 0.5, "graphs_vs_eager_diff_max": 0.5}
+    graphed.logprobs[0][1] = -2.0
+    assert graphed_against_eager(eager, graphed)["graphs_vs_eager_diff_max"] == 0.25
