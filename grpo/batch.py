@@ -21,6 +21,9 @@ class RolloutBatch:
     prompt_lengths: list[int] | None = None
     completion_lengths: list[int] | None = None  # tokens in the loss: 0 for a row taken out of it
     groups: list[int] | None = None  # each row's prompt, numbered in order (rows of a group share one)
+    # [B, C]: the log-prob the rollout engine drew each completion token with (0 on padding); None when
+    # the completions did not come from the engine (a rollout hook's fixed ones)
+    sampler_logprobs: torch.Tensor | None = None
 
     def take(self, index: slice | torch.Tensor, rows: list[int] | None = None) -> RolloutBatch:
         """These rows (`rows`: the same ones as host indices, when `index` is a tensor), cut to the columns
@@ -43,9 +46,11 @@ class RolloutBatch:
         def pick(xs: list[int] | None) -> list[int] | None:
             return None if xs is None or rows is None else [xs[r] for r in rows]
 
+        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[index, :width]
         return RolloutBatch(self.input_ids[index, cols], mask[:, cols], self.position_ids[index, cols],
                             self.completion_ids[index, :width], completion_mask[:, :width],
-                            pick(self.prompt_lengths), pick(self.completion_lengths), pick(self.groups))
+                            pick(self.prompt_lengths), pick(self.completion_lengths), pick(self.groups),
+                            sampler_logprobs=sampler)
 
     @property
     def completion_width(self) -> int:
@@ -59,8 +64,9 @@ class RolloutBatch:
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-         device: str | torch.device) -> RolloutBatch:
-    """prompts[i] and completions[i] belong together (a prompt repeated for each of its samples)."""
+         device: str | torch.device, logprobs: list[list[float]] | None = None) -> RolloutBatch:
+    """prompts[i] and completions[i] belong together (a prompt repeated for each of its samples);
+    `logprobs[i]`, when given, the sampler's log-prob of each token of completions[i]."""
     B = len(completions)
     P = max(len(p) for p in prompts)
     C = max(1, max(len(c) for c in completions))
@@ -75,9 +81,15 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     groups = [0]
     for i in range(1, B):
         groups.append(groups[-1] + (prompts[i] != prompts[i - 1]))
+    sampler = None
+    if logprobs is not None:
+        sampler = torch.zeros((B, C), dtype=torch.float32)
+        for i, lp in enumerate(logprobs):
+            sampler[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        sampler = sampler.to(device)
     return RolloutBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
                         input_ids[:, P:].to(device), completion_mask.to(device), [len(p) for p in prompts],
-                        [len(c) for c in completions], groups)
+                        [len(c) for c in completions], groups, sampler)
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,

@@ -9,7 +9,7 @@ from common.flags import CUDA_GRAPHS, DEVICE, FINETUNE, FINETUNE_HELP, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
-from grpo.loss import IS_LEVELS, LOSS_TYPES, SCALES
+from grpo.loss import IS_LEVELS, LOSS_TYPES, ROLLOUT_CORRECTIONS, SCALES
 from rewards.functions import BUILTIN_HELP, OVERLONG_CACHE, REWARD_FORMATS
 from training.flags import WatchFlags
 
@@ -35,7 +35,8 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     temperature: float = flag(0.7, "sampling temperature (also used in the logprobs)", above=0, group=ROLLOUT)
     top_p: float = flag(1.0, "nucleus sampling threshold", above=0, high=1, group=ROLLOUT)
     top_k: int = flag(0, "sample only from the K most likely tokens (0: all). Any cut (top_p, top_k, min_p) makes "
-                         "rollouts slightly off-policy: the loss counts the whole softmax", low=0, group=ROLLOUT)
+                         "rollouts off-policy: the loss counts the whole softmax, the sampler the cut one "
+                         "(the sampler_* log fields show by how much; docs/training.md)", low=0, group=ROLLOUT)
     min_p: float = flag(0.0, "sample only tokens at least this share of the most likely one's probability",
                         low=0, high=1, group=ROLLOUT)
     dynamic_sampling: bool = flag(False, "DAPO's dynamic sampling: roll out further prompts until every group of the "
@@ -69,6 +70,14 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     importance_sampling_level: str = flag("token", "token: one ratio per token (GRPO); sequence: one per completion, "
                                                    "the mean of its tokens' log-ratios (GSPO)", choices=IS_LEVELS,
                                           group=LOSS)
+    rollout_correction: str = flag("none", "correct the gap between the rollout engine's log-probs and the "
+                                           "trainer's: weigh each token's policy term by the ratio trainer / "
+                                           "sampler, per token or per completion, capped (truncate) or dropped "
+                                           "above the cap (mask); none: measure only (docs/training.md)",
+                                   choices=ROLLOUT_CORRECTIONS, group=LOSS)
+    rollout_correction_cap: float = flag(2.0, "the cap C of --rollout_correction: truncate weighs by min(ratio, C), "
+                                              "mask drops tokens (or completions) whose ratio exceeds C", low=1,
+                                         group=LOSS)
     skip_zero_advantage: bool = flag(True, "skip the forward/backward of rows whose advantage is 0 (with --beta 0 "
                                            "they carry exactly no gradient)",
                                      name="--no_skip_zero_advantage", group=LOSS)

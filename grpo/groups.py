@@ -17,22 +17,25 @@ from data.prompt import build_messages, encode_prompt, think_close_id, thinking_
 from grpo.config import GRPOConfig
 from grpo.policy import Policy
 from rewards.functions import TrainerState, score
-from sampling import sample
+from sampling import Completions, sample
 
 
 def generate_completions(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers: list[str],
-                         step: int, rollout_hook: Any) -> tuple[list[list[int]], list[bool]]:
-    """G completions per prompt from the policy (or `rollout_hook`'s fixed ones) and whether each was cut."""
+                         step: int, rollout_hook: Any) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
+    """G completions per prompt from the policy (or `rollout_hook`'s fixed ones), whether each was cut,
+    and the log-prob the sampler drew each token with (None for a hook's token ids; a hook may return
+    `Completions` with log-probs instead, standing in for the engine's)."""
     fixed = rollout_hook(step, prompts, answers) if rollout_hook else None
     if fixed is not None:
-        return fixed, [policy.tokenizer.eos_token_id not in c for c in fixed]
+        rows, logprobs = (fixed.token_ids, fixed.logprobs) if isinstance(fixed, Completions) else (fixed, None)
+        return rows, [policy.tokenizer.eos_token_id not in c for c in rows], logprobs
     tok = policy.tokenizer
     with policy.autocast():
         out = sample(policy.model, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      num_samples=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
                      cuda_graphs=policy.graphs)
-    return out.token_ids, out.truncated
+    return out.token_ids, out.truncated, out.logprobs
 
 
 def score_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], prompts: list[list[int]],
@@ -78,17 +81,21 @@ class Groups:
     scores: torch.Tensor  # [rows, reward functions]
     rollout: list[int]
     texts: list[str]  # the completions decoded (special tokens left out), as the rewards read them
+    sampler_logprobs: list[list[float]] | None = None  # per completion token, as drawn; None: not sampled here
 
     def take(self, groups: list[int], G: int) -> Groups:
         rows = [g * G + k for g in groups for k in range(G)]
         return Groups([self.records[g] for g in groups], [self.prompts[g] for g in groups],
                       [self.completions[r] for r in rows], [self.truncated[r] for r in rows],
-                      self.scores[rows], [self.rollout[g] for g in groups], [self.texts[r] for r in rows])
+                      self.scores[rows], [self.rollout[g] for g in groups], [self.texts[r] for r in rows],
+                      None if self.sampler_logprobs is None else [self.sampler_logprobs[r] for r in rows])
 
     def __add__(self, other: Groups) -> Groups:
+        both = self.sampler_logprobs is not None and other.sampler_logprobs is not None
         return Groups(self.records + other.records, self.prompts + other.prompts,
                       self.completions + other.completions, self.truncated + other.truncated,
-                      torch.cat([self.scores, other.scores]), self.rollout + other.rollout, self.texts + other.texts)
+                      torch.cat([self.scores, other.scores]), self.rollout + other.rollout, self.texts + other.texts,
+                      self.sampler_logprobs + other.sampler_logprobs if both else None)
 
 
 def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], state: TrainerState,
@@ -96,12 +103,12 @@ def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]]
     """1 and 2 of the box for `records`: G completions per prompt, and their rewards."""
     prompts = [encode_prompt(policy.tokenizer, r["question"], fmt=policy.prompt) for r in records]
     with timer("generation"):
-        completions, truncated = generate_completions(policy, cfg, prompts, [r["answer"] for r in records],
-                                                      state.global_step, rollout_hook)
+        completions, truncated, logprobs = generate_completions(policy, cfg, prompts, [r["answer"] for r in records],
+                                                                state.global_step, rollout_hook)
     with timer("reward"):
         texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
         scores = score_groups(policy, cfg, records, prompts, completions, texts, truncated, state)
-    return Groups(list(records), prompts, completions, truncated, scores, [rollout] * len(records), texts)
+    return Groups(list(records), prompts, completions, truncated, scores, [rollout] * len(records), texts, logprobs)
 
 
 def has_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:

@@ -13,6 +13,13 @@ import torch
 
 SCALES = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# what `sampler_drift` measures of one loss call: figures that add up over micro-batches and ranks, and
+# extremes that combine by max (the smallest ratio as its negative, so one max reduction serves both)
+DRIFT_SUMS = ("sampler_tokens", "sampler_logp_diff_sum", "sampler_kl_sum", "sampler_ratio_sum",
+              "rollout_correction_truncated_tokens", "rollout_correction_masked_tokens",
+              "rollout_correction_masked_rows")
+DRIFT_MAXES = ("sampler_logp_diff_max", "sampler_ratio_max", "sampler_ratio_min_negated")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,50 @@ def loss_types_markdown() -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def sampler_drift(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, mode: str = "none",
+                  cap: float = 2.0) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """How far the sampler's per-token log-probs are from the trainer's, and the rollout correction's
+    weights (None for `mode` "none"). All [B, T]: `trainer` the log-probs the loss's ratio starts from
+    (the old policy's; the current one, detached, on-policy), `sampler` the ones the tokens were drawn
+    with, `mask` 1 on the tokens in the loss.
+
+    Per token log r = trainer - sampler, r the importance ratio trainer / sampler. The figures (0-dim
+    tensors, DRIFT_SUMS and DRIFT_MAXES): |log r| and k3 = r - log r - 1 (an estimate of
+    KL(sampler || trainer) from the sampler's own draws) summed, r's sum, max and min, the raw ratio
+    before any cap. The weights multiply each token's policy term: `token_*` one r per token,
+    `sequence_*` one per completion, exp(sum of its tokens' log r) (the completion's probability ratio,
+    as TRL's sequence modes); `*_truncate` min(r, cap); `*_mask` r, or 0 where r > cap (above the cap
+    only, as TRL). Weights are [B, T] (token) or [B, 1] (sequence)."""
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS}, not {mode!r}")
+    live = mask > 0
+    m = live.to(torch.float32)
+    # padding's log-probs are whatever pack() left there: zeroed so no inf or NaN leaks into a sum
+    log_r = torch.where(live, trainer.float() - sampler.float(), 0.0)
+    r = log_r.exp()
+    inf = torch.tensor(float("inf"), device=r.device)
+    stats = {"sampler_tokens": m.sum(), "sampler_logp_diff_sum": log_r.abs().sum(),
+             # k3 as expm1(log r) - log r: exact to float32 where r - log r - 1 would round to 0 or below
+             "sampler_kl_sum": ((torch.expm1(log_r) - log_r) * m).sum(), "sampler_ratio_sum": (r * m).sum(),
+             "sampler_logp_diff_max": log_r.abs().max(),  # padding's 0 never exceeds a token's |log r|
+             "sampler_ratio_max": torch.where(live, r, -inf).max(),
+             "sampler_ratio_min_negated": -torch.where(live, r, inf).min()}
+    zero = m.sum() * 0
+    stats.update(rollout_correction_truncated_tokens=zero, rollout_correction_masked_tokens=zero,
+                 rollout_correction_masked_rows=zero)
+    if mode == "none":
+        return None, stats
+    w = log_r.sum(-1, keepdim=True).exp() if mode.startswith("sequence") else r
+    over = (w > cap).expand_as(m) & live  # the tokens the cap acts on
+    if mode.endswith("truncate"):
+        stats["rollout_correction_truncated_tokens"] = over.sum().float()
+        return w.clamp(max=cap), stats
+    stats["rollout_correction_masked_tokens"] = over.sum().float()
+    stats["rollout_correction_masked_rows"] = (live.any(-1) & (over | ~live).all(-1)).sum().float()
+    return w.masked_fill(w > cap, 0.0), stats
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor | None,
@@ -146,6 +197,9 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     counts: Counts | None = None,
     as_tensors: bool = False,
+    sampler_logprobs: torch.Tensor | None = None,
+    rollout_correction: str = "none",
+    rollout_correction_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `loss_type`.
 
@@ -158,6 +212,11 @@ def grpo_loss(
     Returns (loss, metrics): policy_loss + kl_loss == grpo_loss; kl is the masked token mean of KL.
     `as_tensors`: the metrics as 0-dim tensors, so the caller reads them all at once (each `.item()` is a
     device sync).
+    `sampler_logprobs` [B, T]: the log-probs the rollout engine drew the tokens with; the metrics then
+    hold `sampler_drift`'s figures against `old` (DRIFT_SUMS, DRIFT_MAXES), and `rollout_correction`
+    (not "none") multiplies each token's surrogate (the policy term, not the KL) by its detached weight
+    before the aggregation, so every loss type and importance-sampling level takes it and the
+    micro-batches still add up as the table says. Capped ratios use `rollout_correction_cap`.
     """
     mask = mask.to(logprobs.dtype)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -170,6 +229,12 @@ def grpo_loss(
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
     ratio = torch.exp(log_ratio).expand_as(logprobs)
     surrogate = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * adv)
+    drift: dict[str, torch.Tensor] = {}
+    if sampler_logprobs is not None:
+        weights, drift = sampler_drift(old.detach(), sampler_logprobs, mask, rollout_correction,
+                                       rollout_correction_cap)
+        if weights is not None:
+            surrogate = surrogate * weights.to(surrogate.dtype)
     agg = dict(mask=mask, loss_type=loss_type, max_completion_length=max_completion_length,
                num_items_in_batch=num_items_in_batch, counts=counts)
     policy_loss = aggregate(surrogate, **agg)
@@ -195,6 +260,7 @@ def grpo_loss(
             "clip_ratio_low": masked_mean(low, mask),
             "clip_ratio_high": masked_mean(high, mask),
             "clip_ratio_region": masked_mean(torch.maximum(low, high), mask),
+            **drift,
         }
     return loss, metrics if as_tensors else {k: v.item() for k, v in metrics.items()}
 

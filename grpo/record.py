@@ -3,6 +3,7 @@ rank's completions, times and memory of the slowest rank."""
 
 from __future__ import annotations
 
+import math
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from common.distributed import Dist
 from data.prompt import thinking_fields
 from grpo.config import GRPOConfig
 from grpo.groups import has_signal
+from grpo.loss import DRIFT_MAXES, DRIFT_SUMS
 
 
 @dataclass
@@ -40,6 +42,9 @@ class StepStats:
     masked_rows: int = 0  # this rank's rows out of the loss (--mask_truncated_completions)
     thinking: list[tuple[int, bool]] | None = None  # per completion (thinking tokens, closed) when thinking is on
     completions_log: list[dict[str, Any]] | None = None  # completions.jsonl's lines of this rank (--log_completions)
+    # the sampler's drift over this rank's trained tokens (grpo.loss.sampler_drift): sums, and maxima
+    drift_sums: dict[str, float] | None = None
+    drift_max: dict[str, float] | None = None
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:
@@ -53,15 +58,21 @@ def peak_memory_gb(device: str) -> tuple[float, float]:
 def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time_per_step: float) -> dict[str, Any]:
     """The log line's step metrics over all ranks' completions; times and memory of the slowest rank."""
     phases = ("generation", "backward", "reference", "optimizer", "reward")
+    drift_sums = stats.drift_sums or dict.fromkeys(DRIFT_SUMS, 0.0)
+    drift_max = stats.drift_max or dict.fromkeys(DRIFT_MAXES, -math.inf)
     slowest = dist.all_reduce(torch.tensor([time_per_step, *(stats.times.get(p, 0.0) for p in phases),
-                                            *peak_memory_gb(device)], device=device, dtype=torch.float64), "max")
-    time_per_step, *phase_times, peak, reserved = slowest.tolist()
+                                            *peak_memory_gb(device), *(drift_max[k] for k in DRIFT_MAXES)],
+                                           device=device, dtype=torch.float64), "max")
+    time_per_step, *phase_times, peak, reserved = slowest.tolist()[: len(phases) + 3]
+    maxima = dict(zip(DRIFT_MAXES, slowest.tolist()[len(phases) + 3:]))
     times = dict(zip(phases, phase_times))
     keys = sorted(stats.sums)
     summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens,
-                                          stats.backward_rows, stats.prompts_sampled, stats.masked_rows],
+                                          stats.backward_rows, stats.prompts_sampled, stats.masked_rows]
+                                          + [drift_sums[k] for k in DRIFT_SUMS],
                                           device=device, dtype=torch.float64)).tolist()
-    *summed, entropy_tokens, backward_rows, prompts_sampled, masked_rows = summed
+    drift = dict(zip(DRIFT_SUMS, summed[len(summed) - len(DRIFT_SUMS):]))
+    *summed, entropy_tokens, backward_rows, prompts_sampled, masked_rows = summed[: len(summed) - len(DRIFT_SUMS)]
     spans = stats.thinking or [(0, True)] * len(stats.lengths)
     per_completion = torch.tensor([[n, t, th, closed, p] for n, t, (th, closed), p in
                                    zip(stats.lengths, stats.truncated, spans, stats.prompt_lengths)], device=device)
@@ -90,5 +101,23 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
         "extra_rollouts": stats.extra_rollouts, "prompts_sampled": int(prompts_sampled),
         "masked_rows": int(masked_rows),
         "peak_memory_gb": peak, "peak_memory_reserved_gb": reserved, "skipped_updates": stats.skipped,
-        "world_size": dist.world_size, **think_fields,
+        "world_size": dist.world_size, **think_fields, **drift_fields(drift, maxima, n_iter),
     }
+
+
+def drift_fields(sums: dict[str, float], maxima: dict[str, float], n_iter: int) -> dict[str, float]:
+    """The log's sampler_* and rollout_correction_* fields from every rank's summed DRIFT_SUMS and
+    maximal DRIFT_MAXES (grpo.loss.sampler_drift); none when no token had the sampler's log-probs (a
+    rollout hook's completions). Counts are per update (each of --num_iterations sees the same ones)."""
+    tokens = sums["sampler_tokens"]
+    if tokens <= 0:
+        return {}
+    return {"sampler_logp_diff_mean": sums["sampler_logp_diff_sum"] / tokens,
+            "sampler_logp_diff_max": maxima["sampler_logp_diff_max"],
+            "sampler_kl": sums["sampler_kl_sum"] / tokens,
+            "sampler_ratio_mean": sums["sampler_ratio_sum"] / tokens,
+            "sampler_ratio_min": -maxima["sampler_ratio_min_negated"],
+            "sampler_ratio_max": maxima["sampler_ratio_max"],
+            **{k: int(round(sums[k])) // n_iter for k in ("rollout_correction_truncated_tokens",
+                                                          "rollout_correction_masked_tokens",
+                                                          "rollout_correction_masked_rows")}}

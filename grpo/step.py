@@ -24,8 +24,13 @@ Where we depart from the paper's GRPO (Shao et al., 2024, DeepSeekMath), and why
 - `--mask_truncated_completions` (off by default) takes completions cut at the length limit out of the
   loss and out of every normalizer, rows included (TRL zeroes their tokens but still counts them in
   grpo's mean over rows); they keep their rewards in the group's statistics.
-- Rollouts cut by `--top_p`/`--top_k`/`--min_p` are slightly off-policy: the loss uses the whole
-  softmax at the temperature.
+- Rollouts cut by `--top_p`/`--top_k`/`--min_p` are off-policy: the loss uses the whole softmax at the
+  temperature, while the engine drew from the renormalized cut (its log-probs are the cut's), so the
+  logged sampler ratio is the kept mass (< 1) on every token; `--rollout_correction *_truncate` weighs
+  each token by it (docs/training.md).
+- The rollout engine is a second implementation of the forward (bf16 decode on CUDA, CUDA graphs): its
+  log-probs are measured against the trainer's every step (sampler_* in the log) and, with
+  `--rollout_correction`, corrected by truncated or masked importance sampling (TRL's, verl's).
 
 Under torchrun each rank takes prompts_per_step / W prompts (a group never spans ranks); rewards are
 gathered so advantages and metrics are the whole batch's, and each micro-batch's loss is scaled so
@@ -48,7 +53,7 @@ from common.timing import Timer
 from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
 from grpo.groups import completion_rows, dynamic_groups, thinking_spans
-from grpo.loss import LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
+from grpo.loss import DRIFT_MAXES, DRIFT_SUMS, LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
 from grpo.policy import Policy
 from grpo.record import StepStats
 from rewards.functions import TrainerState
@@ -95,7 +100,9 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                   importance_sampling_level=cfg.importance_sampling_level, counts=counts,
-                                  as_tensors=True)
+                                  as_tensors=True, sampler_logprobs=mb.sampler_logprobs,
+                                  rollout_correction=cfg.rollout_correction,
+                                  rollout_correction_cap=cfg.rollout_correction_cap)
         (loss * scale).backward()
     # every figure of the micro-batch read back at once, after the backward is queued: one sync
     *values, entropy_sum = torch.stack([*metrics.values(), (entropy * mb.completion_mask).sum()]).tolist()
@@ -158,7 +165,8 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     completions, B, W = groups.completions, len(groups.completions), dist.world_size
     mine = all_advantages[dist.rank * B: (dist.rank + 1) * B]
     advantages = mine.to(device)
-    batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device)
+    batch = pack([p for p in groups.prompts for _ in range(G)], completions, policy.tokenizer.pad_token_id, device,
+                 groups.sampler_logprobs)
     if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
         batch.mask_rows(groups.truncated)
     # the micro-batches are cut and counted on the host, from host copies: no device read per micro-batch
@@ -178,6 +186,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                if cfg.beta != 0.0 else None)
 
     sums: dict[str, float] = {}
+    drift_sums, drift_max = dict.fromkeys(DRIFT_SUMS, 0.0), dict.fromkeys(DRIFT_MAXES, -math.inf)
     entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
     skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
     drop = live_host if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
@@ -204,7 +213,12 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                     sync=s + micro >= B, autocast=policy.autocast)
                 tokens = sum(mb.completion_lengths)
                 for k, v in metrics.items():  # this rank's share; summed over ranks at log time
-                    sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
+                    if k in drift_sums:  # the sampler's drift: plain sums and maxima (loss.py's sampler_drift)
+                        drift_sums[k] += v
+                    elif k in drift_max:
+                        drift_max[k] = max(drift_max[k], v)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + v * (weight if k in LOSS_METRICS else tokens / num_items)
                 entropy_sum, entropy_tokens = entropy_sum + entropy, entropy_tokens + tokens
                 backward_rows += len(trained)
                 went_through[trained] = True
@@ -222,4 +236,5 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                      prompt_lengths=[len(p) for p in groups.prompts for _ in range(G)],
                      skipped=skipped, learning_rate=lr, times=timer.totals, extra_rollouts=extra,
                      prompts_sampled=sampled, masked_rows=B - sum(live_host),
-                     thinking=thinking_spans(policy, completions), completions_log=logged)
+                     thinking=thinking_spans(policy, completions), completions_log=logged,
+                     drift_sums=drift_sums, drift_max=drift_max)

@@ -162,7 +162,8 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     `eval_records` (dicts with the question and answer columns `cfg` names, other keys reaching the
     rewards) replace `cfg.dataset`.
     `rollout_hook(step, prompts, answers) -> list[list[int]] | None` may supply fixed completions (token
-    ids) instead of sampling (tests, the DDP check)."""
+    ids, or `sampling.Completions` whose `logprobs` stand in for the sampler's) instead of sampling
+    (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
     from data.prompt import resolve_format, warn_thinking

@@ -95,9 +95,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     Sampling draws from softmax(logits / temperature) cut as transformers' warpers cut it, in their order:
     the `top_k` most likely tokens (0: all; ties with the k-th kept), then the smallest set whose mass
     reaches `top_p` of what is left, then those at least `min_p` times as likely as the most likely one;
-    the draw is over what remains, renormalized. The log-probability is under the whole
-    softmax(logits / temperature), before any cut, as the loss computes it: a cut makes the rollout
-    slightly off-policy for the loss (the cut tokens had probability the loss still counts)."""
+    the draw is over what remains, renormalized. The log-probability is that of the distribution the
+    token was drawn from: softmax(logits / temperature), or with a cut its renormalized cut (log p -
+    log of the kept mass). The loss counts the whole softmax, so under a cut the two differ by the kept
+    mass (grpo/loss.py's sampler_drift measures it; docs/training.md)."""
     way = WAYS.get(logits.device.type, WAYS["cuda"])
     if temperature <= 0:
         logits = logits.float()
@@ -108,7 +109,6 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     # softmax(logits / T) * total as (logits - top) / T in one pass, then exp in place: never overflows
     weights = torch.add(top / -temperature, logits, alpha=1 / temperature).exp_()  # the most likely: 1.0
     if top_p < 1.0 or 0 < top_k < weights.shape[-1] or min_p > 0.0:
-        total = weights.sum(dim=-1, keepdim=True)  # the whole softmax's, for the log-probability
         if 0 < top_k < weights.shape[-1]:
             weights.masked_fill_(weights < weights.topk(top_k, dim=-1).values[:, -1:], 0.0)
         if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
@@ -117,7 +117,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
             weights.scatter_(-1, order, sorted_w)
         if min_p > 0.0:
             weights.masked_fill_(weights < min_p, 0.0)
-        token = way.draw(weights, generator)[0]
+        token, total = way.draw(weights, generator)  # the total of what the cut kept: the draw's normalizer
     else:
         token, total = way.draw(weights, generator)
     logp = ((logits.gather(-1, token[:, None]) - top) / temperature - total.log()).squeeze(-1)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import benchmarks.drift
 import benchmarks.prompt_sharing
 import benchmarks.rollout
 import benchmarks.step
@@ -33,6 +34,8 @@ CASES = [  # (CLI, its main, arguments, the error line's start)
     ("train_grpo.py", train_grpo.main, ["--learning_rate", "nan"], "--learning_rate must be >= 0 (got nan)"),
     ("train_grpo.py", train_grpo.main, ["--max_steps", "0"], "--max_steps must be >= 1 (got 0)"),
     ("train_grpo.py", train_grpo.main, ["--max_steps", "-3"], "--max_steps must be >= 1 (got -3)"),
+    ("train_grpo.py", train_grpo.main, ["--rollout_correction_cap", "0.5"],
+     "--rollout_correction_cap must be >= 1 (got 0.5)"),
     ("train_grpo.py", train_grpo.main, ["--top_p", "1.5"], "--top_p must be > 0 and <= 1 (got 1.5)"),
     ("train_grpo.py", train_grpo.main, ["--beta=-inf"], "--beta must be >= 0 (got -inf)"),
     ("train_grpo.py", train_grpo.main, ["--loss_type", "ppo"], "--loss_type must be one of grpo, bnpo, dr_grpo, dapo"),
@@ -74,6 +77,7 @@ CASES = [  # (CLI, its main, arguments, the error line's start)
     ("benchmarks.rollout", benchmarks.rollout.main, ["--repeats", "0"], "--repeats must be >= 1 (got 0)"),
     ("benchmarks.rollout", benchmarks.rollout.main, ["--top_p", "0"], "--top_p must be > 0 and <= 1 (got 0.0)"),
     ("benchmarks.step", benchmarks.step.main, ["--steps", "0"], "--steps must be >= 1 (got 0)"),
+    ("benchmarks.drift", benchmarks.drift.main, ["--precision", "fp16"], "--precision must be one of bf16, fp32"),
     ("benchmarks.step", benchmarks.step.main, ["--warmup", "-1"], "--warmup must be >= 0 (got -1)"),
     ("benchmarks.prompt_sharing", benchmarks.prompt_sharing.main, ["--completion_tokens", "1"],
      "--completion_tokens must be >= 2 (got 1)"),
@@ -110,7 +114,7 @@ def test_every_numeric_and_choice_flag_has_a_declared_range():
     from sft.config import SFTConfig
 
     classes = [GRPOConfig, SFTConfig, EvalArgs, models.__main__.ModelCheckArgs, benchmarks.rollout.RolloutArgs,
-               benchmarks.step.StepArgs,
+               benchmarks.step.StepArgs, benchmarks.drift.DriftArgs,
                benchmarks.prompt_sharing.SharingArgs, benchmarks.trl_step.TRLStepArgs]
     counted = 0
     for cls in classes:

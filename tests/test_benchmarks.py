@@ -237,3 +237,32 @@ def test_launch_counts_per_decoded_token():
     assert figures["step_ops"] == figures["step_ops_outside_layers"] + figures["layers"] * figures["step_ops_per_layer"]
     assert 0 < figures["loop_ops_per_token"] <= 30
     assert figures["host_reads_per_token"] == 1 / SYNC_EVERY
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_drift_benchmark(precision):
+    """The drift of the engine's log-probs from the training forward's, as the log reports it: nil in fp32
+    (the CPU's policy), finite and small but not nil under the CUDA policy forced on the CPU (bf16
+    autocast, a bf16 decode step). Only eager on the CPU (graphs need CUDA)."""
+    out, r = run_json(["benchmarks.drift", "--model", "tiny", "--device", "cpu", "--max_new_tokens", "6",
+                       "--prompts", "1", "--num_generations", "2", "--precision", precision])
+    assert "eager:" in out and "graphs_sampler_kl" not in r and r["tokens_per_rollout"] == 12
+    assert r["eager_sampler_ratio_min"] <= r["eager_sampler_ratio_mean"] <= r["eager_sampler_ratio_max"]
+    if precision == "fp32":
+        assert r["eager_sampler_kl"] < 1e-6 and r["eager_sampler_logp_diff_max"] < 1e-4
+        assert r["forward_vs_fp32_diff_max"] == 0.0
+    else:
+        assert 0 < r["eager_sampler_logp_diff_max"] < 0.1 and 0 <= r["eager_sampler_kl"] < 1e-3
+        assert r["forward_vs_fp32_diff_max"] > 0
+
+
+def test_drift_benchmark_compares_graphed_to_eager_up_to_each_row_s_first_different_token():
+    from benchmarks.drift import graphed_against_eager
+    from sampling import Completions
+
+    eager = Completions([0, 0], [[1, 2, 3], [4, 5]], [True, True], [[-1.0, -2.0, -3.0], [-1.0, -1.0]])
+    graphed = Completions([0, 0], [[1, 2, 3], [4, 6]], [True, True], [[-1.0, -2.5, -3.0], [-1.25, -9.0]])
+    # row 0 equal (largest |diff| 0.5); row 1 differs at its second token: only its first counts (0.25)
+    assert graphed_against_eager(eager, graphed) == {"graphs_rows_equal_eager": 0.5, "graphs_vs_eager_diff_max": 0.5}
+    graphed.logprobs[0][1] = -2.0
+    assert graphed_against_eager(eager, graphed)["graphs_vs_eager_diff_max"] == 0.25

@@ -50,7 +50,8 @@ def test_prompt_shards_cover_the_step_in_order():
 
 def test_two_ranks_make_the_single_process_update(tmp_path):
     """2 ranks x 2 prompts == 1 rank x 4 prompts on the same completions: dapo and grpo, full and LoRA,
-    the loss projecting DDP's hidden states itself."""
+    the loss projecting DDP's hidden states itself, a rollout correction (token_mask, sequence_truncate)
+    against stand-in sampler log-probs in two of the cases."""
     import torch
 
     from tests.ddp_grpo_worker import CASES, G, run_case
@@ -80,8 +81,13 @@ def test_two_ranks_make_the_single_process_update(tmp_path):
         log, one = ([json.loads(x) for x in (tmp_path / d / name / "grpo_training_logs.jsonl").read_text().splitlines()]
                     for d in ("ddp", "single"))
         assert len(log) == 1 and log[0]["world_size"] == 2
-        for key in ("reward_mean", "reward_std", "adv_std", "tokens_generated", "grpo_loss", "kl", "entropy"):
+        for key in ("reward_mean", "reward_std", "adv_std", "tokens_generated", "grpo_loss", "kl", "entropy",
+                    "sampler_kl", "sampler_logp_diff_mean", "sampler_logp_diff_max", "sampler_ratio_min",
+                    "sampler_ratio_max", "rollout_correction_masked_tokens", "rollout_correction_truncated_tokens"):
             assert log[0][key] == pytest.approx(one[0][key], rel=1e-4, abs=1e-6), key
+        if case["rollout_correction"] != "none":  # the stand-in sampler's ratios over the cap were acted on
+            acted = log[0]["rollout_correction_masked_tokens"] + log[0]["rollout_correction_truncated_tokens"]
+            assert acted > 0 and log[0]["sampler_ratio_max"] > 2, name
         # completions.jsonl: both ranks' completions, each once, as the single process writes them
         rows, single_rows = ([json.loads(x) for x in (tmp_path / d / name / "completions.jsonl").read_text()
                               .splitlines()] for d in ("ddp", "single"))

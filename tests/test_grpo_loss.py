@@ -242,3 +242,76 @@ def test_the_cli_and_the_docs_take_the_loss_types_from_the_table():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     inside = docs.split("<!-- loss-types -->\n")[1].split("\n<!-- /loss-types -->")[0]
     assert inside == loss_types_markdown()
+
+
+# ---------- the sampler's drift and the rollout correction (sampler_drift)
+
+# on-policy (ratio 1, never clipped), so each token's policy term is -A x its correction weight w.
+# Row 0 (3 tokens, A = 1): the sampler agrees, w = 1. Row 1 (2 tokens, A = -2): the sampler's log-probs
+# are log(s) below the trainer's on each token, so its token ratio is s and its sequence ratio s^2.
+# Token sums: row 0 -3, row 1 4w; grpo (-1 + 2w) / 2, bnpo and dapo (-3 + 4w) / 5, dr_grpo (-3 + 4w) / (2 x 3).
+CORR_LOGP = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.3, -9.0]])
+CORR_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+CORR_ADV = torch.tensor([1.0, -2.0])
+CORR_POLICY = {"grpo": lambda w: (-1 + 2 * w) / 2, "bnpo": lambda w: (-3 + 4 * w) / 5,
+               "dr_grpo": lambda w: (-3 + 4 * w) / 6, "dapo": lambda w: (-3 + 4 * w) / 5}
+# row 1's weight with cap 2: s = 1.5 (token ratio under the cap, sequence ratio 2.25 over it) and s = 3
+# (both over it); truncate caps at 2, mask keeps the ratio under the cap and zeroes it over the cap
+CORR_WEIGHT = {1.5: {"none": 1.0, "token_truncate": 1.5, "token_mask": 1.5, "sequence_truncate": 2.0,
+                     "sequence_mask": 0.0},
+               3.0: {"none": 1.0, "token_truncate": 2.0, "token_mask": 0.0, "sequence_truncate": 2.0,
+                     "sequence_mask": 0.0}}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("s", [1.5, 3.0])
+@pytest.mark.parametrize("mode", ["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_a_row_the_sampler_drew_off_policy_is_truncated_or_masked_as_the_mode_says(loss_type, mode, s, level):
+    sampler = CORR_LOGP.clone()
+    sampler[1] -= math.log(s)
+    logp = CORR_LOGP.clone().requires_grad_()
+    loss, m = grpo_loss(logp, None, None, CORR_ADV, CORR_MASK, beta=0.0, loss_type=loss_type,
+                        importance_sampling_level=level, sampler_logprobs=sampler, rollout_correction=mode,
+                        rollout_correction_cap=2.0)
+    w = CORR_WEIGHT[s][mode]
+    assert loss.item() == pytest.approx(CORR_POLICY[loss_type](w), abs=1e-6)
+    loss.backward()  # the weight is a constant: row 1's gradient is its unweighted one times w
+    unweighted = logp.detach().clone().requires_grad_()
+    grpo_loss(unweighted, None, None, CORR_ADV, CORR_MASK, beta=0.0, loss_type=loss_type,
+              importance_sampling_level=level)[0].backward()
+    assert torch.allclose(logp.grad[0], unweighted.grad[0], atol=1e-6)
+    assert torch.allclose(logp.grad[1], w * unweighted.grad[1], atol=1e-6)
+    # the raw figures, before any cap: 5 tokens, row 1's two at |log r| = log s, k3 = s - log s - 1
+    assert m["sampler_tokens"] == 5 and m["sampler_logp_diff_sum"] == pytest.approx(2 * math.log(s))
+    assert m["sampler_logp_diff_max"] == pytest.approx(math.log(s))
+    assert m["sampler_kl_sum"] == pytest.approx(2 * (s - math.log(s) - 1), rel=1e-5)
+    assert m["sampler_ratio_sum"] == pytest.approx(3 + 2 * s)
+    assert (m["sampler_ratio_max"], -m["sampler_ratio_min_negated"]) == pytest.approx((s, 1.0))
+    over = mode != "none" and (mode.startswith("sequence") or s > 2)  # row 1's ratio exceeds the cap
+    acted = 2 if over else 0
+    assert m["rollout_correction_truncated_tokens"] == (acted if mode.endswith("truncate") else 0)
+    assert m["rollout_correction_masked_tokens"] == (acted if mode.endswith("mask") else 0)
+    assert m["rollout_correction_masked_rows"] == (1 if over and mode.endswith("mask") else 0)
+
+
+def test_rollout_correction_with_an_exact_sampler_leaves_the_loss_as_it_is():
+    """A sampler that agrees with the trainer gives ratio 1 and weight 1 in every mode: the loss and its
+    gradient are those of no correction; `none` (the default) is the same computation as before."""
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(4, 6) - 2, torch.randn(4, 6) - 2, torch.randn(4)
+    mask = (torch.rand(4, 6) > 0.2).float()
+    base = logp.clone().requires_grad_()
+    want, _ = grpo_loss(base, old, None, adv, mask, beta=0.0)
+    want.backward()
+    for mode in ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        x = logp.clone().requires_grad_()
+        got, m = grpo_loss(x, old, None, adv, mask, beta=0.0, sampler_logprobs=old, rollout_correction=mode)
+        got.backward()
+        assert got.item() == want.item() and torch.equal(x.grad, base.grad)
+        assert m["sampler_kl_sum"] == 0 and m["sampler_logp_diff_max"] == 0
+
+
+def test_unknown_rollout_correction():
+    with pytest.raises(ValueError, match="rollout correction must be one of"):
+        grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, sampler_logprobs=OLD, rollout_correction="clip")

@@ -1,6 +1,7 @@
 """One GRPO step (grpo/step.py): micro-batching, the prompt order across epochs, the phase timings."""
 
 import json
+import math
 import time
 
 import pytest
@@ -322,3 +323,69 @@ def test_no_grad_passes_take_wider_micro_batches_on_cuda_and_give_the_same_logpr
     batch = pack(prompts, completions, tiny_tokenizer.pad_token_id, "cpu")
     narrow, wide = (logprobs_no_grad(tiny_model, batch, m, 0.7, contextlib.nullcontext) for m in (4, 12))
     assert torch.allclose(narrow, wide, atol=1e-5)
+
+
+def _sampled_step(out, monkeypatch=None, shift=None, **overrides):
+    """One step of the tiny fp32 model on its own samples (no hook: the engine's log-probs reach the
+    loss), rewards by length so every group carries a signal; `shift` (row, amount) lowers that row's
+    sampler log-probs by `amount` per token. Returns (log line, weights, the rows' lengths)."""
+    from safetensors.torch import load_file
+
+    import grpo.groups
+
+    seen = []
+
+    def sample(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append([len(c) for c in out.token_ids])
+        if shift is not None:
+            row, amount = shift
+            out.logprobs[row] = [lp - amount for lp in out.logprobs[row]]
+        return out
+
+    real = grpo.groups.sample
+    if monkeypatch is not None:
+        monkeypatch.setattr(grpo.groups, "sample", sample)
+    cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=2,
+               num_generations=4, max_completion_length=8, device="cpu", learning_rate=1e-3, beta=0.0,
+               show_progress=False, seed=3, save_every=10, micro_batch_size=8, max_samples=8)
+    train_grpo(GRPOConfig(**{**cfg, **overrides}),
+               reward_funcs=[lambda completions, **kw: [-len(c) / 10 for c in completions]])
+    return json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors")), seen[:1]
+
+
+def test_the_engine_s_log_probs_reach_the_loss_and_match_the_training_forward(tmp_path, monkeypatch):
+    """On the fp32 tiny model the sampler's log-probs equal the training forward's (sampler_kl < 1e-6,
+    diff < 1e-4), so a correction leaves the step as it was: loss and gradient norm within 1e-6
+    (relative). The weights after Adam's first step are not compared: lr x g / (|g| + eps) turns a 1e-7
+    change in a near-zero gradient entry into a visible one."""
+    base, _, _ = _sampled_step(tmp_path / "none", monkeypatch)
+    assert base["sampler_kl"] < 1e-6 and base["sampler_logp_diff_max"] < 1e-4
+    assert base["sampler_ratio_min"] <= base["sampler_ratio_mean"] <= base["sampler_ratio_max"]
+    assert base["grad_norm"] > 0
+    on, _, _ = _sampled_step(tmp_path / "on", monkeypatch, rollout_correction="sequence_mask")
+    assert on["grpo_loss"] == pytest.approx(base["grpo_loss"], abs=1e-6)
+    assert on["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-6)
+    assert on["rollout_correction_masked_tokens"] == 0
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", pytest.param("token_mask", marks=pytest.mark.slow),
+                                  pytest.param("sequence_truncate", marks=pytest.mark.slow), "sequence_mask"])
+def test_a_row_the_sampler_drew_off_policy_is_counted_as_the_mode_says(tmp_path, monkeypatch, mode):
+    """A row whose sampler log-probs are lowered by log 3 per token (ratio 3 > cap 2, per token and per
+    completion) has every token truncated or masked (loss values by hand: tests/test_grpo_loss.py), the
+    same in micro-batches of 2 as in one of 8 (loss and gradient norm; the weights after Adam's first
+    step amplify rounding, see above)."""
+    shifted, _, lengths = _sampled_step(tmp_path / "shifted", monkeypatch, (5, math.log(3)),
+                                                rollout_correction=mode, micro_batch_size=2)
+    n = lengths[0][5]
+    assert shifted["sampler_logp_diff_max"] == pytest.approx(math.log(3), rel=1e-5)
+    assert shifted["sampler_ratio_max"] == pytest.approx(3.0, rel=1e-5)
+    truncate = mode.endswith("truncate")
+    assert shifted["rollout_correction_truncated_tokens"] == (n if truncate else 0)
+    assert shifted["rollout_correction_masked_tokens"] == (0 if truncate else n)
+    assert shifted["rollout_correction_masked_rows"] == (0 if truncate else 1)
+    if mode == "sequence_mask":
+        whole, _, _ = _sampled_step(tmp_path / "whole", monkeypatch, (5, math.log(3)), rollout_correction=mode)
+        assert whole["grad_norm"] == pytest.approx(shifted["grad_norm"], rel=1e-5)
+        assert whole["grpo_loss"] == pytest.approx(shifted["grpo_loss"], rel=1e-5, abs=1e-7)

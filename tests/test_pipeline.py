@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, gsm8k_dir, needs_gsm8k
 from viz.plots import PLOTS
 
 
@@ -23,6 +23,38 @@ def test_offline_preset_smoke_runs_every_stage(tmp_path):
         assert json.loads((out / "eval" / model / "eval_summary.json").read_text())["num_questions"] == 8
     log = [json.loads(x) for x in (out / "grpo" / "grpo_training_logs.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [0, 1, 2]  # the step-0 line holds the baseline eval
+    assert all((out / "plots" / name).stat().st_size > 0 for name in PLOTS)
+
+
+@pytest.mark.slow  # ~8 minutes on 2 cores: the real recipe's stages at Qwen3-0.6B's full shape
+@needs_gsm8k
+def test_rehearsal_runs_the_real_recipe_at_full_shape_offline_and_leaves_every_file(tmp_path):
+    """./run_training.sh --rehearse: the real recipe's stages, flags and GSM8K files on a Qwen3-0.6B-shaped
+    folder loaded by from_pretrained, with HF_HUB_OFFLINE unset (nothing may need the network)."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(OUT=str(out), GSM8K_DIR=gsm8k_dir())
+    result = subprocess.run(["bash", "run_training.sh", "--rehearse"], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("reward-selftest", "base", "sft", "grpo", "eval-sft", "eval-grpo", "plots"):
+        assert f"== [{stage}] done" in result.stdout, stage
+    shape = json.loads((out / "base" / "config.json").read_text())
+    assert (shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]) == (1024, 28, 151936)
+    # the real recipe's settings where --help names no difference
+    sft = json.loads((out / "sft" / "run_config.json").read_text())
+    grpo = json.loads((out / "grpo" / "run_config.json").read_text())
+    assert (sft["finetune"], sft["dataset"], sft["model_name"]) == ("lora", "gsm8k", str(out / "base"))
+    assert (grpo["finetune"], grpo["beta"], grpo["micro_batch_size"], grpo["loss_type"]) == ("full", 0.01, 4, "dapo")
+    # every file the real run leaves: each model loadable, its adapter, checkpoint, logs, evals and plots
+    for model in ("sft", "grpo"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "run_config.json",
+                     "checkpoint/trainer_state.json", "eval/eval_summary.json"):
+            assert (out / model / name).is_file(), f"{model}/{name}"
+        assert json.loads((out / "eval" / model / "eval_summary.json").read_text())["num_questions"] == 8
+    assert (out / "sft" / "adapter" / "adapter_config.json").is_file()
+    log = [json.loads(x) for x in (out / "grpo" / "grpo_training_logs.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [0, 1, 2] and (out / "grpo" / "eval" / "step_2" / "eval_summary.json").is_file()
     assert all((out / "plots" / name).stat().st_size > 0 for name in PLOTS)
 
 

@@ -56,9 +56,17 @@ def test_sampled_logprobs_match_a_forward_pass(tiny_model, tiny_tokenizer, promp
     assert out.prompt_index == [i // 4 for i in range(12)]
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        want = token_logprobs(completion_logits(tiny_model, batch), batch.completion_ids, temperature=0.7)
+        logits = completion_logits(tiny_model, batch) / 0.7
+    # the distribution each token was drawn from: the forward's softmax cut by top_p 0.9 (transformers'
+    # warper), renormalized
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    cut = TopPLogitsWarper(0.9)(None, logits.flatten(0, 1)).view_as(logits)
+    want = torch.log_softmax(cut, -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    whole = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
     for row, logps in enumerate(out.logprobs):
         assert torch.allclose(torch.tensor(logps), want[row, : len(logps)], atol=1e-4)
+        assert (torch.tensor(logps) > whole[row, : len(logps)] + 0.05).all()  # the cut's mass is < 0.95
     assert len({tuple(t) for t in out.token_ids[:4]}) > 1  # the samples of a group differ
 
 
@@ -134,7 +142,8 @@ def test_the_gpu_way_is_an_exponential_race_that_follows_the_weights(monkeypatch
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
     token, logp = sample_token(logits, 0.5, 0.8, torch.Generator().manual_seed(1))
     want = torch.softmax(logits[0] / 0.5, -1)  # .87, .12, .02, .00: top-p 0.8 keeps the first alone
-    assert set(token.tolist()) == {0} and torch.allclose(logp, torch.log(want)[token])
+    # the log-prob of the cut it was drawn from (the first alone: log 1), not the whole softmax's (log .87)
+    assert set(token.tolist()) == {0} and torch.equal(logp, torch.zeros_like(logp)) and want[0] < 0.9
     token, _ = sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(2))
     freq = torch.bincount(token, minlength=4).float() / len(token)
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.01)
@@ -171,7 +180,7 @@ def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
 def test_top_k_and_min_p_draw_from_the_renormalized_cut_of_transformers(top_k, top_p, min_p):
     """The kept tokens are those transformers' own warpers keep (top-k, then top-p, then min-p, on the same
     logits at the same temperature), drawn in proportion to their renormalized probabilities; the
-    log-probability stays the whole softmax's (what the loss computes)."""
+    log-probability is the renormalized cut's (the distribution the token was drawn from)."""
     from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     g = torch.Generator().manual_seed(4)
@@ -188,7 +197,11 @@ def test_top_k_and_min_p_draw_from_the_renormalized_cut_of_transformers(top_k, t
     kept = set(want.nonzero().squeeze(-1).tolist())
     assert set(token.tolist()) == kept and 1 < len(kept) < 6, kept
     assert torch.allclose(freq, want, atol=0.01), (freq[:6], want[:6])
-    assert torch.allclose(logp, torch.log_softmax(logits[0] / T, -1)[token], atol=1e-5)
+    assert torch.allclose(logp, torch.log(want)[token], atol=1e-5)
+    # the whole softmax's log-probability less the log of the mass the cut kept
+    whole = torch.log_softmax(logits[0] / T, -1)
+    kept_mass = whole.exp()[sorted(kept)].sum()
+    assert torch.allclose(logp, whole[token] - kept_mass.log(), atol=1e-5) and kept_mass < 1
 
 
 def test_top_k_1_is_greedy_through_every_decoding_path(tiny_model, tiny_tokenizer, prompts):
