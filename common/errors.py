@@ -11,6 +11,10 @@ class UserError(Exception):
     """Bad input the user can fix; the message names the fix. CLIs print it as one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after saving its work; the message says where, and how to resume."""
+
+
 def fail(message: str) -> NoReturn:
     raise UserError(message)
 
@@ -22,6 +26,6 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted", file=sys.stderr)
         sys.exit(130)

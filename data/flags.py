@@ -15,7 +15,7 @@ class DataFlags:
     dataset: str = flag("gsm8k", "gsm8k, synthetic (offline), a data file (.jsonl/.json/.csv/.parquet), a folder "
                                  "with train/test files, or a hub dataset id", group=DATA)
     data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
-                                group=DATA)
+                                group=DATA, on_resume="may")
     question_field: str = flag("question", "the dataset's question column", group=DATA)
     answer_field: str = flag("answer", "its answer column: a bare number, or a solution ending in '#### N'",
                              group=DATA)

@@ -225,7 +225,8 @@ def test_saved_models_are_readable_as_the_umask_says(tmp_path):
     finally:
         os.umask(old)
     out = tmp_path / "run"
-    for path in [out / "model.safetensors", out / "config.json", out / "checkpoint", out / "checkpoint" / "model.pt"]:
+    for path in [out / "model.safetensors", out / "config.json", out / "checkpoint",
+                 out / "checkpoint" / "model.safetensors"]:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
 

@@ -70,3 +70,77 @@ def test_keep_best_needs_evals_and_room_to_train(tmp_path):
         train_grpo(_cfg(tmp_path / "a", keep_best=True))
     with pytest.raises(UserError, match=r"^--validation_samples 10 would leave no training data"):
         split_validation([{"question": "q"}] * 10, 10, 0)
+
+
+# --- a run is its run_config.json: --resume continues it with its own settings ---
+
+GRPO_ARGS = ["--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "2", "--prompts_per_step", "2",
+             "--num_generations", "2", "--micro_batch_size", "4", "--max_completion_length", "6", "--beta", "0",
+             "--learning_rate", "5e-3", "--reward", "numeric", "--reward", "tests.test_run:shorter", "--seed", "3",
+             "--save_every", "1", "--no_progress", "--device", "cpu"]
+
+
+def _cli(main, argv, capsys):
+    """(exit code, stdout, stderr) of a CLI run in this process, as run_cli runs it."""
+    from common.errors import run_cli
+
+    try:
+        run_cli(lambda: main(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_bare_resume_continues_the_run_with_its_own_settings(tmp_path, capsys):
+    import train_grpo
+
+    out = tmp_path / "run"
+    assert _cli(train_grpo.main, GRPO_ARGS + ["--grpo_output", str(out)], capsys)[0] == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    # only a setting that may change on resume is given: the rest is the run's own, not the defaults
+    code, stdout, _ = _cli(train_grpo.main, ["--resume", "--grpo_output", str(out), "--max_steps", "3"], capsys)
+    assert code == 0
+    assert "resuming" in stdout and "at step 2/3 (changed: --max_steps 2 -> --max_steps 3)" in stdout
+    log = [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3] and log[-1]["kl"] == 0.0  # beta 0 as saved, not the default 0.01
+    assert any(k.startswith("reward_") and "shorter" in k for k in log[-1])  # both saved rewards, not numeric alone
+    now = json.loads((out / "run_config.json").read_text())
+    assert now == {**saved, "max_steps": 3}  # the run's config says what it trained with
+    resumes = [json.loads(x) for x in (out / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["changed"]) for r in resumes] == [(2, {"max_steps": [2, 3]})]
+
+
+def test_resume_refuses_settings_that_would_change_the_run_in_one_line(tmp_path, capsys):
+    import train_grpo as grpo_cli
+    import train_sft
+
+    out = tmp_path / "run"
+    assert _cli(grpo_cli.main, GRPO_ARGS + ["--grpo_output", str(out)], capsys)[0] == 0
+    before = (out / LOG_NAME).read_text()
+    code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(out), "--beta", "0.04",
+                                          "--max_completion_length", "8", "--eval_every", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--beta 0.04 (saved: --beta 0.0)" in err and "--max_completion_length 8 (saved: --max_completion_length 6)" \
+        in err and "eval_every" not in err  # --eval_every may change on resume
+    assert (out / LOG_NAME).read_text() == before and not (out / "resumes.jsonl").exists()
+    # the Python API too: a config that differs from the saved one stops before anything loads
+    from common.flags import read_run_config
+
+    saved = read_run_config(str(out), GRPOConfig, "--grpo_output")
+    with pytest.raises(UserError, match=r"^--resume continues the run saved in .*; --seed 4 \(saved: --seed 3\) would"):
+        train_grpo(GRPOConfig(**{**saved, "seed": 4, "resume": True}))
+    # no run there, and SFT's the same way
+    code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(tmp_path / "none")], capsys)
+    assert code == 2 and "holds no run to resume" in err
+    sft = tmp_path / "sft"
+    sft_args = ["--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "1", "--batch_size", "4",
+                "--max_samples", "16", "--eval_samples", "2", "--eval_max_new_tokens", "4", "--no_progress",
+                "--device", "cpu", "--sft_output", str(sft)]
+    assert _cli(train_sft.main, sft_args, capsys)[0] == 0
+    code, _, err = _cli(train_sft.main, ["--resume", "--sft_output", str(sft), "--learning_rate", "1"], capsys)
+    assert code == 2 and "--learning_rate 1.0 (saved: --learning_rate 0.0002)" in err
+    code, stdout, _ = _cli(train_sft.main, ["--resume", "--sft_output", str(sft), "--max_steps", "2"], capsys)
+    assert code == 0 and "at step 1/2" in stdout
+    assert [json.loads(x)["step"] for x in (sft / "sft_training_logs.jsonl").read_text().splitlines()] == [1, 2]
