@@ -402,12 +402,26 @@ def resume_from_run_config(parser: argparse.ArgumentParser, args: argparse.Names
     from <run folder>/run_config.json (`cls.RUN_FOLDER` names the folder's field). Settings given that
     differ from the saved ones are then refused by `resume_changes`, unless declared `on_resume="may"`."""
     folder = cls.RUN_FOLDER
-    saved = read_run_config(getattr(args, folder), cls, flag_name(folder, _meta(cls, folder)))
     given = _given(parser, argv) | (set(read_config(args.config, cls)) if args.config else set())
+    _check_given_rules(cls, args, given)
+    saved = read_run_config(getattr(args, folder), cls, flag_name(folder, _meta(cls, folder)))
     ignored = {f.name for f, meta, _ in _fields(cls) if meta["on_resume"] == "ignored"}
     for name, value in saved.items():
         if name not in given and name not in ignored:
             setattr(args, name, value)
+
+
+def _check_given_rules(cls: type, args: argparse.Namespace, given: set[str]) -> None:
+    """The rules between flags that were all given (--resume with --overwrite), before the run's own
+    settings are read: they contradict each other whatever the run holds."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    as_given = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                      if k in names and not (v is None and isinstance(_default(cls, k), tuple))})
+    _check_fields(as_given)
+    for rule in rules_of(cls):
+        message = set(rule.flags) <= given and rule.broken(as_given)
+        if message:
+            fail(message)
 
 
 def _meta(cls: type, name: str) -> dict[str, Any]:
