@@ -299,3 +299,39 @@ def test_a_disk_full_while_checkpointing_is_one_line_and_the_last_checkpoint_res
         ckpt / "model.safetensors", "cpu")
     monkeypatch.setattr(run_files, "save_tensors", real)
     assert _checkpointed_run(tmp_path, max_steps=3, save_every=1, resume=True)["step"] == 3
+
+
+class _Payload:
+    """What a tampered checkpoint would hold: unpickling it runs code (here: writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_tampered_checkpoint_is_refused_in_one_line_and_runs_no_code(tmp_path):
+    """Each file of a checkpoint replaced by one whose loading would run code: --resume refuses it, names it,
+    and the code never runs."""
+    import pickle
+
+    import torch
+
+    _checkpointed_run(tmp_path, max_steps=1)
+    marker, ckpt = tmp_path / "marker", tmp_path / "run" / "checkpoint"
+    for name, how in (("optimizer.pt", "torch.save"), ("scheduler.pt", "pickle"), ("trainer_state.pt", "torch.save"),
+                      ("model.safetensors", "pickle")):
+        good = (ckpt / name).read_bytes()
+        if how == "pickle":
+            (ckpt / name).write_bytes(pickle.dumps(_Payload(marker)))
+        else:
+            torch.save({"state": _Payload(marker)}, ckpt / name)
+        with pytest.raises(UserError) as info:
+            _checkpointed_run(tmp_path, max_steps=2, resume=True)
+        assert not marker.exists(), name
+        message = str(info.value)
+        assert "\n" not in message and str(ckpt) in message, message
+        assert "refusing to load" in message or "cannot read the weights" in message, message
+        (ckpt / name).write_bytes(good)
+    assert _checkpointed_run(tmp_path, max_steps=2, resume=True)["step"] == 2  # the untampered one resumes
