@@ -144,3 +144,72 @@ def test_resume_refuses_settings_that_would_change_the_run_in_one_line(tmp_path,
     code, stdout, _ = _cli(train_sft.main, ["--resume", "--sft_output", str(sft), "--max_steps", "2"], capsys)
     assert code == 0 and "at step 1/2" in stdout
     assert [json.loads(x)["step"] for x in (sft / "sft_training_logs.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# --- an interrupt keeps the work ---
+
+INTERRUPT = {"at": None}  # the step (1-based) during whose rollout shorter_interrupted sends SIGINT to this process
+
+
+def shorter_interrupted(completions, trainer_state, **kwargs):
+    """`shorter`, and Ctrl-C as a user presses it while the step INTERRUPT names is under way."""
+    import os
+    import signal
+
+    if INTERRUPT["at"] == trainer_state.global_step + 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return shorter(completions)
+
+
+def _weights_and_log(out):
+    import hashlib
+
+    from common.run_files import is_measured
+
+    log = [{k: v for k, v in json.loads(x).items() if not is_measured(k)}
+           for x in (out / LOG_NAME).read_text().splitlines()]
+    return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(), log
+
+
+def test_ctrl_c_before_the_first_checkpoint_keeps_the_work_and_a_bare_resume_ends_bit_identical(tmp_path, capsys):
+    import train_grpo as grpo_cli
+
+    args = [a for a in GRPO_ARGS if a not in ("--save_every", "1")] + ["--max_steps", "4"]  # default: every 50
+    args[args.index("tests.test_run:shorter")] = "tests.test_run:shorter_interrupted"
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert _cli(grpo_cli.main, args + ["--grpo_output", str(straight)], capsys)[0] == 0
+    INTERRUPT["at"] = 2
+    try:
+        code, _, err = _cli(grpo_cli.main, args + ["--grpo_output", str(out)], capsys)
+    finally:
+        INTERRUPT["at"] = None
+    assert code == 130
+    assert "SIGINT: stopping after this step" in err
+    assert (f"interrupted (SIGINT) after step 2/4; checkpoint in {out / 'checkpoint'}. Resume with: python "
+            f"train_grpo.py --resume --grpo_output {out}") in err, err
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert [json.loads(x)["step"] for x in (out / LOG_NAME).read_text().splitlines()] == [1, 2]
+    assert _cli(grpo_cli.main, ["--resume", "--grpo_output", str(out)], capsys)[0] == 0  # the command it printed
+    assert _weights_and_log(out) == _weights_and_log(straight)
+
+
+def test_a_second_signal_leaves_at_once_and_the_handlers_are_put_back():
+    import os
+    import signal
+
+    from training.run import StopSignals, restores_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignals()
+
+    @restores_signals
+    def train():
+        stop.listen()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"  # the first: the step goes on
+        os.kill(os.getpid(), signal.SIGINT)  # the second: out at once
+        pytest.fail("still running after the second signal")
+
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    assert signal.getsignal(signal.SIGTERM) is before
