@@ -7,7 +7,10 @@
 `add_flags(parser, GRPOConfig)` builds the CLI from those declarations, `config_from_args` makes the
 config back from the parsed flags, and `check(cfg)` stops a value outside its range with one line,
 `error: --flag must be ... (got X)`, before any model loads (also for configs built in Python).
-NaN and inf are out of range everywhere.
+NaN and inf are out of range everywhere. Rules between flags (`--resume` with `--overwrite`, a device the
+machine lacks) are declared beside them, in the class's `RULES` (`Rule`), and `check` applies them too.
+`--resume` takes every setting not given from the run's run_config.json (`resume_from_run_config`), and
+`resume_changes` refuses any that would change the run unless its flag says `on_resume="may"`.
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     eval_max_new_tokens: int | None = flag(None, "eval token limit (default: --max_completion_length)", low=1,
                                            group=RUN)
     eval_batch_size: int = flag(32, "prompts per eval batch", low=1, group=RUN, on_resume="may")
-    resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint", group=RUN, on_resume="ignored")
+    resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint with its own settings (its "
+                               "run_config.json); flags that would change the run are refused (docs/training.md)",
+                        group=RUN, on_resume="ignored")
     overwrite: bool = flag(False, "replace whatever --grpo_output holds", group=RUN, on_resume="ignored")
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN, text=DEVICE,
                               on_resume="may")

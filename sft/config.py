@@ -40,7 +40,9 @@ class SFTConfig(WatchFlags, TrainDataFlags):
     eval_max_new_tokens: int = flag(256, "token limit of eval completions", low=1)
     eval_batch_size: int = flag(32, "prompts per eval batch", low=1, on_resume="may")
     save_every: int = flag(100, "checkpoint every N optimizer steps (and at the end)", low=1, on_resume="may")
-    resume: bool = flag(False, "continue the run in --sft_output from its last checkpoint", on_resume="ignored")
+    resume: bool = flag(False, "continue the run in --sft_output from its checkpoint with its own settings (its "
+                               "run_config.json); flags that would change the run are refused (docs/training.md)",
+                        on_resume="ignored")
     overwrite: bool = flag(False, "replace whatever --sft_output holds", on_resume="ignored")
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", text=DEVICE,
                               on_resume="may")
