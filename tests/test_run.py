@@ -74,10 +74,11 @@ def test_keep_best_needs_evals_and_room_to_train(tmp_path):
 
 # --- a run is its run_config.json: --resume continues it with its own settings ---
 
+# a tiny run: 16 prompts (few to encode), completions of at most 6 tokens
 GRPO_ARGS = ["--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "2", "--prompts_per_step", "2",
              "--num_generations", "2", "--micro_batch_size", "4", "--max_completion_length", "6", "--beta", "0",
              "--learning_rate", "5e-3", "--reward", "numeric", "--reward", "tests.test_run:shorter", "--seed", "3",
-             "--save_every", "1", "--no_progress", "--device", "cpu"]
+             "--save_every", "1", "--max_samples", "16", "--no_progress", "--device", "cpu"]
 
 
 def _cli(main, argv, capsys):
