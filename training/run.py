@@ -266,7 +266,7 @@ class Run:
             rng_states = self.dist.gather_objects(rng_state())
             if self.dist.is_main:
                 save_checkpoint(self.out, model, optimizer, scheduler, step, total_steps, lora, rng_states)
-        if stopping:
+        if stopping and step < total_steps:  # at the last step the run ends as it would have: saved whole
             self.close()
             launcher = f"torchrun --nproc_per_node {self.dist.world_size} " if self.dist.world_size > 1 else "python "
             raise Interrupted(f"interrupted ({self.stop.requested}) after step {step}/{total_steps}; checkpoint in "
