@@ -244,3 +244,18 @@ def test_every_rule_between_flags_has_a_case():
         declared = {r.flags for r in rules_of(cls)}
         covered = {flags for c, _, _, flags, _ in RULE_CASES if c == cli}
         assert declared == covered, (cli, declared ^ covered)
+
+
+def test_the_flags_that_may_change_on_resume_are_the_ones_the_docs_list():
+    """Each flag declared on_resume="may" is named in docs/training.md's resume section, and no other."""
+    import re
+
+    from common.flags import _fields, flag_name
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Resume and interrupt"):]
+    listed = set(re.findall(r"`(--[a-z_0-9]+)`", section[section.index("may change on resume"):
+                                                         section.index("What changed is printed")]))
+    may = {flag_name(f.name, meta) for cls in (GRPOConfig, SFTConfig) for f, meta, _ in _fields(cls)
+           if meta["on_resume"] == "may"}
+    assert may == listed, may ^ listed

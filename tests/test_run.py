@@ -132,6 +132,8 @@ def test_resume_refuses_settings_that_would_change_the_run_in_one_line(tmp_path,
     saved = read_run_config(str(out), GRPOConfig, "--grpo_output")
     with pytest.raises(UserError, match=r"^--resume continues the run saved in .*; --seed 4 \(saved: --seed 3\) would"):
         train_grpo(GRPOConfig(**{**saved, "seed": 4, "resume": True}))
+    code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(out), "--max_steps", "1"], capsys)
+    assert code == 2 and "--max_steps 1 is below the checkpoint's step 2" in err, err
     # no run there, and SFT's the same way
     code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(tmp_path / "none")], capsys)
     assert code == 2 and "holds no run to resume" in err
