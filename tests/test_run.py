@@ -216,3 +216,26 @@ def test_a_second_signal_leaves_at_once_and_the_handlers_are_put_back():
     with pytest.raises(KeyboardInterrupt):
         train()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_under_torchrun_the_agents_forwarded_signal_is_not_a_second_one(monkeypatch):
+    import os
+    import signal
+
+    from training.run import StopSignals, restores_signals
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched by torchrun, as common.distributed tells it
+    stop = StopSignals()
+
+    @restores_signals
+    def train():
+        stop.listen()
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun passing the same on, at once: the step goes on
+        assert stop.requested == "SIGINT"
+        stop.first_at -= StopSignals.FORWARDED_S  # a person pressing again, later: out at once
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("still running after a second Ctrl-C")
+
+    with pytest.raises(KeyboardInterrupt):
+        train()

@@ -67,8 +67,11 @@ class StopSignals:
     (KeyboardInterrupt, losing the steps since the last checkpoint). The handlers are put back by
     `restores_signals`, which wraps each trainer."""
 
+    FORWARDED_S = 1.0  # under torchrun, a signal this soon after the first is the agent forwarding it: the same one
+
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.first_at = 0.0
 
     def listen(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -77,9 +80,16 @@ class StopSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        import time
+
+        from common.distributed import launched_by_torchrun
+
         if self.requested is not None:
+            # torchrun's agent passes the Ctrl-C it got on to its workers, which got the terminal's too
+            if launched_by_torchrun() and time.monotonic() - self.first_at < self.FORWARDED_S:
+                return
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested, self.first_at = signal.Signals(signum).name, time.monotonic()
         print(f"\n{self.requested}: stopping after this step, with a checkpoint (again to leave at once, losing "
               f"the steps since the last checkpoint)", file=sys.stderr, flush=True)
 
