@@ -12,7 +12,8 @@ class UserError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT/SIGTERM after saving its work; the message says where, and how to resume."""
+    """A run stopped by SIGINT/SIGTERM after saving its work; the message says where, and how to resume
+    (empty on ranks other than 0, so the job says it once)."""
 
 
 def fail(message: str) -> NoReturn:
@@ -27,5 +28,7 @@ def run_cli(main: Callable[[], object]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        print(str(exc) or "interrupted", file=sys.stderr)
+        message = str(exc) if isinstance(exc, Interrupted) else "interrupted"  # empty: another rank says it
+        if message:
+            print(message, file=sys.stderr)
         sys.exit(130)

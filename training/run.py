@@ -100,7 +100,7 @@ class StopSignals:
         import torch
 
         asked = dist.all_reduce(torch.tensor(float(self.requested is not None), device=device), "max").item() > 0
-        self.requested = self.requested or ("a signal to another rank" if asked else None)
+        self.requested = self.requested or ("a signal to another process" if asked else None)
         return asked
 
 
@@ -279,7 +279,8 @@ class Run:
         if stopping and step < total_steps:  # at the last step the run ends as it would have: saved whole
             self.close()
             launcher = f"torchrun --nproc_per_node {self.dist.world_size} " if self.dist.world_size > 1 else "python "
-            raise Interrupted(f"interrupted ({self.stop.requested}) after step {step}/{total_steps}; checkpoint in "
+            raise Interrupted("" if not self.dist.is_main else
+                              f"interrupted ({self.stop.requested}) after step {step}/{total_steps}; checkpoint in "
                               f"{self.out / CHECKPOINT}. Resume with: {launcher}train_{self.stage}.py --resume "
                               f"{self.flag} {shlex.quote(str(self.out))}")
 
