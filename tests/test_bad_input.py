@@ -162,7 +162,7 @@ def _checkpointed_run(tmp_path, **overrides):
 
     cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path / "run"), max_steps=2, save_every=1,
                prompts_per_step=2, num_generations=2, micro_batch_size=4, max_completion_length=6, device="cpu",
-               beta=0.0, show_progress=False, seed=1)
+               beta=0.0, show_progress=False, seed=1, max_samples=16)  # 16 prompts: little to encode
     return train_grpo(GRPOConfig(**{**cfg, **overrides}))
 
 
