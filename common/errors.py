@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input the user can fix; the message names the fix. CLIs print it as one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after saving its work; the message says where, and how to resume
+    (empty on ranks other than 0, so the job says it once)."""
+
+
 def fail(message: str) -> NoReturn:
     raise UserError(message)
 
@@ -22,6 +27,8 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        message = str(exc) if isinstance(exc, Interrupted) else "interrupted"  # empty: another rank says it
+        if message:
+            print(message, file=sys.stderr)
         sys.exit(130)

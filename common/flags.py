@@ -7,7 +7,10 @@
 `add_flags(parser, GRPOConfig)` builds the CLI from those declarations, `config_from_args` makes the
 config back from the parsed flags, and `check(cfg)` stops a value outside its range with one line,
 `error: --flag must be ... (got X)`, before any model loads (also for configs built in Python).
-NaN and inf are out of range everywhere.
+NaN and inf are out of range everywhere. Rules between flags (`--resume` with `--overwrite`, a device the
+machine lacks) are declared beside them, in the class's `RULES` (`Rule`), and `check` applies them too.
+`--resume` takes every setting not given from the run's run_config.json (`resume_from_run_config`), and
+`resume_changes` refuses any that would change the run unless its flag says `on_resume="may"`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import math
 import re
 import typing
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from common.errors import UserError, fail
@@ -30,16 +34,20 @@ FINETUNE_HELP = "what trains: full (every weight) or lora (adapters on a frozen 
 def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # noqa: A002
          above: float | None = None, choices: tuple[str, ...] | None = None, group: str | None = None,
          name: str | None = None, cli: bool = True, required: bool = False,
-         text: tuple[str, str] | None = None, bare: str | None = None) -> Any:
+         text: tuple[str, str] | None = None, bare: str | None = None, on_resume: str | None = None) -> Any:
     """A dataclass field that is also a CLI flag. `low`/`high`: inclusive bounds; `above`: exclusive
     lower bound; `text`: (regular expression, its description in words) a text value must match;
     `name`: the flag's spelling when not `--<field>` (`--no_progress` for a True default turns the
     field off; `help` says what the field does when on, and --help shows it as "turns off: <help>");
     `cli=False`: a field with no flag (set by the code that calls the trainer); `required`:
     the CLI needs it (the field's default is then only the Python API's); `bare`: the value of the
-    flag given without one (`--cuda_graphs` alone is `--cuda_graphs on`, as when it was a switch)."""
+    flag given without one (`--cuda_graphs` alone is `--cuda_graphs on`, as when it was a switch);
+    `on_resume`: what `--resume` does with it (`resume_changes`): None, the run's own setting that a
+    resumed run must keep; "may", a setting that may change on resume (how the run is watched, saved or
+    placed, never what it trains), recorded in the run's files when it does; "ignored", how this
+    invocation treats the folder (--resume, --overwrite), never compared."""
     meta = dict(help=help, low=low, high=high, above=above, choices=choices, group=group, name=name, cli=cli,
-                required=required, text=text, bare=bare)
+                required=required, text=text, bare=bare, on_resume=on_resume)
     return dataclasses.field(default=default, metadata={"flag": meta})
 
 
@@ -178,6 +186,8 @@ def parse_flags(cls: type, argv: list[str] | None, doc: str | None, prog: str | 
         for name, value in read_config(args.config, cls).items():
             if name not in given:
                 setattr(args, name, value)
+    if getattr(args, "resume", False) is True:
+        resume_from_run_config(p, args, argv, cls)
     return config_from_args(cls, args), args
 
 
@@ -265,7 +275,13 @@ def _default(cls: type, name: str) -> Any:
 
 
 def check(cfg: Any) -> None:
-    """Stop at the first field outside its declared range or choices, naming its flag."""
+    """Stop at the first field outside its declared range or choices, naming its flag, then at the first
+    broken rule between flags (`check_rules`)."""
+    _check_fields(cfg)
+    check_rules(cfg)
+
+
+def _check_fields(cfg: Any) -> None:
     for f, meta, hint in _fields(type(cfg)):
         value = getattr(cfg, f.name)
         if value is None or _base_type(hint) is bool:
@@ -300,3 +316,151 @@ def _in_range(value: float, meta: dict[str, Any]) -> bool:
     if meta["low"] is not None and value < meta["low"]:
         return False
     return meta["high"] is None or value <= meta["high"]
+
+
+# --- rules between flags: declared beside the flags, in a config class's RULES, checked by `check` ---
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule between flags (or between a flag and the machine), declared in the config class's `RULES`
+    beside the flags it names: `broken(cfg)` is the one-line error when the settings contradict each
+    other, else None (or False). `check` applies every rule of the class and of its bases."""
+
+    flags: tuple[str, ...]
+    broken: Callable[[Any], str | None | bool]
+
+
+def exclusive(a: str, b: str, why: str) -> Rule:
+    """Fields `a` and `b` (switches) may not both be on; `why` says what each does."""
+    return Rule((a, b), lambda cfg: getattr(cfg, a) and getattr(cfg, b) and f"--{a} and --{b} together: {why}")
+
+
+def missing_device(device: str | None, name: str = "--device") -> str | None:
+    """The one-line error for a CUDA device this machine does not have (`cuda` without CUDA, `cuda:3`
+    with one GPU), else None. Under torchrun each process takes cuda:<local rank> instead."""
+    if not device or not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{name} {device}: this machine has no CUDA device (torch sees none); use {name} cpu or leave it out"
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        return (f"{name} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                f"pick one of them")
+    return None
+
+
+def rules_of(cls: type) -> list[Rule]:
+    """`cls`'s rules: each `RULES` of it and its bases, then a device check for every --device flag."""
+    rules = [r for klass in reversed(cls.__mro__) for r in vars(klass).get("RULES", ())]
+    for f, meta, _ in _fields(cls):
+        if meta["text"] is DEVICE:
+            rules.append(Rule((f.name,), lambda cfg, n=f.name, m=meta: missing_device(getattr(cfg, n),
+                                                                                        flag_name(n, m))))
+    return rules
+
+
+def check_rules(cfg: Any) -> None:
+    """Stop at the first broken rule between flags (`rules_of`), in one line."""
+    for rule in rules_of(type(cfg)):
+        message = rule.broken(cfg)
+        if message:
+            fail(message)
+
+
+# --- --resume: a run is its run_config.json ---
+
+def read_run_config(out: str, cls: type, flag: str) -> dict[str, Any]:
+    """The settings saved in `out`/run_config.json, each as its field's type; one line when there is none
+    or it is not one of `cls`'s. Not checked here: the resumed config is, once this run's flags are in."""
+    import json
+    from pathlib import Path
+
+    from common.run_files import RUN_CONFIG
+
+    path = Path(out) / RUN_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except OSError:
+        fail(f"--resume: {out} holds no run to resume (no checkpoint, no {RUN_CONFIG}); give the run's folder "
+             f"with {flag}, or drop --resume to start a new run")
+    except ValueError as exc:
+        fail(f"--resume: {path} is not valid JSON ({exc}); it is not a run's config")
+    hints = {f.name: hint for f, meta, hint in _fields(cls) if meta["cli"]}
+    out_settings = {}
+    for key, value in data.items():
+        if key in RUN_CONFIG_KEYS:
+            continue
+        if key not in hints:
+            fail(f"--resume: {path} has the setting {key!r}, which {cls.__name__} has not (a {data.get('stage')} "
+                 f"run's config?); resume it with the trainer that wrote it")
+        out_settings[key] = _from_file(str(path), key, value, hints[key])
+    return out_settings
+
+
+def resume_from_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None,
+                           cls: type) -> None:
+    """--resume on the command line: every setting not given (by a flag or --config) is the run's own,
+    from <run folder>/run_config.json (`cls.RUN_FOLDER` names the folder's field). Settings given that
+    differ from the saved ones are then refused by `resume_changes`, unless declared `on_resume="may"`."""
+    folder = cls.RUN_FOLDER
+    given = _given(parser, argv) | (set(read_config(args.config, cls)) if args.config else set())
+    _check_given_rules(cls, args, given)
+    saved = read_run_config(getattr(args, folder), cls, flag_name(folder, _meta(cls, folder)))
+    ignored = {f.name for f, meta, _ in _fields(cls) if meta["on_resume"] == "ignored"}
+    for name, value in saved.items():
+        if name not in given and name not in ignored:
+            setattr(args, name, value)
+
+
+def _check_given_rules(cls: type, args: argparse.Namespace, given: set[str]) -> None:
+    """The rules between flags that were all given (--resume with --overwrite), before the run's own
+    settings are read: they contradict each other whatever the run holds."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    as_given = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                      if k in names and not (v is None and isinstance(_default(cls, k), tuple))})
+    _check_fields(as_given)
+    for rule in rules_of(cls):
+        message = set(rule.flags) <= given and rule.broken(as_given)
+        if message:
+            fail(message)
+
+
+def _meta(cls: type, name: str) -> dict[str, Any]:
+    return next(meta for f, meta, _ in _fields(cls) if f.name == name)
+
+
+def shown(cls: type, name: str, value: Any) -> str:
+    """A setting as its flag on a command line: `--beta 0.04`, `--reward a --reward b`, `--use_4bit`,
+    `no --use_4bit`."""
+    f, meta, hint = next(x for x in _fields(cls) if x[0].name == name)
+    flag = flag_name(name, meta)
+    if _base_type(hint) is bool:
+        return flag if value != f.default else f"no {flag}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(f"{flag} {v}" for v in value) if value else f"no {flag}"
+    return f"{flag} {value}" if value is not None else f"no {flag}"
+
+
+def resume_changes(cfg: Any, saved: dict[str, Any], where: str) -> dict[str, tuple[Any, Any]]:
+    """Resuming the run saved as `saved` (`read_config`'s settings of its run_config.json, at `where`)
+    with `cfg`: the settings that changed and may (`on_resume="may"`), {field: (saved, now)}. Any other
+    setting that differs stops here, in one line naming each with its saved value."""
+    cls, refused, changed = type(cfg), [], {}
+    for f, meta, _ in _fields(cls):
+        if not meta["cli"] or f.name not in saved or meta["on_resume"] == "ignored":
+            continue
+        old, new = saved[f.name], getattr(cfg, f.name)
+        new = tuple(new) if isinstance(new, list) else new
+        if old == new:
+            continue
+        if meta["on_resume"] == "may":
+            changed[f.name] = (old, new)
+        else:
+            refused.append(f"{shown(cls, f.name, new)} (saved: {shown(cls, f.name, old)})")
+    if refused:
+        folder = flag_name(cls.RUN_FOLDER, _meta(cls, cls.RUN_FOLDER))
+        fail(f"--resume continues the run saved in {where} with its own settings; {', '.join(refused)} would "
+             f"change it: drop {'it' if len(refused) == 1 else 'them'}, or start a new run in another {folder}")
+    return changed

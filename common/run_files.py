@@ -25,7 +25,9 @@ CHECKPOINT = "checkpoint"
 
 
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -> None:
-    """Make `out` ready for a new run, or check it holds one to resume; one-line errors otherwise."""
+    """Make `out` ready for a new run, or check it holds one to resume; one-line errors otherwise, each
+    naming `out` (`check_folder`)."""
+    check_folder(out, flag)
     has_run = (out / RUN_CONFIG).exists()
     recover_dir(out / CHECKPOINT)
     if resume:
@@ -40,7 +42,22 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -
             fail(f"{flag} {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
                  f"or choose another {flag}")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{flag} {out}: cannot create it ({exc.strerror or exc}); choose another {flag}")
+
+
+def check_folder(out: Path, flag: str) -> None:
+    """`out` can hold a run: a folder (or nothing yet) that this user may write in, or one that can be made;
+    else one line naming it."""
+    if out.exists() and not out.is_dir():
+        fail(f"{flag} {out} is a file, not a folder; choose another {flag}")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        fail(f"{flag} {out}: cannot create it ({parent} is a file, not a folder); choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{flag} {out}: {parent} is not writable by this user; choose another {flag} or make it writable")
 
 
 def _old(target: Path) -> Path:
@@ -126,9 +143,14 @@ def atomic_files_into(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """`data` as JSON in `path`, atomically: a failed write (disk full) leaves the old file and stops in one line."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _write_failed(path, exc)
 
 
 def now_iso() -> str:
@@ -150,9 +172,15 @@ class JsonlLog:
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        self._file = path.open("a", encoding="utf-8")
+            try:
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+            except OSError as exc:
+                _write_failed(path, exc)
+        try:
+            self._file = path.open("a", encoding="utf-8")
+        except OSError as exc:
+            _write_failed(path, exc)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -206,32 +234,94 @@ def seed_everything(seed: int) -> None:
 def save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
                     lora: bool, rng_states: list[dict[str, Any]] | None = None) -> None:
     """Everything `--resume` needs, swapped in atomically as <out>/checkpoint: the trainable weights
-    (peft adapter, or the full state dict), optimizer, scheduler, step and the RNG state of each rank
-    (`rng_states`, in rank order; default: this process's). Call it on rank 0 only."""
-    import torch
-
+    (peft adapter, or the full state dict as model.safetensors), optimizer, scheduler, step and the RNG
+    state of each rank (`rng_states`, in rank order; default: this process's), all in forms that load
+    without running code (`load_checkpoint`). Call it on rank 0 only."""
     states = rng_states or [rng_state()]
 
     def write(tmp: Path) -> None:
         if lora:
             model.save_pretrained(tmp / "adapter")
         else:
-            torch.save(model.state_dict(), tmp / "model.pt")  # torch.save keeps tied weights tied
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"step": step, "rng": states[0], "rng_per_rank": states}, tmp / "trainer_state.pt")
+            save_tensors(model.state_dict(), tmp / MODEL_WEIGHTS)
+        torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch_save({"step": step, "rng": states[0], "rng_per_rank": states}, tmp / "trainer_state.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total_steps,
                                                 "world_size": len(states)})
 
     atomic_dir(out / CHECKPOINT, write)
 
 
+MODEL_WEIGHTS = "model.safetensors"  # a full fine-tune's weights in its checkpoint (model.pt before)
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a full disk is an OSError (a path gives a RuntimeError)."""
+    import torch
+
+    with path.open("wb") as f:
+        torch.save(obj, f)
+
+
+def save_tensors(state: dict[str, Any], path: Path) -> None:
+    """A state dict as safetensors; a tensor shared by several names (tied weights) is stored once, the
+    other names kept in the metadata (`load_tensors` restores them)."""
+    from safetensors.torch import save
+
+    kept, aliases, first = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.stride())
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key], kept[name] = name, tensor.detach().contiguous()
+    path.write_bytes(save(kept, metadata={"aliases": json.dumps(aliases)}))
+
+
+def load_tensors(path: Path, device: str) -> dict[str, Any]:
+    """What `save_tensors` wrote, every name back (safetensors runs no code)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    return {**state, **{name: state[first] for name, first in aliases.items()}}
+
+
+def _safe_globals() -> list[Any]:
+    """What torch.load(weights_only=True) may build beyond tensors and plain data: numpy's RNG state (an
+    array of uint32; rebuilding an array runs no code of the file's choosing)."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_load(path: Path, device: str | None = None) -> Any:
+    """torch.load that never runs code from the file (weights_only, numpy's RNG state allowed); a file
+    holding anything else, or not a torch file at all, is one line naming it."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        fail(f"--resume: refusing to load {path}: it holds more than tensors and plain data, or is damaged "
+             f"({str(exc).splitlines()[0][:120]}); this trainer never writes such a file, and loading it could run "
+             f"someone's code. Start a new run, or resume a checkpoint this trainer wrote")
+
+
 def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora: bool, device: str,
                     rank: int = 0, world_size: int = 1) -> int:
     """Restore what `save_checkpoint` wrote (this rank's RNG included); returns the step to continue from.
-    The run must resume with the world size that wrote the checkpoint (its data shards and RNG streams)."""
-    import torch
+    The run must resume with the world size that wrote the checkpoint (its data shards and RNG streams).
+    Nothing is unpickled beyond tensors and plain data (`safe_load`): a tampered file is one line."""
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     ckpt = out / CHECKPOINT
@@ -239,12 +329,17 @@ def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora:
     if saved_world != world_size:
         fail(f"--resume: the checkpoint in {out} was written by {saved_world} process(es) but this run has "
              f"{world_size}; resume with torchrun --nproc_per_node {saved_world} (x nodes) or start a new run")
-    if lora:
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
-    else:
-        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    try:
+        if lora:
+            set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+        elif (ckpt / MODEL_WEIGHTS).is_file():
+            model.load_state_dict(load_tensors(ckpt / MODEL_WEIGHTS, device))
+        else:  # a checkpoint written before model.safetensors
+            model.load_state_dict(safe_load(ckpt / "model.pt", device))
+    except (SafetensorError, OSError) as exc:
+        fail(f"--resume: cannot read the weights in {ckpt} ({exc}); the checkpoint is damaged: start a new run")
+    optimizer.load_state_dict(safe_load(ckpt / "optimizer.pt", device))
+    scheduler.load_state_dict(safe_load(ckpt / "scheduler.pt"))
+    state = safe_load(ckpt / "trainer_state.pt")
     set_rng_state(state.get("rng_per_rank", [state["rng"]])[rank])
     return state["step"]

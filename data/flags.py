@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from common.flags import flag
+from common.flags import Rule, flag
 from data.tables import Fields
 
 DATA, PROMPT = "data", "prompt (shared by SFT, GRPO and eval; saved beside the model)"
@@ -15,7 +17,7 @@ class DataFlags:
     dataset: str = flag("gsm8k", "gsm8k, synthetic (offline), a data file (.jsonl/.json/.csv/.parquet), a folder "
                                  "with train/test files, or a hub dataset id", group=DATA)
     data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
-                                group=DATA)
+                                group=DATA, on_resume="may")
     question_field: str = flag("question", "the dataset's question column", group=DATA)
     answer_field: str = flag("answer", "its answer column: a bare number, or a solution ending in '#### N'",
                              group=DATA)
@@ -32,8 +34,22 @@ class DataFlags:
                                         "is read after it (shorthand for --chat_template_kwargs "
                                         "'{\"enable_thinking\": true}')", group=PROMPT)
 
+    RULES: ClassVar[tuple[Rule, ...]] = (  # settings that contradict each other, checked with the ranges
+        Rule(("enable_thinking", "chat_template_kwargs"), lambda c: c.enable_thinking and _thinking_off(c) and (
+            "--enable_thinking with --chat_template_kwargs '{\"enable_thinking\": false}': give one of them")),
+    )
+
     def fields(self) -> Fields:
         return Fields(self.question_field, self.answer_field, self.solution_field)
+
+
+def _thinking_off(flags: Any) -> bool:
+    """Whether --chat_template_kwargs turns thinking off (text that is no JSON object is data/prompt.py's error)."""
+    try:
+        kwargs = json.loads(flags.chat_template_kwargs or "{}")
+    except ValueError:
+        return False
+    return isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
 
 
 @dataclass

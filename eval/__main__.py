@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from common.distributed import add_backend_argument
 from common.errors import fail, run_cli
-from common.flags import CUDA_GRAPHS, DEVICE, flag, parse_flags
+from common.flags import CUDA_GRAPHS, DEVICE, Rule, flag, parse_flags
 from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 
@@ -47,6 +48,20 @@ class EvalArgs(DataFlags):
                                   "(off: static batches of --batch_size prompts)", name="--static_batches")
     show_progress: bool = flag(True, "a progress bar on a terminal", name="--no_progress")
 
+    RULES: ClassVar[tuple[Rule, ...]] = (  # settings that contradict each other, checked with the ranges
+        Rule(("num_samples", "temperature"), lambda c: c.num_samples > 1 and c.temperature <= 0 and (
+            "--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")),
+        Rule(("cuda_graphs", "device"), lambda c: _graphs_without_cuda(c)),
+        Rule(("cuda_graphs", "continuous"), lambda c: c.cuda_graphs == "on" and c.continuous and (
+            "--continuous refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or --continuous")),
+    )
+
+
+def _graphs_without_cuda(cfg: Any) -> str | None:
+    from sampling.cuda_graphs import graphs_without_cuda
+
+    return graphs_without_cuda(cfg)
+
 
 FEWSHOT_SEED = 1234  # the few-shot examples are the same for every model and run
 
@@ -72,8 +87,6 @@ def fewshot(args: EvalArgs) -> tuple[list[tuple[str, str]], list[int]]:
 def main(argv: list[str] | None = None) -> None:
     args, parsed = parse_flags(EvalArgs, argv, __doc__, prog="python -m eval",
                                extra=lambda p: add_backend_argument(p.add_argument))
-    if args.num_samples > 1 and args.temperature <= 0:
-        fail("--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     import torch
 
     from common.distributed import distributed_run
@@ -89,8 +102,6 @@ def main(argv: list[str] | None = None) -> None:
     shots, shot_indices = fewshot(args)
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         graphs = use_cuda_graphs(args.cuda_graphs, device) and not (args.continuous and args.cuda_graphs == "auto")
-        if graphs and args.continuous:
-            fail("--continuous refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or --continuous")
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
         torch.manual_seed(args.seed + dist.rank)
         summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from common.flags import CUDA_GRAPHS, DEVICE, FINETUNE, FINETUNE_HELP, flag
+from common.flags import CUDA_GRAPHS, DEVICE, FINETUNE, FINETUNE_HELP, Rule, exclusive, flag
 from common.schedule import LR_DECAYS
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, ROLLOUT_CORRECTIONS, SCALES
 from rewards.functions import BUILTIN_HELP, OVERLONG_CACHE, REWARD_FORMATS
+from sampling.cuda_graphs import graphs_without_cuda
 from training.flags import WatchFlags
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
@@ -23,7 +24,8 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     model_name: str | None = flag(None, "start from this instead: hub id, folder, or `tiny`", group=DATA)
     grpo_output: str = flag("./qwen_gsm8k_grpo", "output folder: model, checkpoint, logs", group=DATA)
     max_samples: int | None = flag(None, "use only the first N training prompts", low=1, group=DATA)
-    max_steps: int | None = flag(None, "optimizer steps (rollouts); overrides --num_epochs", low=1, group=LENGTH)
+    max_steps: int | None = flag(None, "optimizer steps (rollouts); overrides --num_epochs", low=1, group=LENGTH,
+                                 on_resume="may")
     num_epochs: float = flag(1.0, "passes over the prompts when --max_steps is unset", above=0, group=LENGTH)
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1, group=ROLLOUT)
     num_generations: int = flag(4, "G: samples per prompt (a group; advantages compare them)", low=2,
@@ -48,7 +50,7 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA), on (CUDA only; "
                                     "alone, --cuda_graphs is on) or off; the graphed state is freed before each "
                                     "backward until a step shows it fits (docs/performance.md)",
-                            choices=CUDA_GRAPHS, bare="on", group=ROLLOUT)
+                            choices=CUDA_GRAPHS, bare="on", group=ROLLOUT, on_resume="may")
     micro_batch_size: int = flag(4, "completions per forward/backward pass", low=1, group=LOSS)
     no_grad_micro_batch_size: int | None = flag(None, "completions per pass of the reference and old log-probs "
                                                       "(no gradient, so no activations kept: default 4x "
@@ -94,7 +96,7 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     log_completions: str = flag("0", "append every completion of this many groups a step (or all) to "
                                      "completions.jsonl and the trackers: question, answer, completion, rewards, "
                                      "advantage, whether it trained", text=(r"all|[0-9]+", "a number of groups or all"),
-                                group=RUN)
+                                group=RUN, on_resume="may")
     mask_truncated_completions: bool = flag(False, "completions cut at --max_completion_length leave the loss and "
                                                    "its normalizers (they keep their rewards in the group's "
                                                    "statistics; logged as masked_rows)", group=LOSS)
@@ -105,23 +107,42 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     use_4bit: bool = flag(False, "4-bit NF4 base (with --finetune lora), e.g. Qwen3-4B on 24 GB", group=MEMORY)
     fit_check: bool = flag(True, "skip the check, made on CUDA before the model loads, that the memory ledger's "
                                  "peak fits the GPU's free memory (it names the settings that would fit)",
-                           name="--no_fit_check", group=MEMORY)
-    gradient_checkpointing: bool = flag(False, "recompute activations in backward", group=MEMORY)
+                           name="--no_fit_check", group=MEMORY, on_resume="may")
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward", group=MEMORY, on_resume="may")
     seed: int = flag(42, "seed for prompt order and sampling", low=0, group=RUN)
-    save_every: int = flag(50, "checkpoint every N steps (and at the end)", low=1, group=RUN)
+    save_every: int = flag(50, "checkpoint every N steps (and at the end)", low=1, group=RUN, on_resume="may")
     eval_every: int = flag(0, "held-out greedy accuracy every N steps and before the first (0: never)", low=0,
-                           group=RUN)
+                           group=RUN, on_resume="may")
     eval_samples: int = flag(100, "held-out problems (test split) per eval", low=1, group=RUN)
     eval_max_new_tokens: int | None = flag(None, "eval token limit (default: --max_completion_length)", low=1,
                                            group=RUN)
-    eval_batch_size: int = flag(32, "prompts per eval batch", low=1, group=RUN)
-    resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint", group=RUN)
-    overwrite: bool = flag(False, "replace whatever --grpo_output holds", group=RUN)
-    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN, text=DEVICE)
+    eval_batch_size: int = flag(32, "prompts per eval batch", low=1, group=RUN, on_resume="may")
+    resume: bool = flag(False, "continue the run in --grpo_output from its checkpoint with its own settings (its "
+                               "run_config.json); flags that would change the run are refused (docs/training.md)",
+                        group=RUN, on_resume="ignored")
+    overwrite: bool = flag(False, "replace whatever --grpo_output holds", group=RUN, on_resume="ignored")
+    device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", group=RUN, text=DEVICE,
+                              on_resume="may")
     show_progress: bool = flag(True, "a progress bar on a terminal, a line every tenth of the run elsewhere (the log "
-                                     "is written either way)", name="--no_progress", group=RUN)
+                                     "is written either way)", name="--no_progress", group=RUN, on_resume="may")
 
     RENAMED_FLAGS: ClassVar[dict] = {"--lora": ("finetune", "lora")}
+    RUN_FOLDER: ClassVar[str] = "grpo_output"  # the run's folder: --resume continues its run_config.json
+    RULES: ClassVar[tuple[Rule, ...]] = (  # settings that contradict each other, checked with the ranges
+        exclusive("resume", "overwrite", "--resume continues the run in --grpo_output, --overwrite replaces it; "
+                                         "give one"),
+        Rule(("reward", "overlong_cache", "max_completion_length"), lambda c: (
+            "overlong" in c.reward and c.overlong_cache >= c.max_completion_length
+            and f"--reward overlong with --overlong_cache {c.overlong_cache} >= --max_completion_length "
+                f"{c.max_completion_length} punishes every completion (its interval starts at the limit minus "
+                f"the cache); give --overlong_cache below --max_completion_length")),
+        Rule(("use_4bit", "finetune"), lambda c: c.use_4bit and not c.lora and (
+            "--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")),
+        Rule(("cuda_graphs", "device"), graphs_without_cuda),
+        Rule(("eval_dataset", "eval_every"), lambda c: c.eval_dataset and c.eval_every == 0 and (
+            "--eval_dataset is scored at each --eval_every, and GRPO evaluates only then: give --eval_every N "
+            "too")),
+    )
 
     @property
     def lora(self) -> bool:

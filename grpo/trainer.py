@@ -31,7 +31,7 @@ from grpo.record import step_record
 from grpo.step import grpo_step
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, use_cuda_graphs
-from training.run import Run, check_watch, run_data
+from training.run import Run, check_watch, restores_signals, run_data
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning
@@ -43,8 +43,6 @@ __all__ = ["LOG_NAME", "GRPOConfig", "train_grpo"]
 def _validate(cfg: GRPOConfig, dist: Dist, device: str) -> None:
     check(cfg)
     check_watch(cfg)
-    if cfg.use_4bit and not cfg.lora:
-        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; add --finetune lora")
     if cfg.prompts_per_step % dist.world_size:
         fail(f"--prompts_per_step {cfg.prompts_per_step} does not split across {dist.world_size} processes; "
              f"use a multiple of {dist.world_size} (a group of samples never spans processes)")
@@ -152,6 +150,7 @@ def _warning(record: dict[str, Any]) -> str:
             f"or use more --num_generations")
 
 
+@restores_signals
 def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any] | None = None,
                train_records: list[dict[str, Any]] | None = None,
                eval_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -179,9 +178,9 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         warn_thinking(fmt, cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_every > 0,
                       "GRPO's held-out evals")
     rewards = _rewards(cfg, reward_funcs, fmt.thinking)
-    train_records, eval_sets = run_data(cfg, train_records, eval_records)
     run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
               start_model=start_model)
+    train_records, eval_sets = run_data(cfg, train_records, eval_records)
     seed_everything(cfg.seed)
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))

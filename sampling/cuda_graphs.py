@@ -41,6 +41,17 @@ def use_cuda_graphs(choice: str | bool, device: str) -> bool:
     return cuda and choice == "auto"
 
 
+def graphs_without_cuda(cfg: Any) -> str | None:
+    """The rule (common/flags.py) of every --cuda_graphs flag beside a --device one: `on` needs the
+    device, or the default one, to be CUDA."""
+    from common.distributed import default_device
+
+    device = cfg.device or default_device()
+    if cfg.cuda_graphs == "on" and not str(device).startswith("cuda"):
+        return f"--cuda_graphs on needs a CUDA device, not {device}: use --cuda_graphs auto or --device cuda"
+    return None
+
+
 class CapturedStep:
     """What `capture` returns: `replay()` reruns the recorded kernels; `output` is where they write."""
 

@@ -26,7 +26,7 @@ from common.errors import fail
 from common.flags import check
 from common.run_files import now_iso, seed_everything
 from sft.config import SFTConfig
-from training.run import Run, check_watch, run_data
+from training.run import Run, check_watch, restores_signals, run_data
 
 LOG_NAME = "sft_training_logs.jsonl"
 
@@ -76,6 +76,7 @@ def sft_step(train_model: Any, batches: list[dict[str, Any]], dist: Dist, device
     return loss_total, target_tokens, tokens
 
 
+@restores_signals
 def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
               eval_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run SFT as configured; returns the final eval summary. The Python API: `train_records` /
@@ -90,8 +91,6 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
 
     check(cfg)
     check_watch(cfg)
-    if not cfg.lora and cfg.use_4bit:
-        fail("--use_4bit trains LoRA adapters on a frozen 4-bit base; use --finetune lora or drop --use_4bit")
     dist, device = current(), cfg.device or default_device()
     check_4bit(cfg.use_4bit, dist, device)
     fmt = resolve_format(cfg, cfg.model_name)  # before any model loads: a bad flag is one line

@@ -166,7 +166,7 @@ def _checkpointed_run(tmp_path, **overrides):
 
     cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path / "run"), max_steps=2, save_every=1,
                prompts_per_step=2, num_generations=2, micro_batch_size=4, max_completion_length=6, device="cpu",
-               beta=0.0, show_progress=False, seed=1)
+               beta=0.0, show_progress=False, seed=1, max_samples=16)  # 16 prompts: little to encode
     return train_grpo(GRPOConfig(**{**cfg, **overrides}))
 
 
@@ -229,7 +229,8 @@ def test_saved_models_are_readable_as_the_umask_says(tmp_path):
     finally:
         os.umask(old)
     out = tmp_path / "run"
-    for path in [out / "model.safetensors", out / "config.json", out / "checkpoint", out / "checkpoint" / "model.pt"]:
+    for path in [out / "model.safetensors", out / "config.json", out / "checkpoint",
+                 out / "checkpoint" / "model.safetensors"]:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
 
@@ -254,3 +255,87 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_tokenizer):
         evaluate(model, tiny_tokenizer, records, max_new_tokens=4, show_progress=False, max_prompt_length=5)
     record = _checkpointed_run(tmp_path, max_steps=1, max_prompt_length=60, max_samples=8)
     assert record["prompts_skipped"] > 0
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
+def test_an_output_folder_that_cannot_hold_the_run_is_one_line_naming_it(case, tmp_path, capsys, monkeypatch):
+    import models.loading
+
+    monkeypatch.setattr(models.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "file.txt").write_text("mine")
+    out, says = {"a file": (tmp_path / "file.txt", "is a file, not a folder"),
+                 "under a file": (tmp_path / "file.txt" / "run", f"cannot create it ({tmp_path / 'file.txt'} is a "
+                                                                 "file, not a folder)"),
+                 "not writable": (tmp_path / "locked" / "run", f"{tmp_path} is not writable by this user")}[case]
+    if case == "not writable":  # as root every folder is writable: the check is what is tested
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    for main, flag in ((train_grpo.main, "--grpo_output"), (train_sft.main, "--sft_output")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda m=main, f=flag: m(["--model_name", "tiny", "--dataset", "synthetic", f, str(out)]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {flag} {out}") and says in err, err
+    assert (tmp_path / "file.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_a_disk_full_while_checkpointing_is_one_line_and_the_last_checkpoint_resumes(tmp_path, monkeypatch):
+    calls = []
+    real = run_files.save_tensors
+
+    def full_on_the_second(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state, path)
+
+    monkeypatch.setattr(run_files, "save_tensors", full_on_the_second)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        _checkpointed_run(tmp_path, max_steps=3, save_every=1)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"cannot write {out / 'checkpoint'} (No space left on device)")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+    ckpt = out / "checkpoint"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 1  # step 1's, whole
+    assert run_files.safe_load(ckpt / "trainer_state.pt")["step"] == 1 and run_files.load_tensors(
+        ckpt / "model.safetensors", "cpu")
+    monkeypatch.setattr(run_files, "save_tensors", real)
+    assert _checkpointed_run(tmp_path, max_steps=3, save_every=1, resume=True)["step"] == 3
+
+
+class _Payload:
+    """What a tampered checkpoint would hold: unpickling it runs code (here: writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_tampered_checkpoint_is_refused_in_one_line_and_runs_no_code(tmp_path):
+    """Each file of a checkpoint replaced by one whose loading would run code: --resume refuses it, names it,
+    and the code never runs."""
+    import pickle
+
+    import torch
+
+    _checkpointed_run(tmp_path, max_steps=1)
+    marker, ckpt = tmp_path / "marker", tmp_path / "run" / "checkpoint"
+    for name, how in (("optimizer.pt", "torch.save"), ("scheduler.pt", "pickle"), ("trainer_state.pt", "torch.save"),
+                      ("model.safetensors", "pickle")):
+        good = (ckpt / name).read_bytes()
+        if how == "pickle":
+            (ckpt / name).write_bytes(pickle.dumps(_Payload(marker)))
+        else:
+            torch.save({"state": _Payload(marker)}, ckpt / name)
+        with pytest.raises(UserError) as info:
+            _checkpointed_run(tmp_path, max_steps=2, resume=True)
+        assert not marker.exists(), name
+        message = str(info.value)
+        assert "\n" not in message and str(ckpt) in message, message
+        assert "refusing to load" in message or "cannot read the weights" in message, message
+        (ckpt / name).write_bytes(good)
+    assert _checkpointed_run(tmp_path, max_steps=2, resume=True)["step"] == 2  # the untampered one resumes

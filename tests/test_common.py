@@ -166,3 +166,100 @@ def test_adamw_is_fused_on_cuda_only():
     assert adamw(params, "cuda", 1e-3).defaults["fused"] is True
     assert adamw(params, "cuda:1", 1e-3).defaults["fused"] is True
     assert not adamw(params, "cpu", 1e-3).defaults["fused"]
+
+
+RULE_CASES = [  # (CLI, argv, CUDA devices the machine has, the rule's flags, the error line's start)
+    ("train_grpo.py", ["--resume", "--overwrite"], 0, ("resume", "overwrite"), "--resume and --overwrite together"),
+    ("train_grpo.py", ["--reward", "numeric", "--reward", "overlong", "--overlong_cache", "64",
+                       "--max_completion_length", "8"], 0, ("reward", "overlong_cache", "max_completion_length"),
+     "--reward overlong with --overlong_cache 64 >= --max_completion_length 8 punishes every completion"),
+    ("train_grpo.py", ["--use_4bit"], 0, ("use_4bit", "finetune"), "--use_4bit trains LoRA adapters"),
+    ("train_grpo.py", ["--device", "cpu", "--cuda_graphs", "on"], 0, ("cuda_graphs", "device"),
+     "--cuda_graphs on needs a CUDA device, not cpu"),
+    ("train_grpo.py", ["--eval_dataset", "synthetic:add"], 0, ("eval_dataset", "eval_every"),
+     "--eval_dataset is scored at each --eval_every"),
+    ("train_grpo.py", ["--keep_best"], 0, ("keep_best", "eval_every"), "--keep_best picks the best model"),
+    ("train_grpo.py", ["--keep_snapshots", "2"], 0, ("keep_snapshots", "save_model_every"),
+     "--keep_snapshots keeps the newest of --save_model_every's snapshots"),
+    ("train_grpo.py", ["--device", "cuda"], 0, ("device",), "--device cuda: this machine has no CUDA device"),
+    ("train_grpo.py", ["--device", "cuda:3"], 1, ("device",),
+     "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+    ("train_grpo.py", ["--no_save", "--keep_best", "--eval_every", "1"], 0,
+     ("save_models", "push_to_hub", "keep_best", "save_model_every"), "--no_save writes no model, so --keep_best"),
+    ("train_sft.py", ["--no_save", "--save_model_every", "2"], 0,
+     ("save_models", "push_to_hub", "keep_best", "save_model_every"), "--no_save writes no model, so --save_model"),
+    ("train_sft.py", ["--resume", "--overwrite"], 0, ("resume", "overwrite"), "--resume and --overwrite together"),
+    ("train_sft.py", ["--finetune", "full", "--use_4bit"], 0, ("use_4bit", "finetune"),
+     "--use_4bit trains LoRA adapters"),
+    ("train_sft.py", ["--keep_best"], 0, ("keep_best", "eval_every"), "--keep_best picks the best model"),
+    ("train_sft.py", ["--keep_snapshots", "1"], 0, ("keep_snapshots", "save_model_every"), "--keep_snapshots keeps"),
+    ("train_sft.py", ["--device", "cuda:1"], 0, ("device",), "--device cuda:1: this machine has no CUDA device"),
+    ("train_grpo.py", ["--enable_thinking", "--chat_template_kwargs", '{"enable_thinking": false}'], 0,
+     ("enable_thinking", "chat_template_kwargs"), "--enable_thinking with --chat_template_kwargs"),
+    ("train_sft.py", ["--enable_thinking", "--chat_template_kwargs", '{"enable_thinking": false}'], 0,
+     ("enable_thinking", "chat_template_kwargs"), "--enable_thinking with --chat_template_kwargs"),
+    ("python -m eval", ["--model", "tiny", "--enable_thinking", "--chat_template_kwargs",
+                        '{"enable_thinking": false}'], 0, ("enable_thinking", "chat_template_kwargs"),
+     "--enable_thinking with --chat_template_kwargs"),
+    ("python -m eval", ["--model", "tiny", "--num_samples", "2"], 0, ("num_samples", "temperature"),
+     "--num_samples > 1 needs --temperature > 0"),
+    ("python -m eval", ["--model", "tiny", "--cuda_graphs", "--static_batches"], 0, ("cuda_graphs", "device"),
+     "--cuda_graphs on needs a CUDA device, not cpu"),
+    ("python -m eval", ["--model", "tiny", "--device", "cuda", "--cuda_graphs", "on"], 1,
+     ("cuda_graphs", "continuous"), "--continuous refills a batch's rows"),
+    ("python -m eval", ["--model", "tiny", "--device", "cuda:2"], 2, ("device",),
+     "--device cuda:2: this machine has 2"),
+]
+
+
+def _rule_mains():
+    import eval.__main__
+    import train_grpo
+    import train_sft
+
+    return {"train_grpo.py": train_grpo.main, "train_sft.py": train_sft.main, "python -m eval": eval.__main__.main}
+
+
+@pytest.mark.parametrize("cli,argv,gpus,flags,says", RULE_CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in RULE_CASES])
+def test_settings_that_contradict_each_other_stop_in_one_line_before_anything_loads(cli, argv, gpus, flags, says,
+                                                                                    capsys, monkeypatch, tmp_path):
+    import torch
+
+    import models.loading
+    from common.errors import run_cli
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written, even into the default output folders
+    monkeypatch.setattr(models.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: _rule_mains()[cli](argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {says}"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_rule_between_flags_has_a_case():
+    """Each rule the configs declare (and the device check of every --device flag) is a row above."""
+    from common.flags import rules_of
+    from eval.__main__ import EvalArgs
+
+    for cli, cls in (("train_grpo.py", GRPOConfig), ("train_sft.py", SFTConfig), ("python -m eval", EvalArgs)):
+        declared = {r.flags for r in rules_of(cls)}
+        covered = {flags for c, _, _, flags, _ in RULE_CASES if c == cli}
+        assert declared == covered, (cli, declared ^ covered)
+
+
+def test_the_flags_that_may_change_on_resume_are_the_ones_the_docs_list():
+    """Each flag declared on_resume="may" is named in docs/training.md's resume section, and no other."""
+    import re
+
+    from common.flags import _fields, flag_name
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Resume and interrupt"):]
+    listed = set(re.findall(r"`(--[a-z_0-9]+)`", section[section.index("may change on resume"):
+                                                         section.index("What changed is printed")]))
+    may = {flag_name(f.name, meta) for cls in (GRPOConfig, SFTConfig) for f, meta, _ in _fields(cls)
+           if meta["on_resume"] == "may"}
+    assert may == listed, may ^ listed

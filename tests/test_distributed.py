@@ -126,7 +126,7 @@ def test_torchrun_grpo_cli_writes_one_log_one_checkpoint_one_model(tmp_path):
 
     with pytest.raises(UserError, match="written by 2 process"):
         train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", max_steps=5, grpo_output=str(out),
-                              resume=True, device="cpu", show_progress=False))
+                              max_completion_length=24, resume=True, device="cpu", show_progress=False))
 
 
 @pytest.mark.slow  # 10-12 s: two processes under torchrun, end to end

@@ -83,3 +83,170 @@ def test_no_save_writes_nothing_and_refuses_what_would_keep_a_model(tmp_path):
                         (dict(save_model_every=1), "--save_model_every"), (dict(push_to_hub="me/x"), "--push_to_hub")):
         with pytest.raises(UserError, match=f"^--no_save writes no model, so {name}"):
             train_grpo(_cfg(tmp_path / "b", save_models=False, **extra))
+# --- a run is its run_config.json: --resume continues it with its own settings ---
+
+# a tiny run: 16 prompts (few to encode), completions of at most 6 tokens
+GRPO_ARGS = ["--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "2", "--prompts_per_step", "2",
+             "--num_generations", "2", "--micro_batch_size", "4", "--max_completion_length", "6", "--beta", "0",
+             "--learning_rate", "5e-3", "--reward", "numeric", "--reward", "tests.test_run:shorter", "--seed", "3",
+             "--save_every", "1", "--max_samples", "16", "--no_progress", "--device", "cpu"]
+
+
+def _cli(main, argv, capsys):
+    """(exit code, stdout, stderr) of a CLI run in this process, as run_cli runs it."""
+    from common.errors import run_cli
+
+    try:
+        run_cli(lambda: main(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_bare_resume_continues_the_run_with_its_own_settings(tmp_path, capsys):
+    import train_grpo
+
+    out = tmp_path / "run"
+    assert _cli(train_grpo.main, GRPO_ARGS + ["--grpo_output", str(out)], capsys)[0] == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    # only a setting that may change on resume is given: the rest is the run's own, not the defaults
+    code, stdout, _ = _cli(train_grpo.main, ["--resume", "--grpo_output", str(out), "--max_steps", "3"], capsys)
+    assert code == 0
+    assert "resuming" in stdout and "at step 2/3 (changed: --max_steps 2 -> --max_steps 3)" in stdout
+    log = [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3] and log[-1]["kl"] == 0.0  # beta 0 as saved, not the default 0.01
+    assert any(k.startswith("reward_") and "shorter" in k for k in log[-1])  # both saved rewards, not numeric alone
+    now = json.loads((out / "run_config.json").read_text())
+    assert now == {**saved, "max_steps": 3}  # the run's config says what it trained with
+    resumes = [json.loads(x) for x in (out / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["changed"]) for r in resumes] == [(2, {"max_steps": [2, 3]})]
+
+
+def test_resume_refuses_settings_that_would_change_the_run_in_one_line(tmp_path, capsys):
+    import train_grpo as grpo_cli
+    import train_sft
+
+    out = tmp_path / "run"
+    assert _cli(grpo_cli.main, GRPO_ARGS + ["--grpo_output", str(out)], capsys)[0] == 0
+    before = (out / LOG_NAME).read_text()
+    code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(out), "--beta", "0.04",
+                                          "--max_completion_length", "8", "--eval_every", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--beta 0.04 (saved: --beta 0.0)" in err and "--max_completion_length 8 (saved: --max_completion_length 6)" \
+        in err and "eval_every" not in err  # --eval_every may change on resume
+    assert (out / LOG_NAME).read_text() == before and not (out / "resumes.jsonl").exists()
+    # the Python API too: a config that differs from the saved one stops before anything loads
+    from common.flags import read_run_config
+
+    saved = read_run_config(str(out), GRPOConfig, "--grpo_output")
+    with pytest.raises(UserError, match=r"^--resume continues the run saved in .*; --seed 4 \(saved: --seed 3\) would"):
+        train_grpo(GRPOConfig(**{**saved, "seed": 4, "resume": True}))
+    code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(out), "--max_steps", "1"], capsys)
+    assert code == 2 and "--max_steps 1 is below the checkpoint's step 2" in err, err
+    # no run there, and SFT's the same way
+    code, _, err = _cli(grpo_cli.main, ["--resume", "--grpo_output", str(tmp_path / "none")], capsys)
+    assert code == 2 and "holds no run to resume" in err
+    sft = tmp_path / "sft"
+    sft_args = ["--model_name", "tiny", "--dataset", "synthetic", "--max_steps", "1", "--batch_size", "4",
+                "--max_samples", "16", "--eval_samples", "2", "--eval_max_new_tokens", "4", "--no_progress",
+                "--device", "cpu", "--sft_output", str(sft)]
+    assert _cli(train_sft.main, sft_args, capsys)[0] == 0
+    code, _, err = _cli(train_sft.main, ["--resume", "--sft_output", str(sft), "--learning_rate", "1"], capsys)
+    assert code == 2 and "--learning_rate 1.0 (saved: --learning_rate 0.0002)" in err
+    code, stdout, _ = _cli(train_sft.main, ["--resume", "--sft_output", str(sft), "--max_steps", "2"], capsys)
+    assert code == 0 and "at step 1/2" in stdout
+    assert [json.loads(x)["step"] for x in (sft / "sft_training_logs.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# --- an interrupt keeps the work ---
+
+INTERRUPT = {"at": None}  # the step (1-based) during whose rollout shorter_interrupted sends SIGINT to this process
+
+
+def shorter_interrupted(completions, trainer_state, **kwargs):
+    """`shorter`, and Ctrl-C as a user presses it while the step INTERRUPT names is under way."""
+    import os
+    import signal
+
+    if INTERRUPT["at"] == trainer_state.global_step + 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return shorter(completions)
+
+
+def _weights_and_log(out):
+    import hashlib
+
+    from common.run_files import is_measured
+
+    log = [{k: v for k, v in json.loads(x).items() if not is_measured(k)}
+           for x in (out / LOG_NAME).read_text().splitlines()]
+    return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(), log
+
+
+def test_ctrl_c_before_the_first_checkpoint_keeps_the_work_and_a_bare_resume_ends_bit_identical(tmp_path, capsys):
+    import train_grpo as grpo_cli
+
+    args = [a for a in GRPO_ARGS if a not in ("--save_every", "1")] + ["--max_steps", "4"]  # default: every 50
+    args[args.index("tests.test_run:shorter")] = "tests.test_run:shorter_interrupted"
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert _cli(grpo_cli.main, args + ["--grpo_output", str(straight)], capsys)[0] == 0
+    INTERRUPT["at"] = 2
+    try:
+        code, _, err = _cli(grpo_cli.main, args + ["--grpo_output", str(out)], capsys)
+    finally:
+        INTERRUPT["at"] = None
+    assert code == 130
+    assert "SIGINT: stopping after this step" in err
+    assert (f"interrupted (SIGINT) after step 2/4; checkpoint in {out / 'checkpoint'}. Resume with: python "
+            f"train_grpo.py --resume --grpo_output {out}") in err, err
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert [json.loads(x)["step"] for x in (out / LOG_NAME).read_text().splitlines()] == [1, 2]
+    assert _cli(grpo_cli.main, ["--resume", "--grpo_output", str(out)], capsys)[0] == 0  # the command it printed
+    assert _weights_and_log(out) == _weights_and_log(straight)
+
+
+def test_a_second_signal_leaves_at_once_and_the_handlers_are_put_back():
+    import os
+    import signal
+
+    from training.run import StopSignals, restores_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignals()
+
+    @restores_signals
+    def train():
+        stop.listen()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"  # the first: the step goes on
+        os.kill(os.getpid(), signal.SIGINT)  # the second: out at once
+        pytest.fail("still running after the second signal")
+
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_under_torchrun_the_agents_forwarded_signal_is_not_a_second_one(monkeypatch):
+    import os
+    import signal
+
+    from training.run import StopSignals, restores_signals
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched by torchrun, as common.distributed tells it
+    stop = StopSignals()
+
+    @restores_signals
+    def train():
+        stop.listen()
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun passing the same on, at once: the step goes on
+        assert stop.requested == "SIGINT"
+        stop.first_at -= StopSignals.FORWARDED_S  # a person pressing again, later: out at once
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("still running after a second Ctrl-C")
+
+    with pytest.raises(KeyboardInterrupt):
+        train()

@@ -6,18 +6,28 @@ save (LoRA adapter, merged model + tokenizer in HF format). Rank 0 alone writes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import shlex
 import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from common.distributed import Dist
+from common.errors import Interrupted, fail
+from common.flags import read_run_config, resume_changes, shown
 from common.run_files import (
+    CHECKPOINT,
     RUN_CONFIG,
     JsonlLog,
     atomic_dir,
     atomic_files_into,
     load_checkpoint,
+    now_iso,
     prepare_output_dir,
     rng_state,
     save_checkpoint,
@@ -51,7 +61,66 @@ class Progress:
         self.bar.close()
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while a run trains (from `listen()`): the first lets the step in
+    progress finish, then `Run.checkpoint` saves and stops the run; a second leaves at once
+    (KeyboardInterrupt, losing the steps since the last checkpoint). The handlers are put back by
+    `restores_signals`, which wraps each trainer."""
+
+    FORWARDED_S = 1.0  # under torchrun, a signal this soon after the first is the agent forwarding it: the same one
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.first_at = 0.0
+
+    def listen(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach Python's main thread only: a run in another thread keeps the default
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import time
+
+        from common.distributed import launched_by_torchrun
+
+        if self.requested is not None:
+            # torchrun's agent passes the Ctrl-C it got on to its workers, which got the terminal's too
+            if launched_by_torchrun() and time.monotonic() - self.first_at < self.FORWARDED_S:
+                return
+            raise KeyboardInterrupt
+        self.requested, self.first_at = signal.Signals(signum).name, time.monotonic()
+        print(f"\n{self.requested}: stopping after this step, with a checkpoint (again to leave at once, losing "
+              f"the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    def agreed(self, dist: Dist, device: str) -> bool:
+        """Whether any rank was asked to stop (every rank answers the same, so all save and stop together)."""
+        if not dist.enabled:
+            return self.requested is not None
+        import torch
+
+        asked = dist.all_reduce(torch.tensor(float(self.requested is not None), device=device), "max").item() > 0
+        self.requested = self.requested or ("a signal to another process" if asked else None)
+        return asked
+
+
+def restores_signals(train: Callable[..., Any]) -> Callable[..., Any]:
+    """`train` with the SIGINT/SIGTERM handlers it found put back when it returns or raises."""
+    @functools.wraps(train)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            return train(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                if handler is not None:  # None: set outside Python, cannot be put back from here
+                    signal.signal(sig, handler)
+    return wrapped
+
+
 COMPLETIONS = "completions.jsonl"
+RESUMES = "resumes.jsonl"  # one line per --resume: the step it continued from, the settings that changed
 VALIDATION = "validation"  # --keep_best's held-back training problems: logged as eval_validation_*
 BEST = "best.json"  # in <out>/best: the step and validation accuracy of the model kept there
 
@@ -64,21 +133,13 @@ def read_best(out: Path) -> dict[str, Any] | None:
 
 
 def check_watch(cfg: Any) -> None:
-    """The watch flags (training/flags.py) both trainers check before any model loads, one line each."""
-    from common.errors import fail
+    """The watch flags (training/flags.py) both trainers check before any model loads, one line each (their
+    rules between flags are WatchFlags.RULES, checked with the ranges)."""
     from models.push import check_push
     from training.trackers import check as check_trackers
 
-    if not cfg.save_models:
-        kept = [name for name, on in (("--push_to_hub", cfg.push_to_hub), ("--keep_best", cfg.keep_best),
-                                      ("--save_model_every", cfg.save_model_every)) if on]
-        if kept:
-            fail(f"--no_save writes no model, so {' and '.join(kept)} would have nothing to keep; drop one or the "
-                 f"other")
     check_trackers(cfg.report_to)
     check_push(cfg.push_to_hub)
-    if cfg.keep_best and cfg.eval_every == 0:
-        fail("--keep_best picks the best model at each held-out eval; give --eval_every N too")
 
 
 def run_data(cfg: Any, train_rows: list[Any] | None, eval_rows: list[Any] | None) -> tuple[list[Any],
@@ -106,6 +167,10 @@ class Run:
         self.completions: JsonlLog | None = None
         self.trackers: Trackers | None = None
         self.config = {"stage": stage, **config_extra, **dataclasses.asdict(cfg), "world_size": dist.world_size}
+        self.flag, self.stage, self.stop = flag, stage, StopSignals()
+        # --resume continues the run as saved: a setting that would change it stops here, before any loading
+        self.changes = resume_changes(cfg, read_run_config(out, type(cfg), flag), str(self.out / RUN_CONFIG)) \
+            if cfg.resume else {}
 
         def prepare() -> None:
             prepare_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite, flag=flag)
@@ -116,12 +181,20 @@ class Run:
 
     def start(self, model: Any, optimizer: Any, scheduler: Any, lora: bool, device: str, total_steps: int) -> int:
         """The step to start from (the checkpoint's with --resume, else 0); opens the log (cut back to it)."""
-        step = 0
+        step, self.device = 0, device
+        self.stop.listen()
         if self.cfg.resume:
             step = load_checkpoint(self.out, model, optimizer, scheduler, lora, device, self.dist.rank,
                                    self.dist.world_size)
+            if step > total_steps:
+                fail(f"--max_steps {total_steps} is below the checkpoint's step {step} in {self.out}: give at least "
+                     f"{step}")
             if self.dist.is_main:
-                print(f"resuming {self.out} at step {step}/{total_steps}")
+                self._record_resume(step)
+                changed = ", ".join(f"{shown(type(self.cfg), k, a)} -> {shown(type(self.cfg), k, b)}"
+                                    for k, (a, b) in self.changes.items())
+                print(f"resuming {self.out} at step {step}/{total_steps}"
+                      + (f" (changed: {changed})" if changed else ""))
         if self.dist.is_main:
             resumed = step if self.cfg.resume else None
             self.log = JsonlLog(self.out / self.log_name, resume_step=resumed)
@@ -130,6 +203,17 @@ class Run:
             self.trackers = Trackers(self.cfg.report_to, Path(self.cfg.logging_dir or self.out / "tracker"),
                                      self.cfg.run_name or self.out.resolve().name, self.config, resumed, self.out)
         return step
+
+    def _record_resume(self, step: int) -> None:
+        """The resumed run's files say what it trains with: run_config.json takes the settings that changed
+        (`self.changes`, each allowed by its flag's on_resume), and resumes.jsonl keeps one line per resume:
+        the step it continued from and each change, {field: [saved, now]}."""
+        if self.changes:
+            saved = json.loads((self.out / RUN_CONFIG).read_text())
+            write_json(self.out / RUN_CONFIG, {**saved, **{k: self.config[k] for k in self.changes}})
+        log = JsonlLog(self.out / RESUMES)
+        log.write({"timestamp_iso": now_iso(), "step": step, "changed": {k: list(v) for k, v in self.changes.items()}})
+        log.close()
 
     def write(self, record: dict[str, Any]) -> None:
         """One line of the JSONL log, and its numbers to the trackers."""
@@ -186,11 +270,23 @@ class Run:
     def checkpoint(self, step: int, total_steps: int, model: Any, optimizer: Any, scheduler: Any,
                    lora: bool) -> None:
         """Every `save_every` steps and at the last: everything --resume needs, atomically (never with
-        --no_save)."""
-        if self.cfg.save_models and (step % self.cfg.save_every == 0 or step == total_steps):
+        --no_save). After a SIGINT/SIGTERM (`StopSignals`) also now, and then the run stops (`Interrupted`),
+        saying how to resume."""
+        stopping = self.stop.agreed(self.dist, self.device)
+        if self.cfg.save_models and (step % self.cfg.save_every == 0 or step == total_steps or stopping):
             rng_states = self.dist.gather_objects(rng_state())
             if self.dist.is_main:
                 save_checkpoint(self.out, model, optimizer, scheduler, step, total_steps, lora, rng_states)
+        if stopping and step < total_steps:  # at the last step the run ends as it would have: saved whole
+            self.close()
+            launcher = f"torchrun --nproc_per_node {self.dist.world_size} " if self.dist.world_size > 1 else "python "
+            if not self.cfg.save_models:
+                raise Interrupted("" if not self.dist.is_main else f"interrupted ({self.stop.requested}) after step "
+                                  f"{step}/{total_steps}; --no_save: nothing to resume from")
+            raise Interrupted("" if not self.dist.is_main else
+                              f"interrupted ({self.stop.requested}) after step {step}/{total_steps}; checkpoint in "
+                              f"{self.out / CHECKPOINT}. Resume with: {launcher}train_{self.stage}.py --resume "
+                              f"{self.flag} {shlex.quote(str(self.out))}")
 
     def close(self) -> None:
         for log in (self.log, self.completions):
