@@ -78,12 +78,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from common.distributed import distributed_run
     from data import load_records
-    from data.prompt import resolve_format, warn_thinking
+    from data.prompt import check_thinking, resolve_format, warn_thinking
     from eval.evaluate import evaluate, write_results
-    from models import load_model_and_tokenizer
+    from models import load_model_and_tokenizer, load_tokenizer
     from sampling.cuda_graphs import use_cuda_graphs
 
     fmt = resolve_format(args, args.model)
+    check_thinking(fmt, args.model, load_tokenizer)
     warn_thinking(fmt, args.max_new_tokens, args.temperature <= 0, "eval")
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
     shots, shot_indices = fewshot(args)
