@@ -10,8 +10,9 @@ Every reward is called with keyword arguments only, as TRL's GRPOTrainer does:
   `--reward_format messages` its chat messages (system prompt, few-shot turns, the question).
 - `completion_ids`: each completion's token ids, without padding.
 - `columns`: every column of the records, one entry per completion (repeated over a group): `question`,
-  `answer` (the final answer), `solution` (None for answer-only data), the dataset's other columns, and
-  `truncated` (True where the completion hit the length limit).
+  `answer` (the final answer), `solution` (None for answer-only data), every column of the dataset under
+  its own name (`--answer_field final`: `final` too, as written), and `truncated` (True where the
+  completion hit the length limit).
 - `trainer_state`: `.global_step` (updates done), `.max_steps`, `.epoch`.
 
 So TRL-style rewards (`def f(completions, **kwargs)`, `def f(prompts, completions, answer, **kwargs)`)

@@ -149,16 +149,17 @@ def test_an_answer_only_csv_trains_two_grpo_steps_and_evaluates(tmp_path):
     assert json.loads((out / "eval" / "eval_summary.json").read_text())["num_questions"] == 4
 
 
-def test_a_custom_reward_module_gets_the_right_columns(tmp_path, monkeypatch):
+def test_a_custom_reward_module_gets_every_column_under_its_dataset_name(tmp_path, monkeypatch):
     from grpo.trainer import GRPOConfig, train_grpo
 
     seen = tmp_path / "seen.json"
     (tmp_path / "my_rewards.py").write_text(f'''
 import json
 
-def by_level(completions, answer, level, truncated, **columns):
+def by_level(completions, answer, level, truncated, target, problem, question, **columns):
     json.dump({{"n": len(completions), "answer": answer, "level": level, "truncated": truncated,
-               "others": sorted(columns)}}, open({str(seen)!r}, "w"))
+               "target": target, "same_question": problem == question, "others": sorted(columns)}},
+              open({str(seen)!r}, "w"))
     return [0.5 * float(lv) for lv in level]
 ''')
     monkeypatch.chdir(tmp_path)
@@ -173,7 +174,8 @@ def by_level(completions, answer, level, truncated, **columns):
     assert got["n"] == 4 and len(got["level"]) == 4 and got["level"][0] == got["level"][1]  # a group's rows
     assert set(got["level"]) <= {"0", "1", "2"} and set(got["answer"]) <= {r["answer"] for r in train}
     assert len(got["truncated"]) == 4
-    assert got["others"] == ["completion_ids", "prompts", "question", "solution", "trainer_state"]
+    assert got["target"] == got["answer"] and got["same_question"]  # the columns under their own names too
+    assert got["others"] == ["completion_ids", "prompts", "solution", "trainer_state"]
     assert "reward_by_level_mean" in record
 
 
