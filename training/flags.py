@@ -18,7 +18,7 @@ class WatchFlags:
                                 group=WATCH)
     logging_dir: str | None = flag(None, "where the trackers write (default: <output folder>/tracker)", group=WATCH)
     push_to_hub: str | None = flag(None, "upload the final model and its model card to this hub repository "
-                                         "(NAMESPACE/NAME; the token and name are checked before training)",
+                                         "(NAMESPACE/NAME; name, token and the hub's reach checked before training)",
                                    group=WATCH)
     save_model_every: int = flag(0, "keep a loadable model (LoRA merged) every N steps in snapshots/step_<N> "
                                     "(0: only the final one)", low=0, group=KEEP)
