@@ -40,8 +40,8 @@ class EvalArgs(DataFlags):
     seed: int = flag(0, "sampling seed", low=0)
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
     device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)", text=DEVICE)
-    cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA, without "
-                                    "--continuous), on (CUDA only; alone, --cuda_graphs is on) or off",
+    cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA with "
+                                    "--static_batches), on (CUDA only; alone, --cuda_graphs is on) or off",
                             choices=CUDA_GRAPHS, bare="on")
     continuous: bool = flag(True, "continuous batching: rows take the next prompt as soon as their completion ends "
                                   "(off: static batches of --batch_size prompts)", name="--static_batches")
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         graphs = use_cuda_graphs(args.cuda_graphs, device) and not (args.continuous and args.cuda_graphs == "auto")
         if graphs and args.continuous:
-            fail("--continuous refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or --continuous")
+            fail("continuous batching refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or pass "
+                 "--static_batches")
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
         torch.manual_seed(args.seed + dist.rank)
         summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,

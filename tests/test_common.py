@@ -166,3 +166,31 @@ def test_adamw_is_fused_on_cuda_only():
     assert adamw(params, "cuda", 1e-3).defaults["fused"] is True
     assert adamw(params, "cuda:1", 1e-3).defaults["fused"] is True
     assert not adamw(params, "cpu", 1e-3).defaults["fused"]
+
+
+HELP_CLIS = ["train_sft", "train_grpo", "train", "eval.__main__", "visualize_logs", "models.__main__", "models.push",
+             "benchmarks.rollout", "benchmarks.step", "benchmarks.prompt_sharing", "benchmarks.trl_step",
+             "benchmarks.summary"]
+# flags a help may name that are not its own: torchrun's, and a stage's that train.py / models.push speak of
+OTHER_TOOLS_FLAGS = {"--help", "--nproc_per_node", "--standalone", "--beta", "--push_to_hub"}
+
+
+@pytest.mark.parametrize("cli", HELP_CLIS)
+def test_help_names_only_flags_that_exist_and_prints_examples_as_written(cli, capsys):
+    """Each CLI's --help: every flag it names is one it takes (eval's once named a `--continuous` that is
+    `--static_batches`), an example's line continuation prints as written (not joined into one line by a
+    docstring's backslash), and one group holds the data flags."""
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(cli).main(["--help"])
+    text = capsys.readouterr().out
+    own = set(re.findall(r"^\s+(--[a-z_0-9]+)", text, re.M)) | set(re.findall(r"\[(--[a-z_0-9]+)", text))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z_0-9]+", text))
+    assert named - own - OTHER_TOOLS_FLAGS == set()
+    for line in text.splitlines():
+        if line.lstrip().startswith(("python", "torchrun")):
+            assert not re.search(r"\S {4,}--", line), line  # a continuation joined into one line
+    titles = [t for t in re.findall(r"^(\S[^\n]*):$", text, re.M) if "data" in t]
+    assert len(titles) <= 1, titles
