@@ -16,7 +16,8 @@ class WatchFlags:
                                       group=WATCH)
     run_name: str | None = flag(None, "the run's name in the tracker (default: the output folder's name)",
                                 group=WATCH)
-    logging_dir: str | None = flag(None, "where the trackers write (default: <output folder>/tracker)", group=WATCH)
+    logging_dir: str | None = flag(None, "where the trackers write (default: <output folder>/tracker, or "
+                                         "W&B's $WANDB_DIR)", group=WATCH)
     push_to_hub: str | None = flag(None, "upload the final model and its model card to this hub repository "
                                          "(NAMESPACE/NAME; name, token and the hub's reach checked before training)",
                                    group=WATCH)
