@@ -194,3 +194,19 @@ def test_help_names_only_flags_that_exist_and_prints_examples_as_written(cli, ca
             assert not re.search(r"\S {4,}--", line), line  # a continuation joined into one line
     titles = [t for t in re.findall(r"^(\S[^\n]*):$", text, re.M) if "data" in t]
     assert len(titles) <= 1, titles
+
+
+def test_a_second_run_into_the_same_folder_names_the_flags_and_the_python_keywords(tmp_path):
+    """The README's Python example run twice: the refusal names overwrite=True, not only --overwrite."""
+    from common.run_files import RUN_CONFIG, prepare_output_dir
+
+    out = tmp_path / "run"
+    prepare_output_dir(out, resume=False, overwrite=False, flag="--grpo_output")
+    (out / RUN_CONFIG).write_text("{}")
+    (out / "model.safetensors").write_text("")
+    with pytest.raises(UserError, match=r"^--grpo_output .* already holds another run; pass --resume to continue "
+                                        r"it, --overwrite to replace it, or choose another --grpo_output \(from "
+                                        r"Python: resume=True, overwrite=True or another grpo_output\)$"):
+        prepare_output_dir(out, resume=False, overwrite=False, flag="--grpo_output")
+    prepare_output_dir(out, resume=False, overwrite=True, flag="--grpo_output")
+    assert list(out.iterdir()) == []
