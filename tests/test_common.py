@@ -210,3 +210,20 @@ def test_a_second_run_into_the_same_folder_names_the_flags_and_the_python_keywor
         prepare_output_dir(out, resume=False, overwrite=False, flag="--grpo_output")
     prepare_output_dir(out, resume=False, overwrite=True, flag="--grpo_output")
     assert list(out.iterdir()) == []
+
+
+def test_the_readme_training_commands_parse_as_written():
+    """Every `train_sft.py` / `train_grpo.py` command in the README's code blocks (continuations joined)
+    is accepted by its CLI's flags: an example never names a flag that does not exist."""
+    import re
+    import shlex
+
+    from common.flags import parse_flags
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines()
+                if re.match(r"\.venv/bin/python train_(sft|grpo)\.py ", line) and "..." not in line]
+    assert len(commands) >= 2
+    for command in commands:
+        words = shlex.split(command)
+        parse_flags(SFTConfig if words[1] == "train_sft.py" else GRPOConfig, words[2:], None)
