@@ -135,7 +135,7 @@ def _numbers(value: Any) -> list[float]:
     return []
 
 
-@pytest.mark.slow  # ~10 runs of 2 steps on tiny, a few minutes on 2 cores
+@pytest.mark.slow  # 10 runs of 2 steps on tiny: 598 s on the 2-core VM shared with other jobs (dev/LOG.md)
 @pytest.mark.parametrize("row", ROWS, ids=[f"run{i}" for i in range(len(ROWS))])
 def test_every_pair_of_features_trains_replays_loads_and_evaluates(tmp_path, row, capsys, monkeypatch):
     import eval.__main__
