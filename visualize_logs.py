@@ -1,4 +1,4 @@
-"""Plot a training log: losses.png, rewards.png, timing.png, tokens.png, and a console summary; or
+r"""Plot a training log: losses.png, rewards.png, timing.png, tokens.png, and a console summary; or
 several runs on one figure (compare.png) to see which is better.
 
     python visualize_logs.py --log_file ./qwen_gsm8k_grpo/grpo_training_logs.jsonl --output ./plots

@@ -40,7 +40,7 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -
         if not overwrite:
             what = "another run" if has_run else "other files"
             fail(f"{flag} {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
-                 f"or choose another {flag}")
+                 f"or choose another {flag} (from Python: resume=True, overwrite=True or another {flag[2:]})")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,24 @@ def thinking_fields(spans: Sequence[tuple[int, bool]]) -> dict[str, float]:
     n = max(1, len(spans))
     return {"thinking_tokens_mean": sum(t for t, _ in spans) / n,
             "thinking_closed_rate": sum(closed for _, closed in spans) / n}
+
+
+def check_thinking(fmt: PromptFormat, model: str, load_tokenizer: Callable[[str], Any]) -> None:
+    """With thinking on, `model`'s chat template must render a thinking mode: a prompt that differs from
+    its non-thinking one (Qwen3's leaves the `<think>` block open). A template that ignores
+    `enable_thinking` (most non-Qwen chat models) renders the same prompt either way; the model then never
+    writes `</think>`, every answer is read as missing and every reward is 0, so this stops in one line.
+    Checked before any data or model loads; the tokenizer is loaded (`load_tokenizer(model)`) only when
+    thinking is on."""
+    if not fmt.thinking:
+        return
+    tokenizer = load_tokenizer(model)
+    off = replace(fmt, chat_template_kwargs={**fmt.chat_template_kwargs, "enable_thinking": False})
+    if render_prompt(tokenizer, "1 + 1?", fmt=fmt) == render_prompt(tokenizer, "1 + 1?", fmt=off):
+        fail(f"thinking is on (--enable_thinking) but {model}'s chat template has no thinking mode (it renders "
+             f"the same prompt with enable_thinking on and off), so no answer would follow a </think> and every "
+             f"reward would be 0; drop --enable_thinking (and enable_thinking from --chat_template_kwargs), or use "
+             f"a model whose template thinks (Qwen3)")
 
 
 def warn_thinking(fmt: PromptFormat, max_new_tokens: int, greedy: bool, stage: str) -> None:

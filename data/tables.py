@@ -21,6 +21,7 @@ from data.gsm8k import Record, final_answer
 from rewards import parse_number
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+CANONICAL = ("question", "answer", "solution")  # a record's own names; a column under one is not repeated
 HELDOUT_SHARE = 0.1  # of the rows, when there is no test file
 SPLIT_SEED = 20240601  # fixed, so every stage and every --seed holds out the same rows
 _said: set[str] = set()  # held-out messages already printed by this process
@@ -106,8 +107,9 @@ def to_records(rows: list[dict[str, Any]], fields: Fields, source: str) -> list[
         if fields.solution != fields.answer:
             cell = row.get(fields.solution)
             solution = cell.strip() if isinstance(cell, str) and "####" in cell else None
-        used = {fields.question, fields.answer, fields.solution}
-        columns = {k: v for k, v in row.items() if k not in used}
+        # every column reaches the rewards under its dataset name, as TRL passes them (`--answer_field final`
+        # with `def r(completions, final, **kw)`); the canonical question/answer/solution are set apart
+        columns = {k: v for k, v in row.items() if k not in CANONICAL}
         records.append({"question": question, "answer": answer, "solution": solution, "columns": columns})
     return records
 

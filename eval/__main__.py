@@ -41,8 +41,8 @@ class EvalArgs(DataFlags):
     seed: int = flag(0, "sampling seed", low=0)
     output: str | None = flag(None, "folder for eval_summary.json and eval_predictions.jsonl")
     device: str | None = flag(None, "cpu, cuda ... (default: cuda when available)", text=DEVICE)
-    cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA, without "
-                                    "--continuous), on (CUDA only; alone, --cuda_graphs is on) or off",
+    cuda_graphs: str = flag("auto", "replay the decode step from CUDA graphs: auto (on CUDA with "
+                                    "--static_batches), on (CUDA only; alone, --cuda_graphs is on) or off",
                             choices=CUDA_GRAPHS, bare="on")
     continuous: bool = flag(True, "continuous batching: rows take the next prompt as soon as their completion ends "
                                   "(off: static batches of --batch_size prompts)", name="--static_batches")
@@ -53,7 +53,8 @@ class EvalArgs(DataFlags):
             "--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)")),
         Rule(("cuda_graphs", "device"), lambda c: _graphs_without_cuda(c)),
         Rule(("cuda_graphs", "continuous"), lambda c: c.cuda_graphs == "on" and c.continuous and (
-            "--continuous refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or --continuous")),
+            "continuous batching refills a batch's rows, which CUDA graphs cannot: drop --cuda_graphs on or pass "
+            "--static_batches")),
     )
 
 
@@ -91,12 +92,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from common.distributed import distributed_run
     from data import load_records
-    from data.prompt import resolve_format, warn_thinking
+    from data.prompt import check_thinking, resolve_format, warn_thinking
     from eval.evaluate import evaluate, write_results
-    from models import load_model_and_tokenizer
+    from models import load_model_and_tokenizer, load_tokenizer
     from sampling.cuda_graphs import use_cuda_graphs
 
     fmt = resolve_format(args, args.model)
+    check_thinking(fmt, args.model, load_tokenizer)
     warn_thinking(fmt, args.max_new_tokens, args.temperature <= 0, "eval")
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
     shots, shot_indices = fewshot(args)

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from common.flags import CUDA_GRAPHS, DEVICE, FINETUNE, FINETUNE_HELP, Rule, exclusive, flag
 from common.schedule import LR_DECAYS
+from data.flags import DATA as DATA_GROUP
 from data.flags import TrainDataFlags
 from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, ROLLOUT_CORRECTIONS, SCALES
@@ -14,7 +15,7 @@ from rewards.functions import BUILTIN_HELP, OVERLONG_CACHE, REWARD_FORMATS
 from sampling.cuda_graphs import graphs_without_cuda
 from training.flags import WatchFlags
 
-DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and data", "length of the run", "rollout", "loss and optimizer",
+DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and output", "length of the run", "rollout", "loss and optimizer",
                                             "memory", "run")
 
 
@@ -23,7 +24,7 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     sft_output: str = flag("./qwen_gsm8k_sft", "SFT model folder to start from", group=DATA)
     model_name: str | None = flag(None, "start from this instead: hub id, folder, or `tiny`", group=DATA)
     grpo_output: str = flag("./qwen_gsm8k_grpo", "output folder: model, checkpoint, logs", group=DATA)
-    max_samples: int | None = flag(None, "use only the first N training prompts", low=1, group=DATA)
+    max_samples: int | None = flag(None, "use only the first N training prompts", low=1, group=DATA_GROUP)
     max_steps: int | None = flag(None, "optimizer steps (rollouts); overrides --num_epochs", low=1, group=LENGTH,
                                  on_resume="may")
     num_epochs: float = flag(1.0, "passes over the prompts when --max_steps is unset", above=0, group=LENGTH)

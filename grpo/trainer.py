@@ -165,14 +165,15 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     (tests, the DDP check)."""
     from tqdm.auto import tqdm
 
-    from data.prompt import resolve_format, warn_thinking
-    from models import default_device
+    from data.prompt import check_thinking, resolve_format, warn_thinking
+    from models import default_device, load_tokenizer
 
     dist = current()
     device = cfg.device or default_device()
     _validate(cfg, dist, device)
     start_model = _start_model(cfg)
     fmt = resolve_format(cfg, start_model)
+    check_thinking(fmt, start_model, load_tokenizer)
     if dist.is_main:
         warn_thinking(fmt, cfg.max_completion_length, False, "GRPO's rollouts")
         warn_thinking(fmt, cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_every > 0,

@@ -10,8 +10,9 @@ Every reward is called with keyword arguments only, as TRL's GRPOTrainer does:
   `--reward_format messages` its chat messages (system prompt, few-shot turns, the question).
 - `completion_ids`: each completion's token ids, without padding.
 - `columns`: every column of the records, one entry per completion (repeated over a group): `question`,
-  `answer` (the final answer), `solution` (None for answer-only data), the dataset's other columns, and
-  `truncated` (True where the completion hit the length limit).
+  `answer` (the final answer), `solution` (None for answer-only data), every column of the dataset under
+  its own name (`--answer_field final`: `final` too, as written), and `truncated` (True where the
+  completion hit the length limit).
 - `trainer_state`: `.global_step` (updates done), `.max_steps`, `.epoch`.
 
 So TRL-style rewards (`def f(completions, **kwargs)`, `def f(prompts, completions, answer, **kwargs)`)
@@ -156,6 +157,23 @@ class TrainerState:
     epoch: float
 
 
+# What a reward written for the other format raises on this one: `c[0]["content"]` on a string
+# (TypeError: string indices must be integers), `c["content"]`, `c.strip()` on a list, `c[0][0]`...
+SHAPE_ERRORS = (TypeError, KeyError, IndexError, AttributeError)
+
+
+def format_hint(exc: Exception, completions: list[Any]) -> str:
+    """For an error a reward raises on the shape of its input, the words naming the other
+    --reward_format; else nothing."""
+    if not isinstance(exc, SHAPE_ERRORS) or not completions:
+        return ""
+    if isinstance(completions[0], str):
+        return ("; completions reach rewards as text: one written for chat messages (c[0]['content']) needs "
+                "--reward_format messages")
+    return ("; completions reach rewards as chat messages ([{'role': 'assistant', 'content': ...}], "
+            "--reward_format messages): one written for text needs --reward_format text")
+
+
 def score(funcs: list[tuple[str, RewardFn]], kwargs: dict[str, Any]) -> dict[str, list[float | None]]:
     """Each reward's values for the completions in `kwargs` (the keyword arguments above), checked: one
     finite number, or None, per completion."""
@@ -165,7 +183,7 @@ def score(funcs: list[tuple[str, RewardFn]], kwargs: dict[str, Any]) -> dict[str
         try:
             values = fn(**kwargs)
         except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
-            fail(f"reward {name} raised {type(exc).__name__}: {exc}")
+            fail(f"reward {name} raised {type(exc).__name__}: {exc}{format_hint(exc, kwargs['completions'])}")
         try:
             values = [None if v is None else float(v) for v in values]
         except (TypeError, ValueError):

@@ -85,8 +85,8 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
 
     from common.schedule import adamw, make_scheduler
     from data import require_solutions
-    from data.prompt import resolve_format, warn_thinking
-    from models import default_device, default_dtype
+    from data.prompt import check_thinking, resolve_format, warn_thinking
+    from models import default_device, default_dtype, load_tokenizer
     from sft.batching import collate, encode_records
 
     check(cfg)
@@ -94,6 +94,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     dist, device = current(), cfg.device or default_device()
     check_4bit(cfg.use_4bit, dist, device)
     fmt = resolve_format(cfg, cfg.model_name)  # before any model loads: a bad flag is one line
+    check_thinking(fmt, cfg.model_name, load_tokenizer)
     warn_thinking(fmt, cfg.eval_max_new_tokens, True, "SFT's evals")
     run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     seed_everything(cfg.seed)

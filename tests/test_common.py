@@ -206,7 +206,7 @@ RULE_CASES = [  # (CLI, argv, CUDA devices the machine has, the rule's flags, th
     ("python -m eval", ["--model", "tiny", "--cuda_graphs", "--static_batches"], 0, ("cuda_graphs", "device"),
      "--cuda_graphs on needs a CUDA device, not cpu"),
     ("python -m eval", ["--model", "tiny", "--device", "cuda", "--cuda_graphs", "on"], 1,
-     ("cuda_graphs", "continuous"), "--continuous refills a batch's rows"),
+     ("cuda_graphs", "continuous"), "continuous batching refills a batch's rows"),
     ("python -m eval", ["--model", "tiny", "--device", "cuda:2"], 2, ("device",),
      "--device cuda:2: this machine has 2"),
 ]
@@ -263,3 +263,64 @@ def test_the_flags_that_may_change_on_resume_are_the_ones_the_docs_list():
     may = {flag_name(f.name, meta) for cls in (GRPOConfig, SFTConfig) for f, meta, _ in _fields(cls)
            if meta["on_resume"] == "may"}
     assert may == listed, may ^ listed
+
+
+HELP_CLIS = ["train_sft", "train_grpo", "train", "eval.__main__", "visualize_logs", "models.__main__", "models.push",
+             "benchmarks.rollout", "benchmarks.step", "benchmarks.prompt_sharing", "benchmarks.trl_step",
+             "benchmarks.summary"]
+# flags a help may name that are not its own: torchrun's, and a stage's that train.py / models.push speak of
+OTHER_TOOLS_FLAGS = {"--help", "--nproc_per_node", "--standalone", "--beta", "--push_to_hub"}
+
+
+@pytest.mark.parametrize("cli", HELP_CLIS)
+def test_help_names_only_flags_that_exist_and_prints_examples_as_written(cli, capsys):
+    """Each CLI's --help: every flag it names is one it takes (eval's once named a `--continuous` that is
+    `--static_batches`), an example's line continuation prints as written (not joined into one line by a
+    docstring's backslash), and one group holds the data flags."""
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(cli).main(["--help"])
+    text = capsys.readouterr().out
+    own = set(re.findall(r"^\s+(--[a-z_0-9]+)", text, re.M)) | set(re.findall(r"\[(--[a-z_0-9]+)", text))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z_0-9]+", text))
+    assert named - own - OTHER_TOOLS_FLAGS == set()
+    for line in text.splitlines():
+        if line.lstrip().startswith(("python", "torchrun")):
+            assert not re.search(r"\S {4,}--", line), line  # a continuation joined into one line
+    titles = [t for t in re.findall(r"^(\S[^\n]*):$", text, re.M) if "data" in t]
+    assert len(titles) <= 1, titles
+
+
+def test_a_second_run_into_the_same_folder_names_the_flags_and_the_python_keywords(tmp_path):
+    """The README's Python example run twice: the refusal names overwrite=True, not only --overwrite."""
+    from common.run_files import RUN_CONFIG, prepare_output_dir
+
+    out = tmp_path / "run"
+    prepare_output_dir(out, resume=False, overwrite=False, flag="--grpo_output")
+    (out / RUN_CONFIG).write_text("{}")
+    (out / "model.safetensors").write_text("")
+    with pytest.raises(UserError, match=r"^--grpo_output .* already holds another run; pass --resume to continue "
+                                        r"it, --overwrite to replace it, or choose another --grpo_output \(from "
+                                        r"Python: resume=True, overwrite=True or another grpo_output\)$"):
+        prepare_output_dir(out, resume=False, overwrite=False, flag="--grpo_output")
+    prepare_output_dir(out, resume=False, overwrite=True, flag="--grpo_output")
+    assert list(out.iterdir()) == []
+
+
+def test_the_readme_training_commands_parse_as_written():
+    """Every `train_sft.py` / `train_grpo.py` command in the README's code blocks (continuations joined)
+    is accepted by its CLI's flags: an example never names a flag that does not exist."""
+    import re
+    import shlex
+
+    from common.flags import parse_flags
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines()
+                if re.match(r"\.venv/bin/python train_(sft|grpo)\.py ", line) and "..." not in line]
+    assert len(commands) >= 2
+    for command in commands:
+        words = shlex.split(command)
+        parse_flags(SFTConfig if words[1] == "train_sft.py" else GRPOConfig, words[2:], None)

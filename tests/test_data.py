@@ -233,3 +233,73 @@ def test_two_eval_datasets_with_one_name_are_one_line():
 
     with pytest.raises(UserError, match="both named 'add'"):
         eval_specs(GRPOConfig(eval_dataset=("synthetic:add", "add=synthetic:sub")))
+
+
+# A chat template with no thinking mode (ChatML as SmolLM2 and most non-Qwen chat models ship it): it
+# never reads enable_thinking, so thinking on renders the very prompt thinking off does.
+CHATML_NO_THINKING = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Qwen3's way, with `<think>` registered as a special token (the tiny tokenizer's, like Qwen3's, is an
+# added token that is not special): what decides is what the template renders, not how the token is kept.
+QWEN_STYLE_SPECIAL_THINK = (
+    CHATML_NO_THINKING[:-len("{%- endif %}")]
+    + "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+      "{%- endif %}{%- endif %}"
+)
+
+
+def _model_folder_with_template(tmp_path, template, special_think=False):
+    """A model folder as far as the thinking check reads it: tiny's tokenizer with `template`."""
+    import shutil
+
+    from models import load_tokenizer
+    from models.tiny import tiny_dir
+
+    tok = load_tokenizer("tiny")
+    if special_think:
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path)
+    shutil.copy(tiny_dir() / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the check stops before the model loads
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("template,special_think,refused", [
+    ("tiny", False, False),  # Qwen3's template (tiny's): thinking leaves <think> open
+    (QWEN_STYLE_SPECIAL_THINK, True, False),
+    (CHATML_NO_THINKING, False, True),
+    (CHATML_NO_THINKING, True, True),
+])
+def test_thinking_is_checked_against_what_the_template_renders(tmp_path, template, special_think, refused):
+    from data.prompt import DEFAULT_FORMAT, PromptFormat, check_thinking
+    from models import load_tokenizer
+
+    model = "tiny" if template == "tiny" else _model_folder_with_template(tmp_path, template, special_think)
+    thinking = PromptFormat(chat_template_kwargs={"enable_thinking": True})
+    check_thinking(DEFAULT_FORMAT, model, lambda m: pytest.fail("thinking off loads no tokenizer"))
+    if not refused:
+        check_thinking(thinking, model, load_tokenizer)
+        return
+    with pytest.raises(UserError, match=r"^thinking is on \(--enable_thinking\) but .* chat template has no "
+                                        r"thinking mode .*drop --enable_thinking") as err:
+        check_thinking(thinking, model, load_tokenizer)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cli", ["train_sft", "train_grpo", "eval"])
+def test_every_stage_refuses_thinking_on_a_template_without_it_before_loading_data(tmp_path, cli):
+    """The data named does not exist: the thinking line comes first, so nothing was loaded before it."""
+    import eval.__main__
+    import train_grpo
+    import train_sft
+
+    model = _model_folder_with_template(tmp_path / "m", CHATML_NO_THINKING)
+    data = ["--dataset", str(tmp_path / "missing.jsonl"), "--enable_thinking"]
+    main, argv = {"train_sft": (train_sft.main, ["--model_name", model, "--sft_output", str(tmp_path / "o")]),
+                  "train_grpo": (train_grpo.main, ["--model_name", model, "--grpo_output", str(tmp_path / "o")]),
+                  "eval": (eval.__main__.main, ["--model", model])}[cli]
+    with pytest.raises(UserError, match=r"^thinking is on \(--enable_thinking\)"):
+        main([*argv, *data])

@@ -126,15 +126,17 @@ def test_sft_on_answer_only_data_says_it_needs_solutions(tmp_path):
     assert result.stderr.startswith("error: SFT needs worked solutions") and "--solution_field" in result.stderr
 
 
-def test_an_answer_only_csv_trains_two_grpo_steps_and_evaluates(tmp_path):
+def test_an_answer_only_csv_trains_two_grpo_steps_and_evaluates_with_a_clean_log(tmp_path):
     path = _csv(tmp_path / "p.csv", _rows(40))
     out = tmp_path / "grpo"
     result = subprocess.run([sys.executable, "train_grpo.py", "--model_name", "tiny", "--dataset", str(path), *FIELDS,
                              "--grpo_output", str(out), "--max_steps", "2", "--prompts_per_step", "2",
                              "--max_completion_length", "8", "--reward", "numeric", "--reward", "format",
                              "--reward_weights", "1.0", "0.1", "--eval_every", "2", "--eval_samples", "4",
-                             "--device", "cpu", "--no_progress"], cwd=ROOT, capture_output=True, text=True)
+                             "--device", "cpu", "--finetune", "lora"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    # a log, not a terminal: no carriage-return bars (ours, the hub's, transformers') and no FutureWarning
+    assert "\r" not in result.stdout + result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
     assert "held out as the test split" in result.stdout
     log = [json.loads(x) for x in (out / "grpo_training_logs.jsonl").read_text().splitlines()]
     last = log[-1]
@@ -143,22 +145,24 @@ def test_an_answer_only_csv_trains_two_grpo_steps_and_evaluates(tmp_path):
         assert key in last, key
     assert last["reward_mean"] == pytest.approx(last["reward_numeric_mean"] + 0.1 * last["reward_format_mean"])
     ev = subprocess.run([sys.executable, "-m", "eval", "--model", str(out), "--dataset", str(path), *FIELDS,
-                         "--max_new_tokens", "8", "--device", "cpu", "--no_progress"], cwd=ROOT,
+                         "--max_new_tokens", "8", "--device", "cpu"], cwd=ROOT,
                         capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "\r" not in ev.stdout + ev.stderr and "Loading weights" not in ev.stderr
     assert json.loads((out / "eval" / "eval_summary.json").read_text())["num_questions"] == 4
 
 
-def test_a_custom_reward_module_gets_the_right_columns(tmp_path, monkeypatch):
+def test_a_custom_reward_module_gets_every_column_under_its_dataset_name(tmp_path, monkeypatch):
     from grpo.trainer import GRPOConfig, train_grpo
 
     seen = tmp_path / "seen.json"
     (tmp_path / "my_rewards.py").write_text(f'''
 import json
 
-def by_level(completions, answer, level, truncated, **columns):
+def by_level(completions, answer, level, truncated, target, problem, question, **columns):
     json.dump({{"n": len(completions), "answer": answer, "level": level, "truncated": truncated,
-               "others": sorted(columns)}}, open({str(seen)!r}, "w"))
+               "target": target, "same_question": problem == question, "others": sorted(columns)}},
+              open({str(seen)!r}, "w"))
     return [0.5 * float(lv) for lv in level]
 ''')
     monkeypatch.chdir(tmp_path)
@@ -173,7 +177,8 @@ def by_level(completions, answer, level, truncated, **columns):
     assert got["n"] == 4 and len(got["level"]) == 4 and got["level"][0] == got["level"][1]  # a group's rows
     assert set(got["level"]) <= {"0", "1", "2"} and set(got["answer"]) <= {r["answer"] for r in train}
     assert len(got["truncated"]) == 4
-    assert got["others"] == ["completion_ids", "prompts", "question", "solution", "trainer_state"]
+    assert got["target"] == got["answer"] and got["same_question"]  # the columns under their own names too
+    assert got["others"] == ["completion_ids", "prompts", "solution", "trainer_state"]
     assert "reward_by_level_mean" in record
 
 

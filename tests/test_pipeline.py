@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -87,7 +88,47 @@ def test_seed_interface_dispatches(tmp_path):
     train.main(base + ["--mode", "eval", "--max_new_tokens", "4", "--no_progress"])
     assert (grpo / "eval" / "eval_summary.json").is_file()
     with pytest.raises(UserError, match="separately"):
-        train.main(base + ["--mode", "both", "--max_steps", "1"])
+        train.main(base + ["--mode", "both", "--beta", "0"])
+
+
+@pytest.mark.parametrize("argv,sft,grpo", [
+    (["--mode", "both", "--max_steps", "5"], ["--max_steps", "5"], ["--max_steps", "5"]),
+    (["--mode", "both", "--sft_max_steps", "3", "--grpo_max_steps", "7"], ["--max_steps", "3"], ["--max_steps", "7"]),
+    (["--mode", "both", "--max_steps", "5", "--grpo_max_steps", "2", "--seed", "1"],
+     ["--max_steps", "5", "--seed", "1"], ["--max_steps", "2", "--seed", "1"]),
+    (["--mode", "grpo", "--grpo_max_steps", "2"], None, ["--max_steps", "2"]),
+    (["--mode", "sft", "--max_steps", "4", "--eval_every", "2"], ["--max_steps", "4", "--eval_every", "2"], None),
+])
+def test_train_py_sizes_each_stage_with_max_steps(monkeypatch, argv, sft, grpo):
+    """--max_steps sizes both stages of --mode both (TRL users reach for it first); --sft_max_steps and
+    --grpo_max_steps size one each and win over it."""
+    import train
+    import train_grpo
+    import train_sft
+
+    got = {}
+    monkeypatch.setattr(train_sft, "main", lambda a: got.__setitem__("sft", a))
+    monkeypatch.setattr(train_grpo, "main", lambda a: got.__setitem__("grpo", a))
+    train.main(argv)
+
+    def tail(a):  # the stage's own flags, as train.py appends them after the shared ones
+        return a[a.index("--max_steps"):]
+
+    assert tail(got["sft"]) == sft if sft else "sft" not in got
+    assert tail(got["grpo"]) == grpo if grpo else "grpo" not in got
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--mode", "eval", "--max_steps", "3"], "--mode eval trains nothing: drop --max_steps"),
+    (["--mode", "grpo", "--sft_max_steps", "3"], "--sft_max_steps sizes SFT, which --mode grpo does not run"),
+    (["--mode", "both", "--grpo_max_steps", "0"], "--grpo_max_steps must be >= 1 (got 0)"),
+])
+def test_train_py_refuses_a_stage_length_it_cannot_use(argv, says):
+    import train
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="^" + re.escape(says)):
+        train.main(argv)
 
 
 def test_prompt_settings_travel_from_sft_to_grpo_to_eval(tmp_path, capsys):

@@ -5,6 +5,7 @@ no network here)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -23,14 +24,23 @@ def _cfg(out, **overrides) -> GRPOConfig:
 class FakeHub:
     """huggingface_hub's HfApi and get_token, recording what a push does."""
 
-    def __init__(self, monkeypatch, token="hf_x"):
+    def __init__(self, monkeypatch, token="hf_x", whoami_raises=None):
         import huggingface_hub
 
         self.calls = []
         monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online, as far as checks go
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
         hub = self
 
         class Api:
+            def whoami(self):
+                hub.calls.append(("whoami",))
+                if whoami_raises:
+                    raise whoami_raises
+                return {"name": "me"}
+
             def create_repo(self, repo_id, private=False, exist_ok=False):
                 hub.calls.append(("create_repo", repo_id, exist_ok))
                 return f"https://huggingface.co/{repo_id}"
@@ -64,7 +74,8 @@ def test_every_saved_model_gets_a_card_from_its_run(tmp_path):
 
 def test_push_is_refused_before_training_without_a_token_or_with_a_bad_name(tmp_path, monkeypatch):
     FakeHub(monkeypatch, token=None)
-    with pytest.raises(UserError, match=r"^--push_to_hub me/model: no Hugging Face token; set HF_TOKEN"):
+    with pytest.raises(UserError, match=r"^--push_to_hub me/model: no Hugging Face token; set HF_TOKEN or run "
+                                        r"`hf auth login` first"):
         train_grpo(_cfg(tmp_path / "a", push_to_hub="me/model"))
     FakeHub(monkeypatch)
     with pytest.raises(UserError, match=r"^--push_to_hub 'model': give the repository as NAMESPACE/NAME"):
@@ -76,8 +87,8 @@ def test_push_uploads_the_folder_without_checkpoint_or_tracker_files(tmp_path, m
     hub = FakeHub(monkeypatch)
     out = tmp_path / "run"
     train_grpo(_cfg(out, push_to_hub="me/model"))
-    assert hub.calls[0] == ("create_repo", "me/model", True)
-    kind, repo, folder, ignored = hub.calls[1]
+    assert hub.calls[0] == ("whoami",) and hub.calls[1] == ("create_repo", "me/model", True)
+    kind, repo, folder, ignored = hub.calls[2]
     assert (kind, repo, folder) == ("upload_folder", "me/model", str(out))
     assert "checkpoint/**" in ignored and "tracker/**" in ignored
     assert "pushed to https://huggingface.co/me/model" in capsys.readouterr().out
@@ -86,6 +97,43 @@ def test_push_uploads_the_folder_without_checkpoint_or_tracker_files(tmp_path, m
 
     hub.calls.clear()
     main([str(out), "me/other"])
-    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"] and hub.calls[1][1] == "me/other"
+    assert [c[0] for c in hub.calls] == ["whoami", "create_repo", "upload_folder"] and hub.calls[2][1] == "me/other"
     with pytest.raises(UserError, match="holds no saved model"):
         main([str(tmp_path), "me/other"])
+
+
+class _Refused(Exception):
+    response = type("Response", (), {"status_code": 401})()
+
+
+@pytest.mark.parametrize("raises,says", [
+    (OSError("[Errno -2] Name or service not known"), "cannot reach the Hugging Face hub (OSError: [Errno -2] Name "
+                                                      "or service not known); check the network"),
+    (_Refused("401 Unauthorized"), "the hub refused the Hugging Face token (401); run `hf auth login` again"),
+])
+def test_push_is_refused_before_training_when_the_hub_is_out_of_reach_or_refuses_the_token(tmp_path, monkeypatch,
+                                                                                           raises, says):
+    FakeHub(monkeypatch, whoami_raises=raises)
+    with pytest.raises(UserError, match="^--push_to_hub me/model: " + re.escape(says)) as err:
+        train_grpo(_cfg(tmp_path / "a", push_to_hub="me/model"))
+    assert "\n" not in str(err.value) and not (tmp_path / "a").exists()
+
+
+def test_push_in_offline_mode_with_a_token_is_refused_before_training(tmp_path):
+    """The hub client in offline mode (HF_HUB_OFFLINE=1) and a token set: one line, exit 2, nothing trained
+    (it used to train the whole run, then end in OfflineModeIsEnabled)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token"}
+    result = subprocess.run([sys.executable, "train_grpo.py", "--model_name", "tiny", "--max_steps", "1",
+                             "--grpo_output", str(out), "--push_to_hub", "me/model", "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --push_to_hub me/model: the hub client is in offline mode "
+                                    "(HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE to publish")
+    assert not out.exists()

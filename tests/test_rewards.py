@@ -136,3 +136,43 @@ def test_builtins_read_after_the_thinking_when_it_is_on():
     done = "<think>\nmaybe #### 3\n</think>\n#### 4"
     assert numeric(completions=[cut, done], answer=["4", "4"]) == [0.0, 1.0]
     assert fmt(completions=[cut, done], truncated=[True, False]) == [0.0, 1.0]
+
+
+def _chat_reward(completions, **kwargs):  # TRL's conversational style
+    return [float("####" in c[0]["content"]) for c in completions]
+
+
+def _text_reward(completions, **kwargs):
+    return [float(c.strip().endswith("4")) for c in completions]
+
+
+def _dict_reward(completions, **kwargs):
+    return [float(c["content"] == "4") for c in completions]
+
+
+@pytest.mark.parametrize("fn,completions,names", [
+    (_chat_reward, ["#### 4", "no"], "needs --reward_format messages"),  # TypeError: string indices...
+    (_dict_reward, ["#### 4", "no"], "needs --reward_format messages"),
+    (_text_reward, [[{"role": "assistant", "content": "#### 4"}]], "needs --reward_format text"),  # AttributeError
+    (lambda completions, **kw: [c[0][0]["x"] for c in completions], [[{"content": "4"}]], "--reward_format text"),
+])
+def test_a_reward_failing_on_the_shape_of_its_input_names_the_other_format(fn, completions, names):
+    """One line: the reward, its error, and the --reward_format that hands completions in its shape."""
+    from common.errors import UserError
+    from rewards.functions import score
+
+    with pytest.raises(UserError, match=r"^reward r raised (TypeError|AttributeError|KeyError|IndexError): ") as err:
+        score([("r", fn)], {"completions": completions})
+    assert names in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_reward_failing_otherwise_gets_no_format_hint():
+    from common.errors import UserError
+    from rewards.functions import score
+
+    def broken(completions, **kw):
+        raise ValueError("my own bug")
+
+    with pytest.raises(UserError, match=r"^reward r raised ValueError: my own bug$"):
+        score([("r", broken)], {"completions": ["x"]})
+    assert score([("r", _chat_reward)], {"completions": [[{"role": "assistant", "content": "#### 4"}]]}) == {"r": [1.0]}

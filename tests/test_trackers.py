@@ -54,8 +54,8 @@ def test_names_are_grouped_and_only_finite_numbers_go():
                                      "generation_time_s", "peak_memory_gb")] == \
         ["eval/accuracy", "reward/numeric_mean", "reward/adv_std", "train/grpo_loss", "time/generation_time_s",
          "system/peak_memory_gb"]
-    assert tracked({"step": 3, "device": "cpu", "loss": 1.5, "kl": float("nan"), "masked_rows": 0, "ok": True}) == \
-        {"train/loss": 1.5, "train/masked_rows": 0.0}
+    assert tracked({"step": 3, "device": "cpu", "loss": 1.5, "kl": float("nan"), "masked_rows": 0, "ok": True,
+                    "seed": 42, "world_size": 1}) == {"train/loss": 1.5, "train/masked_rows": 0.0}  # no train/seed
 
 
 def test_tensorboard_events_equal_the_log_before_and_after_a_resume(tmp_path, tiny_tokenizer, monkeypatch):
@@ -85,7 +85,10 @@ def test_tensorboard_events_equal_the_log_before_and_after_a_resume(tmp_path, ti
 
     log = _log(out)
     assert [x["step"] for x in log] == [0, 1, 2, 3, 4]
-    scalars = _scalars(out / "tracker" / "run")
+    # in the run's own folder, not a subfolder named after it: `tensorboard --logdir runs/` shows `run/tracker`
+    assert not (out / "tracker" / "run").exists()
+    scalars = _scalars(out / "tracker")
+    assert "train/seed" not in scalars and "train/world_size" not in scalars
     for line in log:
         for name, value in tracked(line).items():
             at = [v for s, v in scalars[name] if s == line["step"]]
@@ -104,10 +107,12 @@ def test_a_wandb_stand_in_sees_the_run_and_its_resume_id(tmp_path, tiny_tokenize
     fake.Table = lambda columns, data: ("table", columns, data)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "wandb" else None)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
     out = tmp_path / "run"
     train_grpo(_cfg(out, max_steps=2, report_to=("wandb",), run_name="mine", log_completions="1"),
                rollout_hook=_fixed(tiny_tokenizer))
     init = calls[0][1]
+    assert init["dir"] == str(tmp_path / "wandb_home")  # W&B's own WANDB_DIR is honoured
     assert calls[0][0] == "init" and init["name"] == "mine" and init["resume"] == "allow"
     assert init["config"]["loss_type"] == "dapo" and calls[-1] == ("finish",)
     logged = {step: m for kind, step, m in (c for c in calls if c[0] == "log") if "train/grpo_loss" in m}
@@ -120,6 +125,10 @@ def test_a_wandb_stand_in_sees_the_run_and_its_resume_id(tmp_path, tiny_tokenize
     train_grpo(_cfg(out, max_steps=3, report_to=("wandb",), run_name="mine", resume=True),
                rollout_hook=_fixed(tiny_tokenizer))
     assert calls[0][1]["id"] == init["id"]
+    calls.clear()  # --logging_dir wins over WANDB_DIR
+    train_grpo(_cfg(tmp_path / "r2", max_steps=1, report_to=("wandb",), logging_dir=str(tmp_path / "logs")),
+               rollout_hook=_fixed(tiny_tokenizer))
+    assert calls[0][1]["dir"] == str(tmp_path / "logs")
 
 
 def test_a_missing_tracker_package_is_one_line_before_any_model_loads(tmp_path, monkeypatch):

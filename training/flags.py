@@ -17,10 +17,10 @@ class WatchFlags:
                                       group=WATCH, on_resume="may")
     run_name: str | None = flag(None, "the run's name in the tracker (default: the output folder's name)",
                                 group=WATCH, on_resume="may")
-    logging_dir: str | None = flag(None, "where the trackers write (default: <output folder>/tracker)", group=WATCH,
-                                   on_resume="may")
+    logging_dir: str | None = flag(None, "where the trackers write (default: <output folder>/tracker, or "
+                                         "W&B's $WANDB_DIR)", group=WATCH, on_resume="may")
     push_to_hub: str | None = flag(None, "upload the final model and its model card to this hub repository "
-                                         "(NAMESPACE/NAME; the token and name are checked before training)",
+                                         "(NAMESPACE/NAME; name, token and the hub's reach checked before training)",
                                    group=WATCH, on_resume="may")
     save_model_every: int = flag(0, "keep a loadable model (LoRA merged) every N steps in snapshots/step_<N> "
                                     "(0: only the final one)", low=0, group=KEEP, on_resume="may")

@@ -33,7 +33,7 @@ from common.run_files import (
     save_checkpoint,
     write_json,
 )
-from training.trackers import Trackers
+from training.trackers import TRACKER_DIR, Trackers
 
 
 class Progress:
@@ -200,7 +200,7 @@ class Run:
             self.log = JsonlLog(self.out / self.log_name, resume_step=resumed)
             if self.cfg.resume and (self.out / COMPLETIONS).exists():
                 self.completions = JsonlLog(self.out / COMPLETIONS, resume_step=step)  # cut back like the log
-            self.trackers = Trackers(self.cfg.report_to, Path(self.cfg.logging_dir or self.out / "tracker"),
+            self.trackers = Trackers(self.cfg.report_to, Path(self.cfg.logging_dir or self.out / TRACKER_DIR),
                                      self.cfg.run_name or self.out.resolve().name, self.config, resumed, self.out)
         return step
 

@@ -25,6 +25,9 @@ from common.run_files import is_measured, write_json
 
 PROJECT = os.environ.get("WANDB_PROJECT") or "qwen-gsm8k-grpo"  # W&B's and Trackio's project
 RUN_ID = "tracker_run_id.json"  # in the output folder: each tracker's run id, for --resume
+TRACKER_DIR = "tracker"  # in the output folder: where the trackers write unless --logging_dir says
+# the run's settings, in each log line for the record: the tracker has them in its config, not as curves
+CONFIG_FIELDS = ("seed", "world_size")
 
 
 def metric_name(field: str) -> str:
@@ -45,9 +48,16 @@ def metric_name(field: str) -> str:
 
 
 def tracked(record: dict[str, Any]) -> dict[str, float]:
-    """Every finite number of a log line (not its step, not booleans or text) under its grouped name."""
+    """Every finite number of a log line (not its step, not booleans or text, not the run's settings in
+    CONFIG_FIELDS) under its grouped name."""
     return {metric_name(k): float(v) for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if k != "step" and k not in CONFIG_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
+def own_folder(log_dir: Path, out: Path) -> bool:
+    """Whether the trackers write in the run's own folder (no --logging_dir)."""
+    return log_dir == out / TRACKER_DIR
 
 
 class TensorBoard:
@@ -56,8 +66,11 @@ class TensorBoard:
     def __init__(self, log_dir: Path, name: str, config: dict[str, Any], resume_step: int | None, out: Path):
         from torch.utils.tensorboard import SummaryWriter
 
+        # TensorBoard names a run by its folder under --logdir: in the run's own folder a subfolder named
+        # after the run would show as `watch/tracker/watch`, so it gets one only for a --run_name of its own
+        own = own_folder(log_dir, out) and name == out.resolve().name
         # purge_step: events at steps after the checkpoint (written before a crash) are dropped
-        self.writer = SummaryWriter(log_dir=str(log_dir / name),
+        self.writer = SummaryWriter(log_dir=str(log_dir if own else log_dir / name),
                                     purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", 0)
@@ -86,6 +99,7 @@ class _RunById:
         import importlib
 
         self.lib = importlib.import_module(self.package)
+        self.own = own_folder(log_dir, out)
         ids = _read_ids(out)
         run_id = ids.get(self.package) if resume_step is not None else None
         run_id = run_id or secrets.token_hex(4)
@@ -109,6 +123,9 @@ class WandB(_RunById):
     package = "wandb"
 
     def start(self, log_dir: Path, name: str, config: dict[str, Any], run_id: str) -> Any:
+        # W&B's own WANDB_DIR wins over the default folder; --logging_dir wins over both
+        if self.own and os.environ.get("WANDB_DIR"):
+            log_dir = Path(os.environ["WANDB_DIR"])
         log_dir.mkdir(parents=True, exist_ok=True)
         return self.lib.init(project=PROJECT, name=name, id=run_id, resume="allow", dir=str(log_dir), config=config)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from viz.plots import named_evals, read_log, series, smooth
+from viz.plots import accuracy_points, best_point, eval_sizes, informative, named_evals, read_log, series, smooth
 
 COMPARED = (  # (log field, panel title, smoothed)
     ("reward_mean", "reward (smoothed)", True), ("loss", "SFT loss (smoothed)", True),
@@ -15,22 +15,41 @@ COMPARED = (  # (log field, panel title, smoothed)
     ("kl", "KL to the reference (smoothed)", True))
 
 
-def compare(logs: list[tuple[str, list[dict[str, Any]]]], out: Path) -> Path:
-    """compare.png in `out`: one panel per metric any of the (label, records) runs logs."""
+MAX_COLUMNS = 3  # panels a row: 3 x 4.8 in at 110 dpi is 1,584 px, a laptop screen's width
+
+
+def compare(logs: list[tuple[str, list[dict[str, Any]]]], out: Path,
+            dirs: list[Path] | None = None) -> tuple[Path, list[str]]:
+    """compare.png in `out`: a grid (at most MAX_COLUMNS wide) of one panel per metric the (label, records)
+    runs log, leaving out a metric constant over every run or equal to one already shown; held-out
+    accuracy points carry 95% Wilson intervals where the run folders (`dirs`, one per log) keep their
+    eval summaries. Returns the path and a note for each metric left out."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     named = list(dict.fromkeys(k for _, records in logs for k in named_evals(records)))
-    panels = [(key, title, smoothed) for key, title, smoothed in COMPARED
-              if any(series(records, key)[0] for _, records in logs)]
-    panels += [(key, key.removeprefix("eval_").replace("_", " "), False) for key in named]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.8), squeeze=False)
-    for ax, (key, title, smoothed) in zip(axes[0], panels):
+    titles = {key: (title, smoothed) for key, title, smoothed in COMPARED}
+    titles.update({key: (key.removeprefix("eval_").replace("_", " "), False) for key in named})
+    keys, notes = informative([key for key, _, _ in COMPARED] + named, [records for _, records in logs])
+    cols = max(1, min(MAX_COLUMNS, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        title, smoothed = titles[key]
         for i, (label, records) in enumerate(logs):
             xs, ys = series(records, key)
-            if xs:
+            if not xs:
+                continue
+            if key.endswith("accuracy"):
+                sizes = eval_sizes(dirs[i], key) if dirs else {}
+                accuracy_points(ax, xs, ys, sizes, f"C{i}", label)
+            else:
                 ax.plot(xs, smooth(ys) if smoothed else ys, "-" if smoothed else "o-", color=f"C{i}", label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -41,11 +60,12 @@ def compare(logs: list[tuple[str, list[dict[str, Any]]]], out: Path) -> Path:
     path = out / "compare.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return path, notes
 
 
 def compare_lines(logs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
-    """A line per run: steps, last reward or loss, held-out accuracy (last and best, at which step)."""
+    """A line per run: steps, last reward or loss, held-out accuracy (last and best, at which step: the
+    best as --keep_best keeps it, `best_point`)."""
     lines = []
     for label, records in logs:
         parts = [f"{label}: {max((r['step'] for r in records), default=0)} steps"]
@@ -55,9 +75,9 @@ def compare_lines(logs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
                 parts.append(f"last {name} {ys[-1]:.3f}")
         for key in ["eval_accuracy", *named_evals(records)]:
             xs, ys = series(records, key)
-            if ys:
-                best = max(range(len(ys)), key=lambda i: ys[i])
-                parts.append(f"{key.removeprefix('eval_')} last {ys[-1]:.3f}, best {ys[best]:.3f} at step {xs[best]}")
+            best = best_point(xs, ys)
+            if best:
+                parts.append(f"{key.removeprefix('eval_')} last {ys[-1]:.3f}, best {best[1]:.3f} at step {best[0]}")
         lines.append("; ".join(parts))
     return lines
 
@@ -70,8 +90,10 @@ def compare_files(files: list[str], labels: list[str] | None, output: str) -> Pa
         fail(f"{len(labels)} --labels for {len(files)} --log_file: give one label per log, in order")
     names = labels or [Path(f).parent.name or Path(f).stem for f in files]
     logs = [(name, read_log(Path(f))) for name, f in zip(names, files)]
-    path = compare(logs, Path(output))
+    path, notes = compare(logs, Path(output), [Path(f).parent for f in files])
     for line in compare_lines(logs):
         print(line)
+    if notes:
+        print("not drawn: " + "; ".join(notes))
     print(f"plot: {path}")
     return path

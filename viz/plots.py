@@ -71,6 +71,70 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
+def best_point(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """(step, value) of the best held-out score as --keep_best keeps it (training/run.py, best/best.json):
+    the highest over the trained steps (step 0, the starting model, is never kept), the earliest of a
+    tie. The console summaries name this one, so every "best" of a run is the same step."""
+    points = [(x, y) for x, y in zip(xs, ys) if x > 0] or list(zip(xs, ys))
+    if not points:
+        return None
+    top = max(y for _, y in points)
+    return next((x, y) for x, y in points if y == top)
+
+
+def eval_sizes(log_dir: Path, key: str) -> dict[int, int]:
+    """step -> problems scored, for a held-out accuracy field of the log in `log_dir`, read from the eval
+    summaries each in-training eval keeps (<run>/eval/step_N[/<set>]/eval_summary.json); {} when absent."""
+    name = key.removeprefix("eval_").removesuffix("_accuracy") if key != "eval_accuracy" else ""
+    sizes = {}
+    for folder in (log_dir / "eval").glob("step_*"):
+        if not folder.name[5:].isdigit():
+            continue
+        for path in ((folder / name / "eval_summary.json") if name else None, folder / "eval_summary.json"):
+            if path is not None and path.is_file():
+                try:
+                    sizes[int(folder.name[5:])] = int(json.loads(path.read_text())["num_questions"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+                break
+    return sizes
+
+
+def accuracy_points(ax: Any, xs: list[float], ys: list[float], sizes: dict[int, int], color: str, label: str) -> None:
+    """Held-out accuracy at each eval, with its 95% Wilson interval where the problems scored are known
+    (on 20 problems 0.55 -> 0.45 is within the noise; the bars say so)."""
+    from models.card import wilson
+
+    ax.plot(xs, ys, "o-", color=color, label=label, markersize=4)
+    known = [(x, y, sizes[int(x)]) for x, y in zip(xs, ys) if int(x) in sizes]
+    if known:
+        low = [y - wilson(y, n)[0] for _, y, n in known]
+        high = [wilson(y, n)[1] - y for _, y, n in known]
+        ax.errorbar([x for x, _, _ in known], [y for _, y, _ in known], yerr=[low, high], fmt="none", ecolor=color,
+                    alpha=0.5, capsize=3)
+
+
+def informative(keys: list[str], runs: list[list[dict[str, Any]]]) -> tuple[list[str], list[str]]:
+    """(the keys worth a panel, a note for each left out): a field constant over the run(s) (KL at beta 0,
+    a one-reward sum) or equal at every step to one already shown (the main held-out set is both
+    eval_accuracy and eval_<name>_accuracy) tells nothing a panel would."""
+    kept, notes, shown = [], [], {}
+    for key in keys:
+        per_run = tuple(tuple(zip(*series(records, key))) for records in runs)
+        values = [y for run in per_run for _, y in run]
+        if not values:
+            continue
+        if len(values) > 1 and len(set(values)) == 1:
+            notes.append(f"{key} is {values[0]:g} throughout")
+            continue
+        if per_run in shown:
+            notes.append(f"{key} equals {shown[per_run]}")
+            continue
+        shown[per_run] = key
+        kept.append(key)
+    return kept, notes
+
+
 def _missing(records: list[dict[str, Any]], fields: list[str]) -> list[str]:
     return [f for f in fields if not series(records, f)[0]]
 
@@ -138,8 +202,23 @@ def _reward_parts_panel(ax: Any, records: list[dict[str, Any]], names: list[str]
     ax.legend(loc="best", fontsize=8)
 
 
-def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
-    """Write the four PNGs into `out`; return their paths."""
+MAX_COLUMNS = 3  # panels a row: 3 x 4.8 in at 110 dpi is 1,584 px, a laptop screen's width
+
+
+def grid(plt: Any, n: int, width: float = 4.8, height: float = 3.6) -> tuple[Any, list[Any]]:
+    """A figure of `n` panels, at most MAX_COLUMNS a row; the panels in reading order, spare ones hidden."""
+    cols = max(1, min(MAX_COLUMNS, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[max(1, n):]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:max(1, n)])
+
+
+def plot_all(records: list[dict[str, Any]], out: Path, title: str, log_dir: Path | None = None) -> list[Path]:
+    """Write the four PNGs into `out`; return their paths. Panels are grids at most MAX_COLUMNS wide; a
+    field constant over the run or equal to another panel's is left out (`informative`); held-out
+    accuracy carries 95% Wilson intervals when `log_dir` keeps the eval summaries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +232,10 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
                     ("kl_loss", "KL loss (beta * KL)", "loss")] if grpo else [("loss", "SFT loss", "cross-entropy")])
     loss_panels += [("grad_norm", "Gradient norm (before clipping)", "L2 norm"),
                     ("learning_rate", "Learning rate", "lr")]
-    fig, axes = plt.subplots(1, len(loss_panels), figsize=(4.2 * len(loss_panels), 3.6))
+    # at beta 0 the KL loss is 0 and the policy loss is the GRPO loss: one panel, not three
+    shown, _ = informative([k for k, _, _ in loss_panels if k != "learning_rate"], [records])
+    loss_panels = [p for p in loss_panels if p[0] in shown or p[0] == "learning_rate"]
+    fig, axes = grid(plt, len(loss_panels), 4.2)
     for i, (ax, (key, name, unit)) in enumerate(zip(axes, loss_panels)):
         _line_panel(ax, records, key, name, unit, color=f"C{i}")
     fig.suptitle(f"{title}: losses")
@@ -166,9 +248,10 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
     eval_keys = [k for k in (*named, "eval_format_rate") if series(records, k)[0]] if named else \
         [k for k in ("eval_accuracy", "eval_format_rate") if series(records, k)[0]]
     parts = reward_names(records) if grpo else []
+    if parts and not informative(["reward_mean", *(f"reward_{n}_mean" for n in parts)], [records])[0][1:]:
+        parts = []  # one reward, or parts that each equal the sum: the reward panel already shows it
     panels = (2 if grpo else 0) + (1 if parts else 0) + (1 if eval_keys else 0)
-    fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 3.8), squeeze=False)
-    axes = list(axes[0])
+    fig, axes = grid(plt, max(1, panels), 4.8, 3.8)
     if grpo:
         _band_panel(axes.pop(0), records, "reward_mean", "reward_std", "Reward (the weighted sum)", "reward", "C2")
         _band_panel(axes.pop(0), records, "adv_mean", "adv_std", "Advantage", "advantage", "C4")
@@ -178,8 +261,12 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str) -> list[Path]
         ax = axes.pop(0)
         for i, key in enumerate(eval_keys):
             xs, ys = series(records, key)
-            ax.plot(xs, ys, "o-", color=f"C{i}", label=key.removeprefix("eval_").replace("_", " "))
-        ax.set_title("Held-out eval")
+            label = key.removeprefix("eval_").replace("_", " ")
+            if key.endswith("_accuracy"):
+                accuracy_points(ax, xs, ys, eval_sizes(log_dir, key) if log_dir else {}, f"C{i}", label)
+            else:
+                ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
+        ax.set_title("Held-out eval (95% intervals)")
         ax.set_xlabel("step")
         ax.set_ylabel("share of problems")
         ax.set_ylim(-0.02, 1.02)
@@ -242,9 +329,13 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
         _, losses = series(records, "loss")
         if losses:
             lines.append(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}, best {min(losses):.4f}")
-    _, acc = series(records, "eval_accuracy")
-    if acc:
-        lines.append(f"eval accuracy: first {acc[0]:.3f}, last {acc[-1]:.3f}, best {max(acc):.3f}")
+    for key in ["eval_accuracy", *named_evals(records)]:
+        xs, acc = series(records, key)
+        best = best_point(xs, acc)
+        if best:
+            name = key.removeprefix("eval_").removesuffix("accuracy").replace("_", " ")
+            lines.append(f"eval {name}accuracy: first {acc[0]:.3f}, last {acc[-1]:.3f}, best {best[1]:.3f} at step "
+                         f"{best[0]}")
     _, times = series(records, "time_per_step_s")
     if times:
         mean = sum(times) / len(times)
@@ -273,7 +364,7 @@ def visualize(log_file: str, output: str) -> list[Path]:
     if missing:
         warn(f"{path} lacks {', '.join(missing)}; those panels are left out")
     title = f"{kind_of(records).upper()} {path.parent.name or path.stem}"
-    written = plot_all(records, Path(output), title)
+    written = plot_all(records, Path(output), title, path.parent)
     for line in summary_lines(records):
         print(line)
     print("plots: " + ", ".join(str(p) for p in written))
