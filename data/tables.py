@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import fail
 from data.gsm8k import Record, final_answer
 from rewards import parse_number
+from rewards.numeric import NUMBER_FORMS
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 HELDOUT_SHARE = 0.1  # of the rows, when there is no test file
@@ -86,7 +87,7 @@ def _answer(value: Any, where: str) -> tuple[str, str | None]:
         except ValueError as exc:
             fail(f"{where}: {exc}")
     if parse_number(text) is None:
-        fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N')")
+        fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N'); {NUMBER_FORMS}")
     return text, None
 
 
