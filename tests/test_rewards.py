@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import UserError
 from rewards import REL_TOLERANCE, answers_match, extract_answer, numeric_reward
 from rewards.selftest import CASES
 from tests.conftest import ROOT, gsm8k_dir, needs_gsm8k
@@ -136,3 +137,41 @@ def test_builtins_read_after_the_thinking_when_it_is_on():
     done = "<think>\nmaybe #### 3\n</think>\n#### 4"
     assert numeric(completions=[cut, done], answer=["4", "4"]) == [0.0, 1.0]
     assert fmt(completions=[cut, done], truncated=[True, False]) == [0.0, 1.0]
+
+
+def test_async_rewards_run_concurrently_within_a_step_in_order():
+    """Two `async def` rewards, each waiting 0.3 s per call and finishing their completions in reverse
+    order, take ~0.3 s together (not 0.6), and every value lands on its own completion and reward."""
+    import asyncio
+    import time
+
+    from rewards.functions import score
+
+    async def slow_length(completions, **kwargs):
+        async def one(i, c):
+            await asyncio.sleep(0.3 - 0.05 * i)  # the last completion finishes first
+            return float(len(c))
+        return await asyncio.gather(*(one(i, c) for i, c in enumerate(completions)))
+
+    async def slow_first_letter(completions, **kwargs):
+        await asyncio.sleep(0.3)
+        return [float(ord(c[0])) for c in completions]
+
+    def plain(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    completions = ["a", "bb", "ccc"]
+    start = time.perf_counter()
+    scores = score([("length", slow_length), ("plain", plain), ("letter", slow_first_letter)],
+                   {"completions": completions})
+    took = time.perf_counter() - start
+    assert list(scores) == ["length", "plain", "letter"]
+    assert scores == {"length": [1.0, 2.0, 3.0], "plain": [1.0, 1.0, 1.0], "letter": [97.0, 98.0, 99.0]}
+    assert 0.3 <= took < 0.55, took
+
+    async def broken(completions, **kwargs):
+        raise KeyError("answer")
+
+    with pytest.raises(UserError, match=r"^reward broken raised KeyError: 'answer'$"):
+        score([("length", slow_length), ("broken", broken)], {"completions": completions})
+
