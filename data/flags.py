@@ -33,7 +33,9 @@ class DataFlags:
                                         "'{\"enable_thinking\": true}')", group=PROMPT)
 
     def fields(self) -> Fields:
-        return Fields(self.question_field, self.answer_field, self.solution_field)
+        # gold in LaTeX is an answer only when a reward that reads LaTeX scores it
+        latex = "math_verify" in (getattr(self, "reward", None) or ())
+        return Fields(self.question_field, self.answer_field, self.solution_field, latex)
 
 
 @dataclass

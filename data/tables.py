@@ -32,6 +32,7 @@ class Fields:
     question: str = "question"
     answer: str = "answer"
     solution: str = "answer"  # GSM8K's answer column is its worked solution
+    latex: bool = False  # gold answers may be LaTeX (`\frac{3}{4}`, a solution's last `\boxed{}`): --reward math_verify
 
 
 def is_table_source(dataset: str) -> bool:
@@ -76,18 +77,29 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _answer(value: Any, where: str) -> tuple[str, str | None]:
-    """(final answer, worked solution or None) from an answer cell: a number, or text ending in '#### N'."""
+def _answer(value: Any, where: str, latex: bool = False) -> tuple[str, str | None]:
+    """(final answer, worked solution or None) from an answer cell: a number, or text ending in '#### N';
+    with `latex`, also an answer math-verify reads (`\\frac{3}{4}`) or a solution ending in `\\boxed{...}`."""
     if isinstance(value, bool) or value is None:
         fail(f"{where}: {value!r} is not a number (nor a solution ending in '#### N')")
     text = str(value).strip()
+    after = text.rsplit("####", 1)[1] if "####" in text else text
+    if latex and parse_number(after) is None:  # not a number: LaTeX, a `\boxed{}` answer first
+        from rewards.latex import gold_answer, last_boxed
+
+        final = gold_answer(text if last_boxed(text) else after)
+        if final is None:
+            fail(f"{where}: math-verify reads no answer in {text[:40]!r} (a number, LaTeX such as \\frac{{3}}{{4}}, or "
+                 f"a solution ending in \\boxed{{...}})")
+        return final, text if final != text else None
     if "####" in text:
         try:
             return final_answer(text), text
         except ValueError as exc:
             fail(f"{where}: {exc}")
     if parse_number(text) is None:
-        fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N'); {NUMBER_FORMS}")
+        fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N'); {NUMBER_FORMS}; "
+             f"LaTeX answers (\\frac, \\boxed) with --reward math_verify")
     return text, None
 
 
@@ -103,7 +115,7 @@ def to_records(rows: list[dict[str, Any]], fields: Fields, source: str) -> list[
         question = row[fields.question]
         if not isinstance(question, str) or not question.strip():
             fail(f"{source}: row {n}, column {fields.question!r}: the question is empty or not text")
-        answer, solution = _answer(row[fields.answer], f"{source}: row {n}, column {fields.answer!r}")
+        answer, solution = _answer(row[fields.answer], f"{source}: row {n}, column {fields.answer!r}", fields.latex)
         if fields.solution != fields.answer:
             cell = row.get(fields.solution)
             solution = cell.strip() if isinstance(cell, str) and "####" in cell else None

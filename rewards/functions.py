@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import fail
+from rewards import latex
 from rewards.numeric import after_thinking, extract_answer, numeric_reward
 
 RewardFn = Callable[..., Sequence[float]]
@@ -113,6 +114,9 @@ BUILTIN: dict[str, tuple[Callable[[RewardSettings], RewardFn], str]] = {
     "numeric": (_reads_answers(numeric), "the exact answer"),
     "format": (_reads_answers(format_reward), "'#### N' and a finished turn"),
     "overlong": (lambda s: soft_overlong_punishment(s.max_length, s.overlong_cache), "DAPO's length penalty"),
+    "math_verify": (lambda s: latex.require() or _reads_answers(latex.math_verify_reward)(s),
+                    "a LaTeX answer, \\boxed{} first, equal to the gold by math-verify, as TRL's accuracy_reward; "
+                    "pip install math-verify"),
 }
 BUILTIN_HELP = ", ".join(f"{name} ({words})" for name, (_, words) in BUILTIN.items())
 
