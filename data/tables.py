@@ -33,6 +33,12 @@ class Fields:
     answer: str = "answer"
     solution: str = "answer"  # GSM8K's answer column is its worked solution
     latex: bool = False  # gold answers may be LaTeX (`\frac{3}{4}`, a solution's last `\boxed{}`): --reward math_verify
+    train_split: str = "train"  # the split names of a hub dataset or a folder's files (--train_split, --test_split)
+    test_split: str = "test"
+
+    def split_name(self, split: str) -> str:
+        """The dataset's own name for our 'train' or 'test' split."""
+        return self.train_split if split == "train" else self.test_split
 
 
 def is_table_source(dataset: str) -> bool:
@@ -155,31 +161,59 @@ def _held_out(records: list[Record], split: str, source: str) -> list[Record]:
     return [records[i] for i in chosen]
 
 
+def _named_split_missing(source: str, split: str, fields: Fields, has: list[str]) -> None:
+    """A split the user named (not our default) that the dataset lacks: one line listing what it has."""
+    fail(f"--{split}_split {fields.split_name(split)}: {source} has no such split (it has {', '.join(has) or 'none'})")
+
+
 def load_table(dataset: str, split: str, fields: Fields) -> list[Record]:
-    """`split` of a local file or folder: a folder's `{split}.<ext>`, or a held-out share."""
+    """`split` of a local file or folder: a folder's `{split}.<ext>` (named by --train_split/--test_split),
+    or a held-out share."""
     path = Path(dataset).expanduser()
     if path.is_dir():
-        found = _split_files(path, split)
+        found = _split_files(path, fields.split_name(split))
         if found is not None:
             return to_records(_read_rows(found), fields, str(found))
-        train = _split_files(path, "train")
+        if fields.split_name(split) != split:
+            _named_split_missing(str(path), split, fields, sorted({f.stem for f in path.iterdir()
+                                                                   if f.suffix in EXTENSIONS}))
+        train = _split_files(path, fields.train_split)
         if train is None:
             fail(f"{path} holds no train file (train{'/train'.join(EXTENSIONS)})")
         return _held_out(to_records(_read_rows(train), fields, str(train)), split, str(train))
     return _held_out(to_records(_read_rows(path), fields, str(path)), split, str(path))
 
 
+def hub_id(dataset: str) -> tuple[str, str | None]:
+    """(dataset id, configuration or None) of `--dataset ID` or `--dataset ID:CONFIG` (openai/gsm8k:main)."""
+    name, _, config = dataset.partition(":")
+    return name, config or None
+
+
 def load_hub(dataset: str, split: str, fields: Fields) -> list[Record]:
-    """A hub dataset's `split` through `datasets` (offline: from its cache); a missing test split is held out."""
+    """A hub dataset's `split` through `datasets` (offline: from its cache), `ID:CONFIG` naming one of its
+    configurations; a missing test split is held out. What failed is said as it is (a configuration to
+    name, the hub out of reach, an unknown id), in one line."""
+    name, config = hub_id(dataset)
     try:
         import datasets
-
-        splits = datasets.load_dataset(dataset)
-    except Exception as exc:  # noqa: BLE001 - unreachable hub, no cache, unknown id: the same fix
-        fail(f"cannot load dataset {dataset!r}: not a local file or folder, and the hub ({type(exc).__name__}) "
-             f"did not give it; pass a .jsonl/.json/.csv/.parquet file or a folder")
-    if split in splits:
-        return to_records(list(splits[split]), fields, f"{dataset} [{split}]")
-    if "train" not in splits:
-        fail(f"dataset {dataset!r} has no {split!r} or 'train' split (it has {', '.join(splits)})")
-    return _held_out(to_records(list(splits["train"]), fields, f"{dataset} [train]"), split, dataset)
+    except ImportError:
+        fail(f"--dataset {dataset}: a hub dataset needs the datasets package: pip install datasets")
+    try:
+        splits = datasets.load_dataset(name, config)
+    except Exception as exc:  # noqa: BLE001 - said as it is, with the fix for the usual causes
+        why = " ".join(str(exc).split())[:240]
+        if "config" in why.lower() and ("missing" in why.lower() or "available" in why.lower()):
+            fix = "name one as --dataset ID:CONFIG"
+        elif isinstance(exc, ConnectionError) or "offline" in why.lower():
+            fix = "offline, a hub dataset loads only from its cache; pass a .jsonl/.json/.csv/.parquet file or a folder"
+        else:
+            fix = "pass a hub id (ID or ID:CONFIG), a .jsonl/.json/.csv/.parquet file or a folder"
+        fail(f"cannot load dataset {dataset!r}: {type(exc).__name__}: {why}; {fix}")
+    wanted = fields.split_name(split)
+    if wanted in splits:
+        return to_records(list(splits[wanted]), fields, f"{dataset} [{wanted}]")
+    if wanted != split or fields.train_split not in splits:
+        _named_split_missing(repr(dataset), split if wanted != split else "train", fields, list(splits))
+    return _held_out(to_records(list(splits[fields.train_split]), fields, f"{dataset} [{fields.train_split}]"),
+                     split, dataset)

@@ -100,6 +100,12 @@ def test_trl_keys_map_onto_ours_and_the_batch_arithmetic_is_printed(tmp_path, ca
     # the processes count: under torchrun, WORLD_SIZE of them share the step's completions
     assert resolve_keys({"per_device_train_batch_size": 8, "num_generations": 16},
                         {"prompts_per_step": ("--prompts_per_step", 4)}, processes=4).values["prompts_per_step"] == 2
+    # the `trl grpo` script's dataset keys: a configuration and the splits
+    trl_data = tmp_path / "data.yaml"
+    trl_data.write_text("dataset_name: openai/gsm8k\ndataset_config: main\ndataset_train_split: train\n"
+                        "dataset_test_split: validation\n")
+    cfg = parse_flags(GRPOConfig, ["--config", str(trl_data)], None)[0]
+    assert (cfg.dataset, cfg.train_split, cfg.test_split) == ("openai/gsm8k:main", "train", "validation")
     sft = tmp_path / "sft.yaml"
     sft.write_text("output_dir: runs/s\nper_device_train_batch_size: 16\ngradient_accumulation_steps: 2\n")
     cfg = parse_flags(SFTConfig, ["--config", str(sft)], None)[0]

@@ -360,3 +360,57 @@ def test_a_gold_fraction_is_taken_exactly_or_refused_in_one_line(cell, value):
         assert "\n" not in str(info.value)
     else:
         assert parse_number(as_records(rows, Fields(), "rows")[0]["answer"]) == value
+
+
+def _two_configs(folder):
+    """A dataset folder with two configurations (as a hub dataset such as openai/gsm8k has: main, socratic),
+    `main` with train and validation splits."""
+    for config, splits in (("main", ("train", "validation")), ("other", ("train",))):
+        (folder / config).mkdir(parents=True)
+        for split in splits:
+            rows = [{"question": f"{config} {split} {i}?", "answer": str(i)} for i in range(1, 6)]
+            (folder / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries = "".join(f"- config_name: {c}\n  data_files:\n" + "".join(
+        f"  - split: {s}\n    path: {c}/{s}.jsonl\n" for s in splits)
+        for c, splits in (("main", ("train", "validation")), ("other", ("train",))))
+    (folder / "README.md").write_text(f"---\nconfigs:\n{entries}---\n")
+
+
+def test_a_dataset_configuration_and_its_splits_are_named(tmp_path):
+    """`--dataset ID:CONFIG` picks a configuration; --train_split/--test_split name the splits; what fails
+    is said as it is (a configuration to name, a split it lacks), never as an unreachable hub."""
+    from data.tables import load_hub
+
+    _two_configs(tmp_path / "ds")
+    ds = str(tmp_path / "ds")
+    with pytest.raises(UserError, match=r"^cannot load dataset '.*ds': ValueError: Config name is missing\. .*"
+                                        r"\['main', 'other'\].*; name one as --dataset ID:CONFIG$"):
+        load_hub(ds, "train", Fields())
+    assert load_hub(f"{ds}:other", "train", Fields())[0]["question"] == "other train 1?"
+    held = load_hub(f"{ds}:main", "test", Fields(test_split="validation"))
+    assert [r["question"] for r in held] == [f"main validation {i}?" for i in range(1, 6)]
+    with pytest.raises(UserError, match=r"^--test_split dev: '.*ds:main' has no such split \(it has train, "
+                                        r"validation\)$"):
+        load_hub(f"{ds}:main", "test", Fields(test_split="dev"))
+    with pytest.raises(UserError, match=r"^--train_split/--test_split name a hub dataset's or a folder's splits; "
+                                        r"gsm8k's are train and test$"):
+        load_records("gsm8k", "test", fields=Fields(test_split="validation"))
+
+
+def test_an_unreachable_hub_is_said_as_such(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from data.tables import load_hub
+
+    with pytest.raises(UserError, match=r"^cannot load dataset 'openai/gsm8k:main': .*; offline, a hub dataset loads "
+                                        r"only from its cache"):
+        load_hub("openai/gsm8k:main", "train", Fields())
+
+
+def test_a_folders_split_files_are_named_too(tmp_path):
+    (tmp_path / "training.jsonl").write_text(json.dumps({"question": "q?", "answer": "1"}) + "\n")
+    (tmp_path / "dev.csv").write_text("question,answer\nd?,2\n")
+    fields = Fields(train_split="training", test_split="dev")
+    assert load_records(str(tmp_path), "train", fields=fields)[0]["question"] == "q?"
+    assert load_records(str(tmp_path), "test", fields=fields)[0]["question"] == "d?"
+    with pytest.raises(UserError, match=r"^--test_split val: .* has no such split \(it has dev, training\)$"):
+        load_records(str(tmp_path), "test", fields=Fields(train_split="training", test_split="val"))
