@@ -50,7 +50,7 @@ from grpo.config import GRPOConfig
 from grpo.groups import completion_rows, dynamic_groups, thinking_spans
 from grpo.loss import LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
 from grpo.policy import Policy
-from grpo.record import StepStats
+from grpo.record import StepStats, completion_groups
 from rewards.functions import TrainerState
 
 LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss")  # summed with the loss weights; others by tokens
@@ -212,10 +212,10 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped
     logged = None
-    if cfg.log_completions != "0":
+    if completion_groups(cfg) != 0:
         mine = slice(dist.rank * B, (dist.rank + 1) * B)
         logged = completion_rows(policy, groups, step + 1, rewards[mine], all_advantages[mine], went_through.tolist(),
-                                 None if cfg.log_completions == "all" else int(cfg.log_completions))
+                                 completion_groups(cfg))
     return StepStats(sums=sums, entropy_sum=entropy_sum, entropy_tokens=entropy_tokens, backward_rows=backward_rows,
                      num_items=num_items, rewards=rewards, reward_parts=parts, advantages=all_advantages,
                      lengths=[len(c) for c in completions], truncated=groups.truncated, grad_norm=grad_norm,
