@@ -334,3 +334,12 @@ def test_print_completions_shows_k_completions_with_their_rewards_each_step(tmp_
     assert len(shown) == 3 and all(re.match(r"  reward -?\d\.\d{3} \(numeric \d\.\d{3}, format \d\.\d{3}\), "
                                             r"advantage [+-]\d\.\d{3}", s) for s in shown)
     assert not (tmp_path / "p" / "completions.jsonl").exists()
+
+
+def test_entropy_controls_train_and_log(tmp_path):
+    """--top_entropy_quantile 0.2 and --entropy_coef 0.01 run a step; the bonus is logged as entropy_loss
+    (negative: it lowers the loss) and grpo_loss adds it to the policy and KL terms."""
+    train_grpo(quick(tmp_path / "e", top_entropy_quantile=0.2, entropy_coef=0.01, beta=0.04))
+    (line,) = read_log(tmp_path / "e")
+    assert line["entropy_loss"] < 0
+    assert line["grpo_loss"] == pytest.approx(line["policy_loss"] + line["kl_loss"] + line["entropy_loss"], abs=1e-6)
