@@ -35,6 +35,7 @@ TRL_RENAMED = {
     "num_completions_to_print": "print_completions",
     "dataset_train_split": "train_split",
     "dataset_test_split": "test_split",
+    "lr_scheduler_type": "lr_decay",  # its value through TRL_VALUES first
 }
 
 _COMPUTE = "compute runs under bf16 autocast on CUDA and in fp32 on the CPU, whatever this says"
@@ -113,7 +114,6 @@ TRL_VALUES: dict[str, Callable[[Any], Any]] = {
     "chat_template_kwargs": lambda v: json.dumps(v) if isinstance(v, dict) else v,
     "lr_scheduler_type": lambda v: {"constant_with_warmup": "constant", "cosine_with_min_lr": "cosine"}.get(v, v),
 }
-TRL_RENAMED["lr_scheduler_type"] = "lr_decay"
 
 
 def _reward_spec(name: Any) -> Any:

@@ -17,7 +17,7 @@ class DataFlags:
                                  "openai/gsm8k:main)", group=DATA)
     train_split: str = flag("train", "the split to train on (a hub dataset's, or a folder's <name>.<ext> file)",
                             group=DATA)
-    test_split: str = flag("test", "the held-out split (evals); when the dataset has no 'test', a seeded 10% of the "
+    test_split: str = flag("test", "the held-out split (evals); when the dataset has no 'test', a seeded 10%% of the "
                                    "train split is held out", group=DATA)
     data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
                                 group=DATA)
