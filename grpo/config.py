@@ -69,7 +69,7 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
                                             "(the \"80/20\" high-entropy-token rule; TRL's top_entropy_quantile): 0.2 "
                                             "keeps the top 20%%; 1.0 keeps all", above=0, high=1, group=LOSS)
     entropy_coef: float = flag(0.0, "entropy bonus: the loss subtracts this times the tokens' entropy (aggregated "
-                                    "as --loss_type says); 0: none", group=LOSS)
+                                    "as --loss_type says); 0: none", low=0, group=LOSS)
     num_iterations: int = flag(1, "mu: updates per rollout (old logprobs kept)", low=1, group=LOSS)
     importance_sampling_level: str = flag("token", "token: one ratio per token (GRPO); sequence: one per completion, "
                                                    "the mean of its tokens' log-ratios (GSPO)", choices=IS_LEVELS,
