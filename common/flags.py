@@ -92,8 +92,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             groups[meta["group"]] = parser.add_argument_group(meta["group"])
         add = groups[meta["group"]].add_argument
         base, help_text = _base_type(hint), meta["help"]
-        if base is bool:
-            add(flag_name(f.name, meta), dest=f.name, action="store_false" if f.default else "store_true",
+        if base is bool:  # `--resume` alone, or `--resume true|false` (as TRL's `--gradient_checkpointing True`)
+            add(flag_name(f.name, meta), dest=f.name, nargs="?", const=not f.default, default=f.default,
+                type=_switch(flag_name(f.name, meta), f.default), metavar="true|false",
                 help=f"turns off: {help_text}" if f.default else help_text)
             continue
         if typing.get_origin(base) is tuple:  # several values: `--reward a --reward b`, or `--weights 1 0.1`
@@ -149,6 +150,21 @@ def _parser_type(base: type) -> Any:
         except ValueError:
             return _Unparsed(text)
     convert.__name__ = base.__name__
+    return convert
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _switch(name: str, default: bool) -> Any:
+    """argparse's type of a switch's optional value: `true`/`false` (any case); a `--no_X` switch (a True
+    default) turns its field off for true."""
+    def convert(text: str) -> bool:
+        word = text.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            fail(f"{name} takes true or false, or nothing (got {text!r})")
+        return (word in TRUE_WORDS) != default
+    convert.__name__ = "bool"
     return convert
 
 
@@ -219,15 +235,21 @@ def read_config(path: str, cls: type) -> dict[str, Any]:
         fail(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(exc).splitlines()[0]})")
     if not isinstance(data, dict):
         fail(f"--config {path}: expected a mapping of setting names to values")
+    from common.config_keys import resolve_keys
+
     hints = {f.name: hint for f, meta, hint in _fields(cls) if meta["cli"]}
-    out = {}
-    for key, value in data.items():
-        if key in RUN_CONFIG_KEYS or key == "config":
-            continue
-        if key not in hints:
-            whose = f"; it is a {data['stage']} run's config" if "stage" in data else ""
-            fail(f"--config {path}: unknown key {key!r} (not a setting of {cls.__name__}{whose}; see --help)")
-        out[key] = _from_file(path, key, value, hints[key])
+    spelled = {f.name: (flag_name(f.name, meta), f.default) for f, meta, _ in _fields(cls) if meta["cli"]}
+    try:  # our field names, the flags as --help spells them, and TRL's keys: one resolution (common/config_keys.py)
+        keys = resolve_keys({k: v for k, v in data.items() if k not in RUN_CONFIG_KEYS and k != "config"}, spelled)
+    except UserError as exc:
+        fail(f"--config {path}: {exc}")
+    if keys.unknown:
+        whose = f"; it is a {data['stage']} run's config" if "stage" in data else ""
+        fail(f"--config {path}: unknown key {keys.unknown[0]!r} (not a setting of {cls.__name__}, nor a TRL key "
+             f"with a counterpart{whose}; see --help)")
+    for note in keys.notes:
+        print(f"note: {path}: {note}", flush=True)
+    out = {key: _from_file(path, key, value, hints[key]) for key, value in keys.values.items()}
     try:
         check(cls(**out))
     except UserError as exc:

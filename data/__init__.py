@@ -21,6 +21,11 @@ def load_records(
 ) -> list[Record]:
     """Records of `dataset` for `split` ('train' or 'test'): 'gsm8k', 'synthetic', a local data file or
     folder, or a hub dataset id (data/tables.py), the first `max_samples` of them."""
+    if fields is not None and (dataset == "gsm8k" or dataset.split(":")[0] == "synthetic") and \
+            (fields.train_split, fields.test_split) != ("train", "test"):
+        from common.errors import fail
+
+        fail(f"--train_split/--test_split name a hub dataset's or a folder's splits; {dataset}'s are train and test")
     if dataset == "gsm8k":
         return load_gsm8k(split, data_dir=data_dir, max_samples=max_samples)
     if dataset == "synthetic" or dataset.startswith("synthetic:"):

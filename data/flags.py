@@ -15,7 +15,12 @@ DATA, PROMPT = "data", "prompt (shared by SFT, GRPO and eval; saved beside the m
 @dataclass
 class DataFlags:
     dataset: str = flag("gsm8k", "gsm8k, synthetic (offline), a data file (.jsonl/.json/.csv/.parquet), a folder "
-                                 "with train/test files, or a hub dataset id", group=DATA)
+                                 "with train/test files, or a hub dataset id (ID:CONFIG names a configuration: "
+                                 "openai/gsm8k:main)", group=DATA)
+    train_split: str = flag("train", "the split to train on (a hub dataset's, or a folder's <name>.<ext> file)",
+                            group=DATA)
+    test_split: str = flag("test", "the held-out split (evals); when the dataset has no 'test', a seeded 10%% of the "
+                                   "train split is held out", group=DATA)
     data_dir: str | None = flag(None, "folder with GSM8K's jsonl files (default: $GSM8K_DIR, else the hub)",
                                 group=DATA, on_resume="may")
     question_field: str = flag("question", "the dataset's question column", group=DATA)
@@ -40,7 +45,10 @@ class DataFlags:
     )
 
     def fields(self) -> Fields:
-        return Fields(self.question_field, self.answer_field, self.solution_field)
+        # gold in LaTeX is an answer only when a reward that reads LaTeX scores it
+        latex = "math_verify" in (getattr(self, "reward", None) or ())
+        return Fields(self.question_field, self.answer_field, self.solution_field, latex, self.train_split,
+                      self.test_split)
 
 
 def _thinking_off(flags: Any) -> bool:

@@ -9,6 +9,7 @@ from typing import TypedDict
 
 from common.errors import fail
 from rewards import parse_number
+from rewards.numeric import NUMBER_FORMS
 
 SPLITS = ("train", "test")
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
@@ -28,7 +29,7 @@ def final_answer(solution: str) -> str:
         raise ValueError("solution has no '####' final answer")
     final = solution.rsplit("####", 1)[1].strip()
     if parse_number(final) is None:
-        raise ValueError(f"the solution's '####' is followed by {final[:40]!r}, not a number")
+        raise ValueError(f"the solution's '####' is followed by {final[:40]!r}, not a number; {NUMBER_FORMS}")
     return final
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import fail
 from data.gsm8k import Record, final_answer
 from rewards import parse_number
+from rewards.numeric import NUMBER_FORMS
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 CANONICAL = ("question", "answer", "solution")  # a record's own names; a column under one is not repeated
@@ -32,6 +33,13 @@ class Fields:
     question: str = "question"
     answer: str = "answer"
     solution: str = "answer"  # GSM8K's answer column is its worked solution
+    latex: bool = False  # gold answers may be LaTeX (`\frac{3}{4}`, a solution's last `\boxed{}`): --reward math_verify
+    train_split: str = "train"  # the split names of a hub dataset or a folder's files (--train_split, --test_split)
+    test_split: str = "test"
+
+    def split_name(self, split: str) -> str:
+        """The dataset's own name for our 'train' or 'test' split."""
+        return self.train_split if split == "train" else self.test_split
 
 
 def is_table_source(dataset: str) -> bool:
@@ -76,18 +84,29 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _answer(value: Any, where: str) -> tuple[str, str | None]:
-    """(final answer, worked solution or None) from an answer cell: a number, or text ending in '#### N'."""
+def _answer(value: Any, where: str, latex: bool = False) -> tuple[str, str | None]:
+    """(final answer, worked solution or None) from an answer cell: a number, or text ending in '#### N';
+    with `latex`, also an answer math-verify reads (`\\frac{3}{4}`) or a solution ending in `\\boxed{...}`."""
     if isinstance(value, bool) or value is None:
         fail(f"{where}: {value!r} is not a number (nor a solution ending in '#### N')")
     text = str(value).strip()
+    after = text.rsplit("####", 1)[1] if "####" in text else text
+    if latex and parse_number(after) is None:  # not a number: LaTeX, a `\boxed{}` answer first
+        from rewards.latex import gold_answer, last_boxed
+
+        final = gold_answer(text if last_boxed(text) else after)
+        if final is None:
+            fail(f"{where}: math-verify reads no answer in {text[:40]!r} (a number, LaTeX such as \\frac{{3}}{{4}}, or "
+                 f"a solution ending in \\boxed{{...}})")
+        return final, text if final != text else None
     if "####" in text:
         try:
             return final_answer(text), text
         except ValueError as exc:
             fail(f"{where}: {exc}")
     if parse_number(text) is None:
-        fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N')")
+        fail(f"{where}: {text[:40]!r} is not a number (nor a solution ending in '#### N'); {NUMBER_FORMS}; "
+             f"LaTeX answers (\\frac, \\boxed) with --reward math_verify")
     return text, None
 
 
@@ -103,7 +122,7 @@ def to_records(rows: list[dict[str, Any]], fields: Fields, source: str) -> list[
         question = row[fields.question]
         if not isinstance(question, str) or not question.strip():
             fail(f"{source}: row {n}, column {fields.question!r}: the question is empty or not text")
-        answer, solution = _answer(row[fields.answer], f"{source}: row {n}, column {fields.answer!r}")
+        answer, solution = _answer(row[fields.answer], f"{source}: row {n}, column {fields.answer!r}", fields.latex)
         if fields.solution != fields.answer:
             cell = row.get(fields.solution)
             solution = cell.strip() if isinstance(cell, str) and "####" in cell else None
@@ -144,31 +163,59 @@ def _held_out(records: list[Record], split: str, source: str) -> list[Record]:
     return [records[i] for i in chosen]
 
 
+def _named_split_missing(source: str, split: str, fields: Fields, has: list[str]) -> None:
+    """A split the user named (not our default) that the dataset lacks: one line listing what it has."""
+    fail(f"--{split}_split {fields.split_name(split)}: {source} has no such split (it has {', '.join(has) or 'none'})")
+
+
 def load_table(dataset: str, split: str, fields: Fields) -> list[Record]:
-    """`split` of a local file or folder: a folder's `{split}.<ext>`, or a held-out share."""
+    """`split` of a local file or folder: a folder's `{split}.<ext>` (named by --train_split/--test_split),
+    or a held-out share."""
     path = Path(dataset).expanduser()
     if path.is_dir():
-        found = _split_files(path, split)
+        found = _split_files(path, fields.split_name(split))
         if found is not None:
             return to_records(_read_rows(found), fields, str(found))
-        train = _split_files(path, "train")
+        if fields.split_name(split) != split:
+            _named_split_missing(str(path), split, fields, sorted({f.stem for f in path.iterdir()
+                                                                   if f.suffix in EXTENSIONS}))
+        train = _split_files(path, fields.train_split)
         if train is None:
             fail(f"{path} holds no train file (train{'/train'.join(EXTENSIONS)})")
         return _held_out(to_records(_read_rows(train), fields, str(train)), split, str(train))
     return _held_out(to_records(_read_rows(path), fields, str(path)), split, str(path))
 
 
+def hub_id(dataset: str) -> tuple[str, str | None]:
+    """(dataset id, configuration or None) of `--dataset ID` or `--dataset ID:CONFIG` (openai/gsm8k:main)."""
+    name, _, config = dataset.partition(":")
+    return name, config or None
+
+
 def load_hub(dataset: str, split: str, fields: Fields) -> list[Record]:
-    """A hub dataset's `split` through `datasets` (offline: from its cache); a missing test split is held out."""
+    """A hub dataset's `split` through `datasets` (offline: from its cache), `ID:CONFIG` naming one of its
+    configurations; a missing test split is held out. What failed is said as it is (a configuration to
+    name, the hub out of reach, an unknown id), in one line."""
+    name, config = hub_id(dataset)
     try:
         import datasets
-
-        splits = datasets.load_dataset(dataset)
-    except Exception as exc:  # noqa: BLE001 - unreachable hub, no cache, unknown id: the same fix
-        fail(f"cannot load dataset {dataset!r}: not a local file or folder, and the hub ({type(exc).__name__}) "
-             f"did not give it; pass a .jsonl/.json/.csv/.parquet file or a folder")
-    if split in splits:
-        return to_records(list(splits[split]), fields, f"{dataset} [{split}]")
-    if "train" not in splits:
-        fail(f"dataset {dataset!r} has no {split!r} or 'train' split (it has {', '.join(splits)})")
-    return _held_out(to_records(list(splits["train"]), fields, f"{dataset} [train]"), split, dataset)
+    except ImportError:
+        fail(f"--dataset {dataset}: a hub dataset needs the datasets package: pip install datasets")
+    try:
+        splits = datasets.load_dataset(name, config)
+    except Exception as exc:  # noqa: BLE001 - said as it is, with the fix for the usual causes
+        why = " ".join(str(exc).split())[:240]
+        if "config" in why.lower() and ("missing" in why.lower() or "available" in why.lower()):
+            fix = "name one as --dataset ID:CONFIG"
+        elif isinstance(exc, ConnectionError) or "offline" in why.lower():
+            fix = "offline, a hub dataset loads only from its cache; pass a .jsonl/.json/.csv/.parquet file or a folder"
+        else:
+            fix = "pass a hub id (ID or ID:CONFIG), a .jsonl/.json/.csv/.parquet file or a folder"
+        fail(f"cannot load dataset {dataset!r}: {type(exc).__name__}: {why}; {fix}")
+    wanted = fields.split_name(split)
+    if wanted in splits:
+        return to_records(list(splits[wanted]), fields, f"{dataset} [{wanted}]")
+    if wanted != split or fields.train_split not in splits:
+        _named_split_missing(repr(dataset), split if wanted != split else "train", fields, list(splits))
+    return _held_out(to_records(list(splits[fields.train_split]), fields, f"{dataset} [{fields.train_split}]"),
+                     split, dataset)

@@ -18,6 +18,7 @@ from common.errors import fail, run_cli
 from common.flags import CUDA_GRAPHS, DEVICE, Rule, flag, parse_flags
 from data.flags import DataFlags
 from data.prompt import MAX_PROMPT_LENGTH
+from rewards.harness import SCORINGS
 
 
 @dataclass
@@ -47,6 +48,9 @@ class EvalArgs(DataFlags):
     continuous: bool = flag(True, "continuous batching: rows take the next prompt as soon as their completion ends "
                                   "(off: static batches of --batch_size prompts)", name="--static_batches")
     show_progress: bool = flag(True, "a progress bar on a terminal", name="--no_progress")
+    scoring: str = flag("numeric", "numeric: our reading (the last '####', numbers compared); harness: "
+                                   "lm-evaluation-harness's gsm8k strict-match and flexible-extract to the letter "
+                                   "(docs/eval.md), to compare with published figures", choices=SCORINGS)
 
     RULES: ClassVar[tuple[Rule, ...]] = (  # settings that contradict each other, checked with the ranges
         Rule(("num_samples", "temperature"), lambda c: c.num_samples > 1 and c.temperature <= 0 and (
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                                         top_k=args.top_k, min_p=args.min_p,
                                         show_progress=args.show_progress, cuda_graphs=graphs,
                                         max_prompt_length=args.max_prompt_length, shots=shots,
-                                        continuous=args.continuous, prompt_format=fmt)
+                                        continuous=args.continuous, prompt_format=fmt, scoring=args.scoring)
     if not dist.is_main:
         return
     summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size,

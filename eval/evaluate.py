@@ -20,7 +20,7 @@ from data.prompt import (
     thinking_span,
 )
 from eval.metrics import summarize
-from rewards import answers_match, extract_answer, extract_last_number
+from rewards import answers_match, extract_answer, extract_last_number, harness
 from sampling import sample
 
 
@@ -42,6 +42,7 @@ def evaluate(
     shots: Sequence[tuple[str, str]] = (),
     continuous: bool = True,
     prompt_format: PromptFormat = DEFAULT_FORMAT,
+    scoring: str = "numeric",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
     Two scores per completion: `correct` (strict: the number after the last `####`) and
@@ -51,7 +52,8 @@ def evaluate(
     summary's `prompts_skipped` (the scores are over the others). `continuous`: decode with continuous
     batching (sampling/continuous.py) where the model allows it. `prompt_format`: the prompt
     (data/prompt.py); with thinking on, answers are read after the thinking only, and the summary has
-    `thinking_tokens_mean` and `thinking_closed_rate`.
+    `thinking_tokens_mean` and `thinking_closed_rate`. `scoring`: `numeric` (ours) or `harness`
+    (lm-evaluation-harness's string rules: `score_answer`).
 
     Under torchrun each rank answers every world_size-th record; the scored answers are gathered so every
     rank returns the same summary and the predictions in record order (rank 0 writes them).
@@ -82,10 +84,8 @@ def evaluate(
         i = mine[j]
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
         answer = answer_text(completion, prompt_format)
-        extracted, last = extract_answer(answer), extract_last_number(answer)
-        gold = records[i]["answer"]
-        scored = {"extracted": extracted, "correct": answers_match(extracted, gold), "extracted_flexible": last,
-                  "correct_flexible": answers_match(last, gold), "truncated": truncated, "num_tokens": len(tokens)}
+        scored = {**score_answer(answer, records[i]["answer"], scoring), "truncated": truncated,
+                  "num_tokens": len(tokens)}
         if think is not None:
             scored["thinking_tokens"], scored["thinking_closed"] = thinking_span(tokens, think)
         scored_here.append((i, scored, completion))
@@ -102,11 +102,26 @@ def evaluate(
     wall = max(w for _, w in gathered)
     summary = summarize(groups, [r["answer"] for r in records])
     total_tokens = sum(s["num_tokens"] for g in groups for s in g)
+    if scoring != "numeric":
+        summary["scoring"] = scoring
     summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
                    max_new_tokens=max_new_tokens, prompts_skipped=skipped, prompt_format=prompt_format.to_json())
     if think is not None:
         summary.update(thinking_fields([(s["thinking_tokens"], s["thinking_closed"]) for g in groups for s in g]))
     return summary, predictions
+
+
+def score_answer(answer: str, gold: str, scoring: str = "numeric") -> dict[str, Any]:
+    """The strict and flexible reading of one answer and whether each is right: `numeric`, the number after
+    the last `####` and the last number in the text, compared as numbers (rewards/numeric.py); `harness`,
+    lm-evaluation-harness's strict-match and flexible-extract compared as strings (rewards/harness.py)."""
+    if scoring == "harness":
+        extracted, last = harness.strict(answer), harness.flexible(answer)
+        return {"extracted": extracted, "correct": harness.exact_match(extracted, gold), "extracted_flexible": last,
+                "correct_flexible": harness.exact_match(last, gold)}
+    extracted, last = extract_answer(answer), extract_last_number(answer)
+    return {"extracted": extracted, "correct": answers_match(extracted, gold), "extracted_flexible": last,
+            "correct_flexible": answers_match(last, gold)}
 
 
 def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[str, Any]]) -> None:

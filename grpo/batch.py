@@ -93,13 +93,13 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
-                        share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        share_prompts: bool = True, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, C] of each completion token, their entropy or an empty tensor), from the forward
     `completion_logits` makes (prompts shared within groups), projected by the loss itself where
     `head_weight` allows, so neither the [B, C, V] logits nor their gradient is held."""
     weight = head_weight(model)
     out = _completion_forward(model, batch, share_prompts, hidden=weight is not None)
-    return logprobs_of(out, weight, batch.completion_ids, temperature, with_entropy)
+    return logprobs_of(out, weight, batch.completion_ids, temperature, with_entropy, entropy_grad)
 
 
 def completion_logits(model, batch: RolloutBatch, share_prompts: bool = True) -> torch.Tensor:

@@ -69,6 +69,11 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     loss_type: str = flag("dapo", "token aggregation (docs/training.md)", choices=LOSS_TYPES, group=LOSS)
     scale_rewards: str = flag("group", "divide advantages by the group's std, the batch's, or not",
                               choices=SCALES, group=LOSS)
+    top_entropy_quantile: float = flag(1.0, "train only on the highest-entropy share of each micro-batch's tokens "
+                                            "(the \"80/20\" high-entropy-token rule; TRL's top_entropy_quantile): 0.2 "
+                                            "keeps the top 20%%; 1.0 keeps all", above=0, high=1, group=LOSS)
+    entropy_coef: float = flag(0.0, "entropy bonus: the loss subtracts this times the tokens' entropy (aggregated "
+                                    "as --loss_type says); 0: none", low=0, group=LOSS)
     num_iterations: int = flag(1, "mu: updates per rollout (old logprobs kept)", low=1, group=LOSS)
     importance_sampling_level: str = flag("token", "token: one ratio per token (GRPO); sequence: one per completion, "
                                                    "the mean of its tokens' log-ratios (GSPO)", choices=IS_LEVELS,
@@ -98,6 +103,8 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
                                      "completions.jsonl and the trackers: question, answer, completion, rewards, "
                                      "advantage, whether it trained", text=(r"all|[0-9]+", "a number of groups or all"),
                                 group=RUN, on_resume="may")
+    print_completions: int = flag(0, "print this many completions a step to the console, each with its rewards and "
+                                     "advantage (as TRL's num_completions_to_print; 0: none)", low=0, group=RUN)
     mask_truncated_completions: bool = flag(False, "completions cut at --max_completion_length leave the loss and "
                                                    "its normalizers (they keep their rewards in the group's "
                                                    "statistics; logged as masked_rows)", group=LOSS)

@@ -128,6 +128,18 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
     return LOSS_TYPES_TABLE[loss_type].reduce(per_token, mask, rows, counts)
 
 
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """1.0 at the tokens of `mask` whose entropy is among the highest `quantile` share of theirs (at or
+    above their (1 - quantile) quantile), 0.0 elsewhere: [B, T]. The "80/20" high-entropy-token rule
+    (Wang et al., 2025; TRL's top_entropy_quantile), over the tokens given (a micro-batch)."""
+    keep = mask.bool()
+    values = entropy.detach()[keep].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask, dtype=entropy.dtype)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return ((entropy.detach() >= threshold) & keep).to(entropy.dtype)
+
+
 def loss_types_markdown() -> str:
     """The docs' table of loss types (docs/training.md holds it; a test keeps the two equal)."""
     lines = ["| `--loss_type` | the step's loss | micro-batches and ranks | exact split | from |",
@@ -200,6 +212,9 @@ def grpo_loss(
     sampler_logprobs: torch.Tensor | None = None,
     rollout_correction: str = "none",
     rollout_correction_cap: float = 2.0,
+    policy_mask: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `loss_type`.
 
@@ -217,6 +232,11 @@ def grpo_loss(
     (not "none") multiplies each token's surrogate (the policy term, not the KL) by its detached weight
     before the aggregation, so every loss type and importance-sampling level takes it and the
     micro-batches still add up as the table says. Capped ratios use `rollout_correction_cap`.
+    `policy_mask` [B, T] (--top_entropy_quantile, `high_entropy_mask`): only its tokens keep their
+    surrogate; the KL term and every normalizer still count all of `mask`'s tokens (as TRL does).
+    `entropy` [B, T], differentiable, with `entropy_coef` != 0 (--entropy_coef): the loss subtracts
+    entropy_coef times the entropy, aggregated like the surrogate (an exploration bonus); the metrics then
+    add `entropy_loss` (that term, already negative for a bonus) to what `grpo_loss` sums.
     """
     mask = mask.to(logprobs.dtype)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -235,6 +255,8 @@ def grpo_loss(
                                        rollout_correction_cap)
         if weights is not None:
             surrogate = surrogate * weights.to(surrogate.dtype)
+    if policy_mask is not None:
+        surrogate = surrogate * policy_mask.to(surrogate.dtype)
     agg = dict(mask=mask, loss_type=loss_type, max_completion_length=max_completion_length,
                num_items_in_batch=num_items_in_batch, counts=counts)
     policy_loss = aggregate(surrogate, **agg)
@@ -249,6 +271,12 @@ def grpo_loss(
         kl_loss = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
         mean_kl = torch.zeros_like(kl_loss)
     loss = policy_loss + kl_loss
+    entropy_loss = None
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy is required when entropy_coef != 0")
+        entropy_loss = -entropy_coef * aggregate(entropy.to(logprobs.dtype), **agg)
+        loss = loss + entropy_loss
     with torch.no_grad():
         low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
         high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
@@ -262,6 +290,8 @@ def grpo_loss(
             "clip_ratio_region": masked_mean(torch.maximum(low, high), mask),
             **drift,
         }
+        if entropy_loss is not None:
+            metrics["entropy_loss"] = entropy_loss.detach()
     return loss, metrics if as_tensors else {k: v.item() for k, v in metrics.items()}
 
 

@@ -121,3 +121,26 @@ def drift_fields(sums: dict[str, float], maxima: dict[str, float], n_iter: int) 
             **{k: int(round(sums[k])) // n_iter for k in ("rollout_correction_truncated_tokens",
                                                           "rollout_correction_masked_tokens",
                                                           "rollout_correction_masked_rows")}}
+
+
+def completion_groups(cfg: GRPOConfig) -> int | None:
+    """How many groups of a step's completions to keep rows of, for --log_completions and
+    --print_completions: None for all, 0 for none."""
+    if cfg.log_completions == "all":
+        return None
+    shown = -(-cfg.print_completions // cfg.num_generations)  # groups that hold the printed completions
+    return max(int(cfg.log_completions), shown)
+
+
+def shown_completions(rows: list[dict[str, Any]], step: int, width: int = 300) -> str:
+    """--print_completions' console block: each completion (newlines as a visible mark, cut at `width`
+    characters) under its question and gold answer, with every reward, their sum and its advantage."""
+    lines = [f"completions at step {step} ({len(rows)}):"]
+    for row in rows:
+        parts = ", ".join(f"{k[len('reward_'):]} {'-' if v is None else f'{v:.3f}'}" for k, v in row.items()
+                          if k.startswith("reward_"))
+        text = row["completion"].replace("\n", " \u23ce ")
+        lines.append(f"  reward {row['reward']:.3f} ({parts}), advantage {row['advantage']:+.3f}"
+                     f"{', truncated' if row['truncated'] else ''} | gold {row['answer']} | {row['question'][:80]}")
+        lines.append(f"    {text[:width]}{' ...' if len(text) > width else ''}")
+    return "\n".join(lines)

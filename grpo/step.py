@@ -53,12 +53,20 @@ from common.timing import Timer
 from grpo.batch import RolloutBatch, completion_logprobs, pack
 from grpo.config import GRPOConfig
 from grpo.groups import completion_rows, dynamic_groups, thinking_spans
-from grpo.loss import DRIFT_MAXES, DRIFT_SUMS, LOSS_TYPES_TABLE, Counts, group_advantages, grpo_loss
+from grpo.loss import (
+    DRIFT_MAXES,
+    DRIFT_SUMS,
+    LOSS_TYPES_TABLE,
+    Counts,
+    group_advantages,
+    grpo_loss,
+    high_entropy_mask,
+)
 from grpo.policy import Policy
-from grpo.record import StepStats
+from grpo.record import StepStats, completion_groups
 from rewards.functions import TrainerState
 
-LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss")  # summed with the loss weights; others by tokens
+LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss", "entropy_loss")  # summed with the loss weights; others by tokens
 
 
 @torch.no_grad()
@@ -95,18 +103,32 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, old_logprobs: torch
     has used them, not held through the model's whole backward."""
     with no_sync_unless(train_model, sync=sync):
         with autocast():
-            logp, entropy = completion_logprobs(train_model, mb, cfg.temperature, with_entropy=True)
+            logp, entropy = completion_logprobs(train_model, mb, cfg.temperature, with_entropy=True,
+                                                entropy_grad=cfg.entropy_coef != 0.0)
+        entropy_terms = entropy_options(cfg, entropy, mb.completion_mask)  # {} at the defaults
         loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mb.completion_mask, beta=cfg.beta,
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                   importance_sampling_level=cfg.importance_sampling_level, counts=counts,
                                   as_tensors=True, sampler_logprobs=mb.sampler_logprobs,
                                   rollout_correction=cfg.rollout_correction,
-                                  rollout_correction_cap=cfg.rollout_correction_cap)
+                                  rollout_correction_cap=cfg.rollout_correction_cap,
+                                  **entropy_terms)
         (loss * scale).backward()
     # every figure of the micro-batch read back at once, after the backward is queued: one sync
-    *values, entropy_sum = torch.stack([*metrics.values(), (entropy * mb.completion_mask).sum()]).tolist()
+    *values, entropy_sum = torch.stack([*metrics.values(), (entropy.detach() * mb.completion_mask).sum()]).tolist()
     return dict(zip(metrics, values)), entropy_sum
+
+
+def entropy_options(cfg: GRPOConfig, entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """grpo_loss's entropy arguments: --top_entropy_quantile's mask of high-entropy tokens (below 1.0) and
+    --entropy_coef's bonus (not 0); none at the defaults, so the default loss is today's, bit for bit."""
+    out: dict[str, Any] = {}
+    if cfg.top_entropy_quantile < 1.0:
+        out["policy_mask"] = high_entropy_mask(entropy, mask, cfg.top_entropy_quantile)
+    if cfg.entropy_coef != 0.0:
+        out.update(entropy=entropy, entropy_coef=cfg.entropy_coef)
+    return out
 
 
 def no_grad_micro_batch(cfg: GRPOConfig, device: str) -> int:
@@ -188,7 +210,9 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     sums: dict[str, float] = {}
     drift_sums, drift_max = dict.fromkeys(DRIFT_SUMS, 0.0), dict.fromkeys(DRIFT_MAXES, -math.inf)
     entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
-    skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and W == 1  # under DDP every rank runs every backward
+    # rows with advantage 0 still carry a gradient with a KL term or an entropy bonus; under DDP every rank
+    # runs every backward
+    skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and cfg.entropy_coef == 0.0 and W == 1
     drop = live_host if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
     loss_type = LOSS_TYPES_TABLE[cfg.loss_type]
     went_through = torch.zeros(B, dtype=torch.bool)  # the rows of any update's backward (completions.jsonl)
@@ -226,10 +250,10 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, sums.get("grpo_loss", 0.0))
             skipped += was_skipped
     logged = None
-    if cfg.log_completions != "0":
+    if completion_groups(cfg) != 0:
         mine = slice(dist.rank * B, (dist.rank + 1) * B)
         logged = completion_rows(policy, groups, step + 1, rewards[mine], all_advantages[mine], went_through.tolist(),
-                                 None if cfg.log_completions == "all" else int(cfg.log_completions))
+                                 completion_groups(cfg))
     return StepStats(sums=sums, entropy_sum=entropy_sum, entropy_tokens=entropy_tokens, backward_rows=backward_rows,
                      num_items=num_items, rewards=rewards, reward_parts=parts, advantages=all_advantages,
                      lengths=[len(c) for c in completions], truncated=groups.truncated, grad_norm=grad_norm,

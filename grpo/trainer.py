@@ -27,7 +27,7 @@ from grpo.config import GRPOConfig
 from grpo.memory import LedgerSettings, check_fit
 from grpo.policy import Policy
 from grpo.prompt_order import extra_prompts, step_prompts
-from grpo.record import step_record
+from grpo.record import shown_completions, step_record
 from grpo.step import grpo_step
 from rewards.functions import TrainerState
 from sampling.cuda_graphs import DecodeGraphs, use_cuda_graphs
@@ -232,8 +232,11 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         run.write(record)
         if stats.completions_log is not None:  # every rank's rows, once, in rank order
             rows = [r for rank_rows in dist.gather_objects(stats.completions_log) for r in rank_rows]
-            n = None if cfg.log_completions == "all" else int(cfg.log_completions) * cfg.num_generations
-            run.write_completions(rows[:n], step)
+            if cfg.log_completions != "0":
+                n = None if cfg.log_completions == "all" else int(cfg.log_completions) * cfg.num_generations
+                run.write_completions(rows[:n], step)
+            if cfg.print_completions and dist.is_main:
+                tqdm.write(shown_completions(rows[: cfg.print_completions], step))
         bar.update(step, reward=f"{record['reward_mean']:.3f}", zero_signal=f"{record['frac_reward_zero_std']:.2f}",
                    s_step=f"{record['time_per_step_s']:.2f}",
                    **({"eval_accuracy": f"{record['eval_accuracy']:.3f}"} if "eval_accuracy" in record else {}))

@@ -30,7 +30,7 @@ class _SelectedLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, temperature, chunk, with_entropy):  # noqa: ANN001, ANN205
+    def forward(ctx, logits, ids, temperature, chunk, with_entropy, entropy_grad=False):  # noqa: ANN001, ANN205
         V = logits.shape[-1]
         z, idx = logits.reshape(-1, V), ids.reshape(-1, 1)
         dtype = _compute_dtype(logits.dtype)
@@ -47,23 +47,44 @@ class _SelectedLogSoftmax(torch.autograd.Function):
             logp[s: s + chunk] = d.gather(-1, idx[s: s + chunk]).squeeze(-1) - log_total
             if with_entropy:  # H = -sum p log p = log_total - sum e * d / total
                 entropy[s: s + chunk] = log_total - e.mul_(d).sum(-1) / total
-        ctx.save_for_backward(logits, ids, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(logits, ids, lse, entropy if entropy_grad else entropy.new_empty(0))
+        ctx.temperature, ctx.chunk, ctx.entropy_grad = temperature, chunk, entropy_grad and with_entropy
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
-        logits, ids, lse = ctx.saved_tensors
+        logits, ids, lse, entropy = ctx.saved_tensors
         T, chunk, V = ctx.temperature, ctx.chunk, logits.shape[-1]
         z, idx = logits.reshape(-1, V), ids.reshape(-1, 1)
         g = (grad_logp.reshape(-1, 1) / T).to(lse.dtype)
+        ge = _entropy_grad(ctx, grad_entropy, T, lse)
         grad = torch.empty_like(z)
         for s in range(0, z.shape[0], chunk):
-            p = (z[s: s + chunk].to(lse.dtype) / T).sub_(lse[s: s + chunk, None]).exp_()  # softmax(z / T)
-            p.mul_(-g[s: s + chunk]).scatter_add_(-1, idx[s: s + chunk], g[s: s + chunk])
+            if ge is not None:
+                log_p = (z[s: s + chunk].to(lse.dtype) / T).sub_(lse[s: s + chunk, None])
+                p = _entropy_dz(log_p, g[s: s + chunk], ge[s: s + chunk], entropy[s: s + chunk])
+                p.scatter_add_(-1, idx[s: s + chunk], g[s: s + chunk])
+            else:
+                p = (z[s: s + chunk].to(lse.dtype) / T).sub_(lse[s: s + chunk, None]).exp_()  # softmax(z / T)
+                p.mul_(-g[s: s + chunk]).scatter_add_(-1, idx[s: s + chunk], g[s: s + chunk])
             grad[s: s + chunk] = p
-        return grad.view_as(logits), None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None
+
+
+def _entropy_grad(ctx, grad_entropy, T, lse):  # noqa: ANN001, ANN202
+    """The entropy's incoming gradient over T ([N, 1]), or None when the entropy is a metric only."""
+    if not ctx.entropy_grad or grad_entropy is None:
+        return None
+    return (grad_entropy.reshape(-1, 1) / T).to(lse.dtype)
+
+
+def _entropy_dz(log_p, g, ge, entropy):  # noqa: ANN001, ANN202
+    """A chunk's gradient in z (before the chosen ids' +g) when the entropy takes a gradient too: -p g for
+    the log-probs, and dH/dz = -p (log p + H) / T times the entropy's incoming gradient (`ge`, over T)."""
+    p = log_p.exp()
+    return -p * (g + ge * (log_p + entropy[:, None]))
 
 
 class _ProjectedLogSoftmax(torch.autograd.Function):
@@ -79,7 +100,8 @@ class _ProjectedLogSoftmax(torch.autograd.Function):
     in fp32. dz = (onehot(id) - softmax) * g / T; d hidden = dz @ weight, d weight = dz.T @ hidden."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, chunk, with_entropy, dtype):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, ids, temperature, chunk, with_entropy, dtype,  # noqa: ANN001, ANN205
+                entropy_grad=False):
         N, V, cdtype = hidden.shape[0], weight.shape[0], _compute_dtype(dtype)
         top = torch.full((N,), float("-inf"), dtype=cdtype, device=hidden.device)
         total, weighted, target = (torch.zeros_like(top) for _ in range(3))
@@ -100,16 +122,19 @@ class _ProjectedLogSoftmax(torch.autograd.Function):
         lse = top + total.log()
         logp = target - lse
         entropy = lse - weighted / total if with_entropy else logp.new_empty(0)  # -sum p (z - lse)
-        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.save_for_backward(hidden, weight, ids, lse, entropy if entropy_grad else entropy.new_empty(0))
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
-        ctx.mark_non_differentiable(entropy)
+        ctx.entropy_grad = entropy_grad and with_entropy
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
-        hidden, weight, ids, lse = ctx.saved_tensors
+        hidden, weight, ids, lse, entropy = ctx.saved_tensors
         T, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         g = (grad_logp / T).to(lse.dtype)[:, None]
+        ge = _entropy_grad(ctx, grad_entropy, T, lse)
         grad_hidden = (torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if ctx.needs_input_grad[0]
                        else None)
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
@@ -117,8 +142,11 @@ class _ProjectedLogSoftmax(torch.autograd.Function):
             h = hidden.to(dtype)
             for v in range(0, weight.shape[0], chunk):
                 w = weight[v: v + chunk].to(dtype)
-                p = (h @ w.T).to(lse.dtype).div_(T).sub_(lse[:, None]).exp_()  # softmax(z / T) [N, chunk]
-                dz = p.mul_(-g)
+                if ge is not None:  # the entropy's gradient too (--entropy_coef)
+                    dz = _entropy_dz((h @ w.T).to(lse.dtype).div_(T).sub_(lse[:, None]), g, ge, entropy)
+                else:
+                    p = (h @ w.T).to(lse.dtype).div_(T).sub_(lse[:, None]).exp_()  # softmax(z / T) [N, chunk]
+                    dz = p.mul_(-g)
                 # + g at each position's chosen id when it falls in this chunk (+0 elsewhere): a scatter over
                 # every position, so nothing is read back to the host (a nonzero would sync per chunk)
                 inside = (ids >= v) & (ids < v + w.shape[0])
@@ -129,11 +157,11 @@ class _ProjectedLogSoftmax(torch.autograd.Function):
                 if grad_weight is not None:
                     grad_weight[v: v + chunk] = dz.T @ h
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                       with_entropy: bool = False, chunk_columns: int | None = None,
+                       with_entropy: bool = False, chunk_columns: int | None = None, entropy_grad: bool = False,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log softmax(hidden @ weight.T / temperature) at `ids`, its entropy or an empty tensor):
     [B, T, H], [V, H], [B, T] -> [B, T] in fp32, differentiable in hidden and weight. What
@@ -141,13 +169,14 @@ def projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Te
     is made `chunk_columns` vocabulary entries at a time (default: the chunk budget of `token_logprobs`,
     at least 1,024 entries: on the CPU a chunk stays in cache through its elementwise passes, which
     64 MB chunks made 2x slower) and made again in the backward. Under autocast the products run in
-    autocast's dtype."""
+    autocast's dtype. `entropy_grad`: the entropy is differentiable too (an entropy bonus in the loss);
+    otherwise it is a metric, and the backward is the log-probs' alone."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     H, N = hidden.shape[-1], ids.numel()
     chunk = chunk_columns or max(1024, _chunk_elements(hidden) // max(N, 1))
     logp, entropy = _ProjectedLogSoftmax.apply(hidden.reshape(-1, H), weight, ids.reshape(-1), temperature, chunk,
-                                               with_entropy, dtype)
+                                               with_entropy, dtype, entropy_grad)
     return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else entropy
 
 
@@ -170,10 +199,11 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                               chunk_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk_positions: int | None = None,
+                               entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` and, in the same pass over the vocabulary, the entropy of softmax(logits /
-    temperature) per position ([B, T], not differentiable: a metric)."""
-    return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), True)
+    temperature) per position ([B, T]; a metric, not differentiable, unless `entropy_grad`)."""
+    return _SelectedLogSoftmax.apply(logits, ids, temperature, _chunk(logits, chunk_positions), True, entropy_grad)
 
 
 class HeadOptional(torch.nn.Module):
@@ -221,13 +251,13 @@ def head_input(model, hidden: bool, keep: torch.Tensor | int | None = None, **in
 
 
 def logprobs_of(out: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor, temperature: float,
-                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                with_entropy: bool, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs of `ids`, entropy or empty) from `head_input`'s output: hidden states projected here
-    when `weight` (the head's) is given, else logits."""
+    when `weight` (the head's) is given, else logits. `entropy_grad`: the entropy is differentiable."""
     if weight is not None:
-        return projected_logprobs(out, weight, ids, temperature, with_entropy)
+        return projected_logprobs(out, weight, ids, temperature, with_entropy, entropy_grad=entropy_grad)
     if with_entropy:
-        return token_logprobs_and_entropy(out, ids, temperature)
+        return token_logprobs_and_entropy(out, ids, temperature, entropy_grad=entropy_grad)
     return token_logprobs(out, ids, temperature), out.new_empty(0)
 
 

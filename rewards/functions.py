@@ -18,7 +18,8 @@ Every reward is called with keyword arguments only, as TRL's GRPOTrainer does:
 So TRL-style rewards (`def f(completions, **kwargs)`, `def f(prompts, completions, answer, **kwargs)`)
 and this project's own style (`def f(completions, answer, **columns)`) both work. A reward returns one
 number per completion, or None for a row it does not apply to (multi-task data): the weighted sum then
-skips it and its mean ignores it; a row that no reward scores stops the run in one line. A reward that
+skips it and its mean ignores it; a row that no reward scores stops the run in one line. An `async def`
+reward is awaited, all of a step's async rewards concurrently (as TRL gathers them), each value in order. A reward that
 raises, returns the wrong length, or a NaN or infinite value stops the run in one line naming it.
 `--reward module:function` imports one (from the working directory or the Python path); `--reward`
 may be given several times, with `--reward_weights` (one per reward, in order; default 1 each).
@@ -26,7 +27,9 @@ may be given several times, with `--reward_weights` (one per reward, in order; d
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import fail
+from rewards import latex
 from rewards.numeric import after_thinking, extract_answer, numeric_reward
 
 RewardFn = Callable[..., Sequence[float]]
@@ -111,6 +115,9 @@ BUILTIN: dict[str, tuple[Callable[[RewardSettings], RewardFn], str]] = {
     "numeric": (_reads_answers(numeric), "the exact answer"),
     "format": (_reads_answers(format_reward), "'#### N' and a finished turn"),
     "overlong": (lambda s: soft_overlong_punishment(s.max_length, s.overlong_cache), "DAPO's length penalty"),
+    "math_verify": (lambda s: latex.require() or _reads_answers(latex.math_verify_reward)(s),
+                    "a LaTeX answer, \\boxed{} first, equal to the gold by math-verify, as TRL's accuracy_reward; "
+                    "pip install math-verify"),
 }
 BUILTIN_HELP = ", ".join(f"{name} ({words})" for name, (_, words) in BUILTIN.items())
 
@@ -174,16 +181,40 @@ def format_hint(exc: Exception, completions: list[Any]) -> str:
             "--reward_format messages): one written for text needs --reward_format text")
 
 
+def _gather(awaitables: list[Any]) -> list[Any]:
+    """Each awaitable's result (or the exception it raised), in the order given, awaited concurrently on
+    an event loop of their own (in a thread when this one already runs a loop, as a notebook does)."""
+    async def together() -> list[Any]:
+        return await asyncio.gather(*awaitables, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(together())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, together()).result()
+
+
 def score(funcs: list[tuple[str, RewardFn]], kwargs: dict[str, Any]) -> dict[str, list[float | None]]:
     """Each reward's values for the completions in `kwargs` (the keyword arguments above), checked: one
     finite number, or None, per completion."""
     n = len(kwargs["completions"])
-    scores = {}
+    returned: dict[str, Any] = {}
     for name, fn in funcs:
         try:
-            values = fn(**kwargs)
+            returned[name] = fn(**kwargs)  # an `async def` reward returns its coroutine: awaited below
         except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
             fail(f"reward {name} raised {type(exc).__name__}: {exc}{format_hint(exc, kwargs['completions'])}")
+    waiting = {name: r for name, r in returned.items() if inspect.isawaitable(r)}
+    if waiting:  # `async def` rewards run concurrently (as TRL runs them), each still under its own name
+        returned.update(zip(waiting, _gather(list(waiting.values()))))
+    scores = {}
+    for name, _ in funcs:
+        values = returned[name]
+        if isinstance(values, BaseException):
+            fail(f"reward {name} raised {type(values).__name__}: {values}{format_hint(values, kwargs['completions'])}")
         try:
             values = [None if v is None else float(v) for v in values]
         except (TypeError, ValueError):

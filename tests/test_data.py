@@ -63,7 +63,8 @@ def test_synthetic_is_seeded_disjoint_and_correct():
         for expr, value in re.findall(r"<<([^=]+)=([^>]+)>>", r["solution"]):
             assert eval(expr) == float(value), r["solution"]  # noqa: S307 - our own arithmetic
     assert load_records("synthetic", "test", max_samples=3) == test[:3]
-    with pytest.raises(UserError, match="cannot load dataset 'no/such-dataset': not a local file or folder"):
+    with pytest.raises(UserError, match="cannot load dataset 'no/such-dataset': .*offline, a hub dataset loads only "
+                                        "from its cache; pass a .jsonl/.json/.csv/.parquet file or a folder"):
         load_records("no/such-dataset", "train")  # a hub id, offline and not cached: one line
 
 

@@ -92,3 +92,29 @@ def test_eval_cli_rejects_cuda_graphs_off_cuda(tmp_path):
                              "--device", "cpu", "--cuda_graphs"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: --cuda_graphs on needs a CUDA device")
     assert result.stderr.count("\n") == 1
+
+
+# lm-evaluation-harness's gsm8k rules against ours, form by form (docs/eval.md), hand-checked:
+# (completion, gold, numeric strict, harness strict, numeric flexible, harness flexible)
+HARNESS_FORMS = [
+    ("so 72\n#### 72", "72", True, True, True, True),
+    ("#### 72.0", "72", True, False, True, False),  # the harness compares strings
+    ("#### $1,080", "1,080", True, False, True, True),  # strict wants a digit after '#### '; flexible drops $ ,
+    ("####12", "12", True, False, True, True),  # strict wants a space after the marker
+    ("#### 0.5", ".5", True, False, True, False),
+    ("#### 5\nno wait\n#### 7", "5", False, True, False, False),  # the harness takes the first '####', we the last
+    ("#### 5\nno wait\n#### 7", "7", True, False, True, True),
+    ("#### 1,080.", "1080", True, True, True, True),  # both drop commas and a final period
+    ("#### 3/4", "0.75", True, False, False, False),  # an exact fraction is ours alone (flexible reads the 4)
+    ("The answer is 42.", "42", False, False, True, True),
+]
+
+
+@pytest.mark.parametrize("completion,gold,ours,theirs,ours_flex,theirs_flex", HARNESS_FORMS)
+def test_scoring_harness_reads_each_form_as_lm_evaluation_harness_does(completion, gold, ours, theirs, ours_flex,
+                                                                       theirs_flex):
+    from eval.evaluate import score_answer
+
+    numeric, harness = score_answer(completion, gold), score_answer(completion, gold, "harness")
+    assert (numeric["correct"], harness["correct"]) == (ours, theirs)
+    assert (numeric["correct_flexible"], harness["correct_flexible"]) == (ours_flex, theirs_flex)

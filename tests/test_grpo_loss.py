@@ -10,6 +10,7 @@ from grpo.loss import (
     aggregate,
     group_advantages,
     grpo_loss,
+    high_entropy_mask,
 )
 
 # ---------- group_advantages
@@ -315,3 +316,40 @@ def test_rollout_correction_with_an_exact_sampler_leaves_the_loss_as_it_is():
 def test_unknown_rollout_correction():
     with pytest.raises(ValueError, match="rollout correction must be one of"):
         grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, sampler_logprobs=OLD, rollout_correction="clip")
+
+
+def test_high_entropy_mask_keeps_the_top_share_of_the_masked_tokens_by_hand():
+    entropy = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 5.0, 0.2, 0.8]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1]])  # the 5.0 is padding: never counted, never kept
+    # 7 tokens; the 0.5 quantile of (0.1 0.2 0.3 0.5 0.7 0.8 0.9) is 0.5: keep 0.5, 0.7, 0.8, 0.9
+    assert high_entropy_mask(entropy, mask, 0.5).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1]]
+    # the 0.8 quantile is 0.78 (position 6 x 0.8 = 4.8, between 0.7 and 0.8): keep 0.8 and 0.9
+    assert high_entropy_mask(entropy, mask, 0.2).tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]
+    assert high_entropy_mask(entropy, mask, 1.0).tolist() == mask.tolist()
+    assert high_entropy_mask(entropy, torch.zeros_like(mask), 0.5).sum() == 0
+
+
+def test_the_entropy_mask_drops_only_the_surrogate_and_the_bonus_subtracts_entropy():
+    """policy_mask: masked tokens lose their surrogate, not their KL nor their place in the normalizer;
+    entropy_coef: loss - coef * aggregate(entropy), its gradient flowing into the entropy."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(2, 4, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    keep = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]])
+    entropy = torch.rand(2, 4, dtype=torch.float64, requires_grad=True)
+    common = dict(beta=0.1, loss_type="dapo", num_items_in_batch=7.0)
+    base, m0 = grpo_loss(logp, None, ref, adv, mask, **common)
+    masked, m1 = grpo_loss(logp, None, ref, adv, mask, policy_mask=keep, **common)
+    # on-policy the surrogate is -A per token: its dapo sum over the kept tokens only, over all 7 tokens
+    assert m1["policy_loss"] == pytest.approx(-(1.0 * 2 + -0.5 * 3) / 7.0)
+    assert m0["policy_loss"] == pytest.approx(-(1.0 * 3 - 0.5 * 4) / 7)
+    assert m1["kl_loss"] == pytest.approx(m0["kl_loss"])
+    bonus, m2 = grpo_loss(logp, None, ref, adv, mask, entropy=entropy, entropy_coef=0.05, **common)
+    want = 0.05 * (entropy * mask).sum() / 7.0
+    assert bonus.item() == pytest.approx(base.item() - want.item())
+    assert m2["entropy_loss"] == pytest.approx(-want.item())
+    (grad,) = torch.autograd.grad(bonus, entropy)
+    assert torch.allclose(grad, -0.05 * mask.double() / 7.0)
+    assert "entropy_loss" not in m0

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -320,3 +321,25 @@ def test_training_logits_are_freed_before_the_model_backward(tiny_model, tiny_to
         tiny_model, mb, None, None, torch.tensor([1.0, -1.0]), cfg, counts=Counts(step_tokens=5.0), scale=1.0,
         sync=True, autocast=lambda: torch.autocast("cpu", enabled=False))
     assert made and freed == [True] and entropy > 0 and math.isfinite(metrics["grpo_loss"])
+
+
+def test_print_completions_shows_k_completions_with_their_rewards_each_step(tmp_path, capsys):
+    """--print_completions 3: three completions a step in the console, each with every reward, their sum
+    and its advantage; nothing written to completions.jsonl unless --log_completions asks."""
+    train_grpo(quick(tmp_path / "p", max_steps=2, print_completions=3, reward=("numeric", "format")))
+    lines = capsys.readouterr().out.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("completions at step ")]
+    assert [lines[i] for i in heads] == ["completions at step 1 (3):", "completions at step 2 (3):"]
+    shown = [line for line in lines[heads[0] + 1: heads[0] + 7] if line.startswith("  reward ")]
+    assert len(shown) == 3 and all(re.match(r"  reward -?\d\.\d{3} \(numeric \d\.\d{3}, format \d\.\d{3}\), "
+                                            r"advantage [+-]\d\.\d{3}", s) for s in shown)
+    assert not (tmp_path / "p" / "completions.jsonl").exists()
+
+
+def test_entropy_controls_train_and_log(tmp_path):
+    """--top_entropy_quantile 0.2 and --entropy_coef 0.01 run a step; the bonus is logged as entropy_loss
+    (negative: it lowers the loss) and grpo_loss adds it to the policy and KL terms."""
+    train_grpo(quick(tmp_path / "e", top_entropy_quantile=0.2, entropy_coef=0.01, beta=0.04))
+    (line,) = read_log(tmp_path / "e")
+    assert line["entropy_loss"] < 0
+    assert line["grpo_loss"] == pytest.approx(line["policy_loss"] + line["kl_loss"] + line["entropy_loss"], abs=1e-6)

@@ -133,3 +133,37 @@ def test_projected_logprobs_frozen_head_and_bf16_autocast():
     assert h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
     for a, b in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
         assert (a - b).norm() <= 0.02 * b.norm()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_the_entropys_gradient_through_the_chunked_loss_matches_autograd_in_fp64(chunk):
+    """--entropy_coef: with `entropy_grad` the entropy is differentiable; its gradient (with the
+    log-probs', both weighted) through the projected loss, chunked by vocabulary columns, and through
+    the logits path, chunked by positions, equals autograd through log_softmax in fp64."""
+    torch.manual_seed(0)
+    B, T, H, V, temp = 2, 5, 6, 37, 0.7
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    a, b = torch.randn(B, T, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
+
+    log_sm = torch.log_softmax(hidden @ weight.T / temp, -1)
+    want_logp, want_h = log_sm.gather(-1, ids[..., None]).squeeze(-1), -(log_sm.exp() * log_sm).sum(-1)
+    want = torch.autograd.grad((a * want_logp + b * want_h).sum(), (hidden, weight))
+
+    logp, ent = projected_logprobs(hidden, weight, ids, temp, with_entropy=True, chunk_columns=chunk,
+                                   entropy_grad=True)
+    assert torch.allclose(logp, want_logp, atol=1e-12) and torch.allclose(ent, want_h, atol=1e-12)
+    got = torch.autograd.grad((a * logp + b * ent).sum(), (hidden, weight))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+
+    logits = (hidden @ weight.T / 1.0).detach().requires_grad_(True)
+    log_sm = torch.log_softmax(logits / temp, -1)
+    want = torch.autograd.grad((a * log_sm.gather(-1, ids[..., None]).squeeze(-1)
+                                - b * (log_sm.exp() * log_sm).sum(-1)).sum(), logits)[0]
+    logp, ent = token_logprobs_and_entropy(logits, ids, temp, chunk_positions=chunk, entropy_grad=True)
+    assert torch.allclose(torch.autograd.grad((a * logp + b * ent).sum(), logits)[0], want, rtol=1e-10, atol=1e-12)
+    # without entropy_grad the entropy stays a metric: no gradient flows through it
+    _, ent = projected_logprobs(hidden, weight, ids, temp, with_entropy=True, chunk_columns=chunk)
+    assert not ent.requires_grad

@@ -107,7 +107,7 @@ def test_a_gold_answer_that_is_not_a_number_is_one_line_in_every_data_form(tmp_p
     bad = {"question": "How many?", "answer": "Some work.\n#### abc"}
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps(bad))
     with pytest.raises(UserError, match=r"train\.jsonl:2: bad GSM8K line \(the solution's '####' is followed by "
-                                        r"'abc', not a number\)"):
+                                        r"'abc', not a number; numbers are"):
         load_gsm8k("train", data_dir=str(tmp_path))
     (tmp_path / "own.csv").write_text("question,answer\nHow many?,\"work\n#### abc\"\n")
     with pytest.raises(UserError, match=r"own\.csv: row 1, column 'answer': the solution's '####' is followed by "
@@ -340,3 +340,82 @@ def test_none_rewards_skip_rows_of_other_tasks(tmp_path, tiny_tokenizer):
         train_grpo(GRPOConfig(**{**cfg.__dict__, "grpo_output": str(tmp_path / "x")}), reward_funcs=[math_only],
                    train_records=[dict(r, task="count") for r in rows], eval_records=rows,
                    rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+
+
+# Gold answers, hand-checked: (cell, the value it is taken as, or None: refused in one line)
+GOLD_FORMS = [
+    ("72", 72.0), ("1,080", 1080.0), ("$18", 18.0), ("-5", -5.0), (".5", 0.5), ("18 dollars", 18.0),
+    ("3/4", 0.75), ("-3/4", -0.75), ("6 / 8", 0.75), ("2 1/2", 2.5), ("-2 1/2", -2.5), ("Work.\n#### 3/4", 0.75),
+    ("1/2/3", None), ("10/12/2020", None), ("3/0", None), ("1.5/2", None), ("2 3/2", None), ("3/4.5", None),
+    ("Work.\n#### 1/0", None), ("abc", None),
+]
+
+
+@pytest.mark.parametrize("cell,value", GOLD_FORMS)
+def test_a_gold_fraction_is_taken_exactly_or_refused_in_one_line(cell, value):
+    """`3/4` is 0.75 (never 3, as it once was), `2 1/2` is 2.5; a form that is not one exact number stops
+    the run in one line naming the row, as any non-number does."""
+    from data import as_records
+    from rewards import parse_number
+
+    rows = [{"question": "How much?", "answer": cell}]
+    if value is None:
+        with pytest.raises(UserError, match=r"^rows: row 1, column 'answer': .*not a number.*3/4 or 2 1/2") as info:
+            as_records(rows, Fields(), "rows")
+        assert "\n" not in str(info.value)
+    else:
+        assert parse_number(as_records(rows, Fields(), "rows")[0]["answer"]) == value
+
+
+def _two_configs(folder):
+    """A dataset folder with two configurations (as a hub dataset such as openai/gsm8k has: main, socratic),
+    `main` with train and validation splits."""
+    for config, splits in (("main", ("train", "validation")), ("other", ("train",))):
+        (folder / config).mkdir(parents=True)
+        for split in splits:
+            rows = [{"question": f"{config} {split} {i}?", "answer": str(i)} for i in range(1, 6)]
+            (folder / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries = "".join(f"- config_name: {c}\n  data_files:\n" + "".join(
+        f"  - split: {s}\n    path: {c}/{s}.jsonl\n" for s in splits)
+        for c, splits in (("main", ("train", "validation")), ("other", ("train",))))
+    (folder / "README.md").write_text(f"---\nconfigs:\n{entries}---\n")
+
+
+def test_a_dataset_configuration_and_its_splits_are_named(tmp_path):
+    """`--dataset ID:CONFIG` picks a configuration; --train_split/--test_split name the splits; what fails
+    is said as it is (a configuration to name, a split it lacks), never as an unreachable hub."""
+    from data.tables import load_hub
+
+    _two_configs(tmp_path / "ds")
+    ds = str(tmp_path / "ds")
+    with pytest.raises(UserError, match=r"^cannot load dataset '.*ds': ValueError: Config name is missing\. .*"
+                                        r"\['main', 'other'\].*; name one as --dataset ID:CONFIG$"):
+        load_hub(ds, "train", Fields())
+    assert load_hub(f"{ds}:other", "train", Fields())[0]["question"] == "other train 1?"
+    held = load_hub(f"{ds}:main", "test", Fields(test_split="validation"))
+    assert [r["question"] for r in held] == [f"main validation {i}?" for i in range(1, 6)]
+    with pytest.raises(UserError, match=r"^--test_split dev: '.*ds:main' has no such split \(it has train, "
+                                        r"validation\)$"):
+        load_hub(f"{ds}:main", "test", Fields(test_split="dev"))
+    with pytest.raises(UserError, match=r"^--train_split/--test_split name a hub dataset's or a folder's splits; "
+                                        r"gsm8k's are train and test$"):
+        load_records("gsm8k", "test", fields=Fields(test_split="validation"))
+
+
+def test_an_unreachable_hub_is_said_as_such(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from data.tables import load_hub
+
+    with pytest.raises(UserError, match=r"^cannot load dataset 'openai/gsm8k:main': .*; offline, a hub dataset loads "
+                                        r"only from its cache"):
+        load_hub("openai/gsm8k:main", "train", Fields())
+
+
+def test_a_folders_split_files_are_named_too(tmp_path):
+    (tmp_path / "training.jsonl").write_text(json.dumps({"question": "q?", "answer": "1"}) + "\n")
+    (tmp_path / "dev.csv").write_text("question,answer\nd?,2\n")
+    fields = Fields(train_split="training", test_split="dev")
+    assert load_records(str(tmp_path), "train", fields=fields)[0]["question"] == "q?"
+    assert load_records(str(tmp_path), "test", fields=fields)[0]["question"] == "d?"
+    with pytest.raises(UserError, match=r"^--test_split val: .* has no such split \(it has dev, training\)$"):
+        load_records(str(tmp_path), "test", fields=Fields(train_split="training", test_split="val"))

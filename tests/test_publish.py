@@ -137,3 +137,47 @@ def test_push_in_offline_mode_with_a_token_is_refused_before_training(tmp_path):
     assert result.stderr.startswith("error: --push_to_hub me/model: the hub client is in offline mode "
                                     "(HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE to publish")
     assert not out.exists()
+
+
+def _run_folder(path, config, accuracy=None, n=40):
+    path.mkdir(parents=True)
+    (path / "run_config.json").write_text(json.dumps(config))
+    if accuracy is not None:
+        (path / "eval").mkdir()
+        (path / "eval" / "eval_summary.json").write_text(json.dumps({"accuracy": accuracy, "num_questions": n,
+                                                                      "accuracy_flexible": accuracy,
+                                                                      "format_rate": 1.0}))
+    return path
+
+
+def test_the_card_names_the_hub_model_it_started_from_and_only_the_settings_that_applied(tmp_path):
+    """Metadata through huggingface_hub's ModelCardData: the base model's hub id (followed through the SFT
+    folder the GRPO run started from), never a local absolute path; each held-out result in model-index;
+    a full fine-tune's recipe has no LoRA settings, a LoRA run's has them."""
+    from huggingface_hub import ModelCard
+
+    sft = _run_folder(tmp_path / "sft", {"stage": "sft", "start_model": "Qwen/Qwen3-0.6B", "dataset": "gsm8k"})
+    grpo = _run_folder(tmp_path / "grpo", {"stage": "grpo", "start_model": str(sft), "dataset": "gsm8k",
+                                           "finetune": "full", "lora_r": 16, "lora_alpha": 32, "use_4bit": False,
+                                           "dynamic_sampling": False, "learning_rate": 1e-6,
+                                           "top_entropy_quantile": 1.0, "entropy_coef": 0.0}, accuracy=0.625)
+    text = model_card(grpo)
+    card = ModelCard(text)
+    assert card.data.base_model == "Qwen/Qwen3-0.6B" and card.data.datasets == ["openai/gsm8k"]
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type, result.dataset_split) == \
+        ("accuracy", 0.625, "openai/gsm8k", "test")
+    assert str(tmp_path) not in text and "fine-tune of `Qwen/Qwen3-0.6B`" in text
+    for absent in ("lora_r", "lora_alpha", "use_4bit", "dynamic_sampling", "top_entropy_quantile", "entropy_coef"):
+        assert f"`{absent}`" not in text, absent
+    assert "| `learning_rate` | 1e-06 |" in text
+
+    lora = _run_folder(tmp_path / "lora", {"stage": "grpo", "start_model": str(tmp_path / "sft"), "finetune": "lora",
+                                           "lora_r": 8, "lora_alpha": 16, "use_4bit": True, "entropy_coef": 0.01})
+    text = model_card(lora)
+    assert "| `lora_r` | 8 |" in text and "| `use_4bit` | True |" in text and "| `entropy_coef` | 0.01 |" in text
+    # a local folder with no hub id behind it is named by its name alone, and is no base_model
+    local = _run_folder(tmp_path / "from_local", {"stage": "grpo", "start_model": str(tmp_path / "lora")})
+    (tmp_path / "lora" / "run_config.json").write_text(json.dumps({"stage": "grpo", "start_model": "tiny"}))
+    text = model_card(local)
+    assert ModelCard(text).data.base_model is None and "fine-tune of `lora`" in text and str(tmp_path) not in text
