@@ -12,8 +12,8 @@
 #                              - the model: random weights of Qwen3-0.6B's shape and vocabulary (28 layers,
 #                                151,936 tokens), first saved as a folder (base/) and then loaded by
 #                                from_pretrained as the downloaded hub model is; its tokenizer is the built-in
-#                                tiny one (GSM8K prompts of 87-380 tokens, ~100-250 with Qwen3's own), so the
-#                                answers score 0;
+#                                tiny one (GSM8K prompts of 87-380 tokens, ~100-250 with Qwen3's own), or
+#                                Qwen3's own where the hub cache holds it; the answers score 0;
 #                              - the device: the CPU in fp32 (the real run: CUDA, bf16 autocast, CUDA graphs,
 #                                the memory fit check);
 #                              - SFT: 2 steps of 2 examples of at most 256 tokens (real: 3 epochs of 4, 512),

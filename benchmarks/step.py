@@ -5,7 +5,8 @@
     python -m benchmarks.step --model random:Qwen/Qwen3-0.6B --max_new_tokens 512 --device cuda
 
 Runs --warmup + --steps real steps of `train_grpo` (full fine-tuning, beta 0.01, temperature 0.7) with
-train_grpo.py's --no_save (no checkpoint or model is written: the figures come out as the steps end), and
+nothing saved (no checkpoint or model is written, as train_grpo.py's no-save switch does: the figures
+come out as the steps end), and
 prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
 rollout tokens/s and peak memory, and a JSON line, flushed before the floor study starts (a run stopped
 during it keeps these figures). `benchmarks.trl_step` times the same step under TRL, on the same model

@@ -250,8 +250,8 @@ def read_config(path: str, cls: type) -> dict[str, Any]:
     for note in keys.notes:
         print(f"note: {path}: {note}", flush=True)
     out = {key: _from_file(path, key, value, hints[key]) for key, value in keys.values.items()}
-    try:
-        check(cls(**out))
+    try:  # ranges here, naming the file; the rules between flags wait for the command line's flags too
+        _check_fields(cls(**out))
     except UserError as exc:
         fail(f"--config {path}: {exc}")
     return out
@@ -421,6 +421,17 @@ def read_run_config(out: str, cls: type, flag: str) -> dict[str, Any]:
     return out_settings
 
 
+def replayable(cfg: Any) -> dict[str, Any]:
+    """`cfg` as run_config.json keeps it: every field, those declared on_resume="ignored" (--resume,
+    --overwrite: how this invocation treats its folder) at their defaults, so a replay never resumes or
+    wipes the folder it names."""
+    out = dataclasses.asdict(cfg)
+    for f, meta, _ in _fields(type(cfg)):
+        if meta["on_resume"] == "ignored":
+            out[f.name] = f.default
+    return out
+
+
 def resume_from_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None,
                            cls: type) -> None:
     """--resume on the command line: every setting not given (by a flag or --config) is the run's own,
@@ -431,8 +442,10 @@ def resume_from_run_config(parser: argparse.ArgumentParser, args: argparse.Names
     _check_given_rules(cls, args, given)
     saved = read_run_config(getattr(args, folder), cls, flag_name(folder, _meta(cls, folder)))
     ignored = {f.name for f, meta, _ in _fields(cls) if meta["on_resume"] == "ignored"}
+    # where it runs is this machine's choice (the saved one is the device the first run resolved to)
+    here = {f.name for f, meta, _ in _fields(cls) if meta["text"] is DEVICE}
     for name, value in saved.items():
-        if name not in given and name not in ignored:
+        if name not in given and name not in ignored | here:
             setattr(args, name, value)
 
 

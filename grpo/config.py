@@ -104,7 +104,8 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
                                      "advantage, whether it trained", text=(r"all|[0-9]+", "a number of groups or all"),
                                 group=RUN, on_resume="may")
     print_completions: int = flag(0, "print this many completions a step to the console, each with its rewards and "
-                                     "advantage (as TRL's num_completions_to_print; 0: none)", low=0, group=RUN)
+                                     "advantage (as TRL's num_completions_to_print; 0: none)", low=0, group=RUN,
+                                  on_resume="may")
     mask_truncated_completions: bool = flag(False, "completions cut at --max_completion_length leave the loss and "
                                                    "its normalizers (they keep their rewards in the group's "
                                                    "statistics; logged as masked_rows)", group=LOSS)

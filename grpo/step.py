@@ -210,9 +210,10 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     sums: dict[str, float] = {}
     drift_sums, drift_max = dict.fromkeys(DRIFT_SUMS, 0.0), dict.fromkeys(DRIFT_MAXES, -math.inf)
     entropy_sum, entropy_tokens, backward_rows, skipped = 0.0, 0.0, 0, 0
-    # rows with advantage 0 still carry a gradient with a KL term or an entropy bonus; under DDP every rank
-    # runs every backward
-    skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and cfg.entropy_coef == 0.0 and W == 1
+    # rows with advantage 0 still carry a gradient with a KL term or an entropy bonus, and count in the
+    # entropy mask's quantile (over the micro-batch, as TRL takes it); under DDP every rank runs every backward
+    skip = (cfg.skip_zero_advantage and cfg.beta == 0.0 and cfg.entropy_coef == 0.0
+            and cfg.top_entropy_quantile == 1.0 and W == 1)
     drop = live_host if W == 1 else None  # rows out of the loss skip the backward too (under DDP they run, at 0)
     loss_type = LOSS_TYPES_TABLE[cfg.loss_type]
     went_through = torch.zeros(B, dtype=torch.bool)  # the rows of any update's backward (completions.jsonl)

@@ -179,8 +179,6 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         warn_thinking(fmt, cfg.eval_max_new_tokens or cfg.max_completion_length, cfg.eval_every > 0,
                       "GRPO's held-out evals")
     rewards = _rewards(cfg, reward_funcs, fmt.thinking)
-    run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
-              start_model=start_model)
     train_records, eval_sets = run_data(cfg, train_records, eval_records)
     seed_everything(cfg.seed)
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
@@ -189,6 +187,9 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
         peak = check_fit(ledger_settings(cfg, start_model, fmt, train_records), device)
         if dist.is_main:
             print(f"memory ledger: this run peaks at about {peak:.2f} GB on {device} (python -m benchmarks.memory)")
+    # the output folder is prepared (an --overwrite'n run deleted) only once the data and the fit are known
+    run = Run(cfg, dist, out=cfg.grpo_output, flag="--grpo_output", stage="grpo", log_name=LOG_NAME,
+              start_model=start_model)
     policy = _policy(cfg, start_model, dist, device, total_steps, rewards, fmt)
     train_records, skipped = _fitting_prompts(cfg, policy, train_records, dist)
     if dist.rank > 0:

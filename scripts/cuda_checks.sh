@@ -11,8 +11,7 @@
 #   5. cli: the real path a hub model takes, offline: a Qwen3-0.6B-shaped folder loaded by from_pretrained,
 #      train_grpo.py (fit check, model.train(), 2 steps, an eval) then python -m eval, with HF_HUB_OFFLINE
 #      unset (nothing may reach for the network) and the `kernels` package installed,
-#   6. drift: the sampler's log-probs against the training forward's, in bf16, eager and graphed (when
-#      benchmarks/drift.py is there).
+#   6. drift: the sampler's log-probs against the training forward's, in bf16, eager and graphed.
 # Four files in OUT_DIR, written as it goes: checks.log (every part's output), results.jsonl (each part's
 # JSON line the moment the part ends), parts.tsv (part, status, seconds) and summary.txt.
 #
@@ -110,9 +109,7 @@ part step 90 "$PYTHON" -m benchmarks.step --model $qwen --max_new_tokens 512 --d
 part step_graphs 90 "$PYTHON" -m benchmarks.step --model $qwen --max_new_tokens 512 --device cuda --warmup 1 \
   --steps 2 --cuda_graphs on --no_floor
 part cli 75 bash -c cli_run
-if [ -f benchmarks/drift.py ]; then
-  part drift 35 "$PYTHON" -m benchmarks.drift --model $qwen --device cuda
-fi
+part drift 35 "$PYTHON" -m benchmarks.drift --model $qwen --device cuda
 "$PYTHON" -m benchmarks.summary "$out" | tee "$out/summary.txt"
 echo "== $((SECONDS - start)) s in all (budget $BUDGET_S s); checks.log, results.jsonl, parts.tsv, summary.txt in $out"
 exit $status

@@ -96,12 +96,13 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     fmt = resolve_format(cfg, cfg.model_name)  # before any model loads: a bad flag is one line
     check_thinking(fmt, cfg.model_name, load_tokenizer)
     warn_thinking(fmt, cfg.eval_max_new_tokens, True, "SFT's evals")
-    run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     seed_everything(cfg.seed)
     source = cfg.dataset if train_records is None else "train_records"
     train_records, eval_sets = run_data(cfg, train_records, eval_records)
     held_out = next(iter(eval_sets.values()))  # the main held-out set
     require_solutions(train_records, source, cfg.fields())
+    # the output folder is prepared (an --overwrite'n run deleted) only once the data is known to be good
+    run = Run(cfg, dist, out=cfg.sft_output, flag="--sft_output", stage="sft", log_name=LOG_NAME)
     model, tokenizer = _model(cfg, device)
     examples, too_long = encode_records(tokenizer, train_records, cfg.max_length, not cfg.keep_calculator, fmt)
     if not examples:

@@ -324,3 +324,28 @@ def test_the_readme_training_commands_parse_as_written():
     for command in commands:
         words = shlex.split(command)
         parse_flags(SFTConfig if words[1] == "train_sft.py" else GRPOConfig, words[2:], None)
+
+
+def test_a_config_file_may_hold_one_half_of_a_rule_the_command_line_completes(tmp_path):
+    """The rules between flags apply to the merged settings, not to the file alone (keep_best in the file,
+    --eval_every on the command line)."""
+    from common.flags import parse_flags
+
+    path = tmp_path / "c.yaml"
+    path.write_text("keep_best: true\n")
+    cfg = parse_flags(GRPOConfig, ["--config", str(path), "--eval_every", "5"], None)[0]
+    assert cfg.keep_best and cfg.eval_every == 5
+    with pytest.raises(UserError, match=r"^--keep_best picks the best model"):
+        parse_flags(GRPOConfig, ["--config", str(path)], None)
+
+
+def test_resume_takes_the_device_from_this_machine_not_the_saved_run(tmp_path):
+    """A run started on a GPU (run_config.json says cuda) resumes here on the CPU's default, and its other
+    settings still come from the run."""
+    import json
+
+    from common.flags import parse_flags
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"stage": "grpo", "device": "cuda", "max_steps": 7}))
+    cfg = parse_flags(GRPOConfig, ["--resume", "--grpo_output", str(tmp_path)], None)[0]
+    assert cfg.device is None and cfg.max_steps == 7

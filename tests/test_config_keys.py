@@ -142,7 +142,7 @@ def test_a_switch_takes_true_or_false_on_the_command_line():
     assert parse_flags(GRPOConfig, ["--gradient_checkpointing"], None)[0].gradient_checkpointing is True
     assert parse_flags(GRPOConfig, ["--no_progress", "true"], None)[0].show_progress is False
     assert parse_flags(GRPOConfig, ["--no_progress", "False"], None)[0].show_progress is True
-    cfg = parse_flags(SFTConfig, ["--resume", "--max_steps", "3"], None)[0]
-    assert cfg.resume is True and cfg.max_steps == 3
+    cfg = parse_flags(SFTConfig, ["--overwrite", "--max_steps", "3"], None)[0]  # a bare switch, then a flag
+    assert cfg.overwrite is True and cfg.max_steps == 3
     with pytest.raises(UserError, match=r"^--resume takes true or false, or nothing \(got 'maybe'\)$"):
         parse_flags(SFTConfig, ["--resume", "maybe"], None)

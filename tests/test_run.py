@@ -250,3 +250,17 @@ def test_under_torchrun_the_agents_forwarded_signal_is_not_a_second_one(monkeypa
 
     with pytest.raises(KeyboardInterrupt):
         train()
+
+
+def test_overwrite_deletes_nothing_until_the_data_is_good_and_saves_no_resume_or_overwrite(tmp_path):
+    """--overwrite with a dataset that does not load leaves the old run whole; a run's run_config.json (and
+    every model folder's copy) replays as a new run: resume and overwrite at their defaults."""
+    out = tmp_path / "a"
+    train_grpo(_cfg(out, max_steps=1))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError):
+        train_grpo(_cfg(out, max_steps=1, overwrite=True, dataset=str(tmp_path / "missing.jsonl")))
+    assert sorted(p.name for p in out.iterdir()) == before
+    train_grpo(_cfg(out, max_steps=1, overwrite=True))
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["overwrite"] is False and saved["resume"] is False

@@ -5,7 +5,6 @@ save (LoRA adapter, merged model + tokenizer in HF format). Rank 0 alone writes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shlex
@@ -19,7 +18,7 @@ from typing import Any
 
 from common.distributed import Dist
 from common.errors import Interrupted, fail
-from common.flags import read_run_config, resume_changes, shown
+from common.flags import read_run_config, replayable, resume_changes, shown
 from common.run_files import (
     CHECKPOINT,
     RUN_CONFIG,
@@ -166,9 +165,9 @@ class Run:
         self.log: JsonlLog | None = None
         self.completions: JsonlLog | None = None
         self.trackers: Trackers | None = None
-        self.config = {"stage": stage, **config_extra, **dataclasses.asdict(cfg), "world_size": dist.world_size}
+        self.config = {"stage": stage, **config_extra, **replayable(cfg), "world_size": dist.world_size}
         self.flag, self.stage, self.stop = flag, stage, StopSignals()
-        # --resume continues the run as saved: a setting that would change it stops here, before any loading
+        # --resume continues the run as saved: a setting that would change it stops here, before the model loads
         self.changes = resume_changes(cfg, read_run_config(out, type(cfg), flag), str(self.out / RUN_CONFIG)) \
             if cfg.resume else {}
 
