@@ -163,6 +163,8 @@ def resolve_keys(data: dict[str, Any], fields: dict[str, tuple[str, Any]], proce
             out[name] = (not value) if flips else value
         elif key in TRL_RENAMED:
             put(key, TRL_RENAMED[key], value)
+        elif key.startswith(TRL_IS):
+            continue  # below: TRL's importance-sampling correction is our --rollout_correction
         elif key in TRL_INSTEAD or key.startswith("vllm_"):
             notes.append(f"{key}: {TRL_INSTEAD.get(key, _ENGINE)}")
         elif key in ("per_device_train_batch_size", "gradient_accumulation_steps", "output_dir", "use_peft",
@@ -175,9 +177,35 @@ def resolve_keys(data: dict[str, Any], fields: dict[str, tuple[str, Any]], proce
     return Resolved(out, unknown, notes)
 
 
+TRL_IS = "vllm_importance_sampling_"
+
+
+def _trl_correction(data: dict[str, Any], fields: dict[str, Any], out: dict[str, Any], notes: list[str]) -> None:
+    """TRL's correction of the gap between vLLM's sampler and the trained policy, as --rollout_correction
+    (our engine is a second implementation too): TRL corrects by default when it generates with vLLM
+    (sequence_mask, clip_max 3.0); its keys, or use_vllm: true, bring that here."""
+    keys = {k[len(TRL_IS):]: v for k, v in data.items() if k.startswith(TRL_IS)}
+    if "rollout_correction" not in fields or not (keys or data.get("use_vllm") is True):
+        return
+    if keys.get("correction", True) is False:
+        out["rollout_correction"] = "none"
+    else:
+        out["rollout_correction"] = keys.get("mode", "sequence_mask")
+        cap = keys.get("clip_max", keys.get("cap", 3.0))
+        if cap is not None:
+            out["rollout_correction_cap"] = cap
+    if keys.get("clip_min") is not None:
+        notes.append(f"{TRL_IS}clip_min: no lower bound here (--rollout_correction masks or truncates above the "
+                     f"cap only)")
+    notes.append(f"TRL's importance-sampling correction: --rollout_correction {out['rollout_correction']}"
+                 + (f" --rollout_correction_cap {out['rollout_correction_cap']}" if "rollout_correction_cap" in out
+                    else ""))
+
+
 def _trl_combined(data: dict[str, Any], fields: dict[str, Any], out: dict[str, Any], notes: list[str],
                   processes: int) -> None:
     """The TRL keys whose meaning here takes more than a rename."""
+    _trl_correction(data, fields, out, notes)
     output = next((f for f in ("grpo_output", "sft_output") if f in fields), None)
     if "output_dir" in data and output:
         out[output] = data["output_dir"]

@@ -115,14 +115,16 @@ def _fitting_prompts(cfg: GRPOConfig, policy: Policy, records: list[Any], dist: 
     return kept, skipped
 
 
-def ledger_settings(cfg: GRPOConfig, start_model: str, fmt: Any, records: list[Any]) -> LedgerSettings:
-    """The memory ledger's settings for this run: its model, step shape and longest training prompt."""
+def ledger_settings(cfg: GRPOConfig, start_model: str, fmt: Any, records: list[Any],
+                    processes: int = 1) -> LedgerSettings:
+    """The memory ledger's settings for one GPU of this run: its model, its share of the step's prompts
+    (of `processes`) and the longest training prompt."""
     from data.prompt import prompts_within
     from models import load_tokenizer
 
     _, prompts, _ = prompts_within(load_tokenizer(start_model), records, cfg.max_prompt_length, fmt=fmt)
     return LedgerSettings(model=start_model, finetune=cfg.finetune, use_4bit=cfg.use_4bit,
-                          prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
+                          prompts_per_step=cfg.prompts_per_step // processes, num_generations=cfg.num_generations,
                           micro_batch_size=cfg.micro_batch_size, prompt_tokens=max(map(len, prompts), default=1),
                           completion_tokens=cfg.max_completion_length, beta=cfg.beta, lora_r=cfg.lora_r,
                           gradient_checkpointing=cfg.gradient_checkpointing)
@@ -184,7 +186,7 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     steps_per_epoch = max(1, len(train_records) // cfg.prompts_per_step)  # counted before long prompts go
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if cfg.fit_check and device.startswith("cuda"):  # before the model loads: will the step fit?
-        peak = check_fit(ledger_settings(cfg, start_model, fmt, train_records), device)
+        peak = check_fit(ledger_settings(cfg, start_model, fmt, train_records, dist.world_size), device)
         if dist.is_main:
             print(f"memory ledger: this run peaks at about {peak:.2f} GB on {device} (python -m benchmarks.memory)")
     # the output folder is prepared (an --overwrite'n run deleted) only once the data and the fit are known

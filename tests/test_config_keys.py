@@ -146,3 +146,21 @@ def test_a_switch_takes_true_or_false_on_the_command_line():
     assert cfg.overwrite is True and cfg.max_steps == 3
     with pytest.raises(UserError, match=r"^--resume takes true or false, or nothing \(got 'maybe'\)$"):
         parse_flags(SFTConfig, ["--resume", "maybe"], None)
+
+
+def test_trls_importance_sampling_keys_become_the_rollout_correction(tmp_path, capsys):
+    """TRL corrects vLLM's sampler drift by default (sequence_mask, clip_max 3.0); its keys, or use_vllm,
+    set --rollout_correction here instead of being dropped as 'no vLLM'."""
+    cases = [("use_vllm: true\n", "sequence_mask", 3.0),
+             ("vllm_importance_sampling_mode: token_truncate\nvllm_importance_sampling_clip_max: 2.5\n",
+              "token_truncate", 2.5),
+             ("vllm_importance_sampling_correction: false\n", "none", 2.0),
+             ("use_vllm: false\n", "none", 2.0)]
+    for text, mode, cap in cases:
+        path = tmp_path / "trl.yaml"
+        path.write_text(text)
+        cfg = parse_flags(GRPOConfig, ["--config", str(path)], None)[0]
+        assert (cfg.rollout_correction, cfg.rollout_correction_cap) == (mode, cap), text
+    path.write_text("vllm_importance_sampling_clip_min: 0.5\n")
+    parse_flags(GRPOConfig, ["--config", str(path)], None)
+    assert "no lower bound here" in capsys.readouterr().out
