@@ -20,6 +20,7 @@ def run_json(args, lines=1):
     return result.stdout, json.loads(found[-1][5:])
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 @pytest.mark.parametrize("lora", [False, True])
 def test_rollout_benchmark(lora):
     extra = ["--lora", "--dtype", "bfloat16"] if lora else []  # both sides' model in bf16 (CPUs with bf16 products)
@@ -111,6 +112,7 @@ def test_trl_step_benchmark_without_trl_says_how_to_get_it(tmp_path):
     assert "pip install trl" in result.stderr
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_prompt_sharing_benchmark():
     out, record = run_json(["benchmarks.prompt_sharing", "--model", "tiny", "--prompts", "2", "--completion_tokens",
                             "8", "--repeats", "1", "--device", "cpu"])
@@ -159,6 +161,7 @@ def test_summary_table_of_the_cuda_checks(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: no ") and missing.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_continuous_batching_benchmark():
     out, record = run_json(["benchmarks.continuous", "--model", "tiny", "--prompts", "6", "--rows", "2",
                             "--max_new_tokens", "24", "--median_tokens", "10", "--repeats", "1", "--device", "cpu"])
@@ -226,6 +229,7 @@ def test_device_ops_count_what_computes_or_copies_not_views():
     assert count(lambda: torch.nn.functional.rms_norm(x, (6,))) == 1  # one op issued (a kernel on CUDA)
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_launch_counts_per_decoded_token():
     """benchmarks.launches on a 4-layer Qwen3 with the full vocabulary: the step's ops per layer in the
     CUDA layout (before the fused norms, RoPE and attention: 46), the sampling loop's ops around it
@@ -240,6 +244,7 @@ def test_launch_counts_per_decoded_token():
     assert figures["host_reads_per_token"] == 1 / SYNC_EVERY
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_drift_benchmark(precision):
     """The drift of the engine's log-probs from the training forward's, as the log reports it: nil in fp32

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.run_files import is_measured
 from tests.conftest import ROOT
 
@@ -48,6 +50,7 @@ def computed(log: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if not is_measured(k)} for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_the_same_sft_and_grpo_twice_give_identical_weights_and_logs(tmp_path):
     (tmp_path / "lengths.py").write_text(LENGTHS)
     sft = [tmp_path / f"sft{i}" for i in range(2)]

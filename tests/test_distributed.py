@@ -48,6 +48,7 @@ def test_prompt_shards_cover_the_step_in_order():
     assert len(shards[0][0]) == 4
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_two_ranks_make_the_single_process_update(tmp_path):
     """2 ranks x 2 prompts == 1 rank x 4 prompts on the same completions: dapo and grpo, full and LoRA,
     the loss projecting DDP's hidden states itself, a rollout correction (token_mask, sequence_truncate)

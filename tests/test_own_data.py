@@ -126,6 +126,7 @@ def test_sft_on_answer_only_data_says_it_needs_solutions(tmp_path):
     assert result.stderr.startswith("error: SFT needs worked solutions") and "--solution_field" in result.stderr
 
 
+@pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_an_answer_only_csv_trains_two_grpo_steps_and_evaluates_with_a_clean_log(tmp_path):
     path = _csv(tmp_path / "p.csv", _rows(40))
     out = tmp_path / "grpo"
