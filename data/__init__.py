@@ -76,8 +76,17 @@ def other_eval_sets(cfg: Any, eval_rows: list[Any] | None = None) -> dict[str, l
     """The held-out sets watched besides the main one (`run_records`' second value), by name: every
     --eval_dataset after the first (all of them when the Python API hands its own eval rows)."""
     specs = eval_specs(cfg)
-    return {name: load_records(spec, "test", cfg.data_dir, cfg.eval_samples, cfg.seed, cfg.fields())
+    return {name: load_records(spec, "test", cfg.data_dir, cfg.eval_samples, cfg.seed, eval_fields(cfg, spec))
             for name, spec in (specs if eval_rows is not None else specs[1:])}
+
+
+def eval_fields(cfg: Any, spec: str) -> Fields:
+    """The columns an --eval_dataset is read with: the run's, and --train_split/--test_split only for the
+    run's own dataset (another set, synthetic or a hub id, keeps its own train and test)."""
+    import dataclasses
+
+    fields = cfg.fields()
+    return fields if spec == cfg.dataset else dataclasses.replace(fields, train_split="train", test_split="test")
 
 
 def split_validation(train: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:
@@ -110,7 +119,7 @@ def run_records(cfg: Any, train_rows: list[Any] | None = None,
     else:
         specs = eval_specs(cfg)
         held_out = load_records(specs[0][1] if specs else cfg.dataset, "test", cfg.data_dir, cfg.eval_samples,
-                                cfg.seed, fields)
+                                cfg.seed, eval_fields(cfg, specs[0][1] if specs else cfg.dataset))
     if not train:
         fail("no training examples: check --dataset/--data_dir/--max_samples")
     return train, held_out

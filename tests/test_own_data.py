@@ -420,3 +420,18 @@ def test_a_folders_split_files_are_named_too(tmp_path):
     assert load_records(str(tmp_path), "test", fields=fields)[0]["question"] == "d?"
     with pytest.raises(UserError, match=r"^--test_split val: .* has no such split \(it has dev, training\)$"):
         load_records(str(tmp_path), "test", fields=Fields(train_split="training", test_split="val"))
+
+
+def test_the_split_names_apply_to_the_runs_dataset_not_to_other_eval_sets(tmp_path):
+    """--test_split names the run's own dataset's split; an --eval_dataset beside it (synthetic, another
+    folder) is read with its own train and test."""
+    from data import other_eval_sets, run_records
+    from grpo.config import GRPOConfig
+
+    (tmp_path / "training.jsonl").write_text(json.dumps({"question": "q?", "answer": "1"}) + "\n")
+    (tmp_path / "dev.csv").write_text("question,answer\nd?,2\n")
+    cfg = GRPOConfig(dataset=str(tmp_path), train_split="training", test_split="dev", eval_every=1,
+                     eval_dataset=("main=" + str(tmp_path), "seen=synthetic:add"), eval_samples=3)
+    train, held_out = run_records(cfg, None, None)
+    assert train[0]["question"] == "q?" and held_out[0]["question"] == "d?"
+    assert len(other_eval_sets(cfg)["seen"]) == 3
