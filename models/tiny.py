@@ -154,8 +154,11 @@ def _init_model(config: Any, seed: int) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    # its own RNG stream: building (or not, when cached) never moves the caller's seeded state, so a
+    # run's LoRA init and dropout are the same on the first run, which builds `tiny`, and on later ones
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
     )

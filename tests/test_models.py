@@ -238,3 +238,14 @@ def test_qlora_keeps_the_frozen_embedding_in_its_dtype_and_checkpoints_non_reent
     model.train()
     model(ids).logits.float().pow(2).mean().backward()  # trains through the checkpointed 4-bit layers
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_building_a_random_model_leaves_the_callers_rng_alone():
+    # `tiny` is built on a machine's first run and read from the cache after; were the build to reseed the
+    # global RNG, a first run's LoRA init and dropout would differ from every later run's
+    from models.tiny import _init_model, tiny_config
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    _init_model(tiny_config(load_tokenizer("tiny")), seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
