@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from sampling.params import SamplingParams
+
 BLOCK = 1024  # entries per block of the two-level draw
 
 
@@ -88,9 +90,10 @@ class Way:
 WAYS = {"cpu": Way(draw=_draw, argmax=_argmax), "cuda": Way(draw=_race, argmax=lambda x: x.argmax(dim=-1))}
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
-                  top_k: int = 0, min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0.
+def sample_token(logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], its log-probability [B]) from last-position logits [B, V] as `params` asks; greedy
+    when its temperature is 0.
 
     Sampling draws from softmax(logits / temperature) cut as transformers' warpers cut it, in their order:
     the `top_k` most likely tokens (0: all; ties with the k-th kept), then the smallest set whose mass
@@ -100,6 +103,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     log of the kept mass). The loss counts the whole softmax, so under a cut the two differ by the kept
     mass (grpo/loss.py's sampler_drift measures it; docs/training.md)."""
     way = WAYS.get(logits.device.type, WAYS["cuda"])
+    temperature, top_p, top_k, min_p = params.temperature, params.top_p, params.top_k, params.min_p
     if temperature <= 0:
         logits = logits.float()
         token = way.argmax(logits)
