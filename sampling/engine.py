@@ -4,9 +4,9 @@
 - A preallocated (static) KV cache of prompt + max_new_tokens slots, filled in place, and a lean
   decode step (`fast_decode`) on Qwen3, Qwen2 and Llama models, optionally replayed from CUDA graphs
   (`cuda_graphs`); otherwise the model's own forward with a growing cache.
-- Sampling on the device (temperature, top-p), log-probabilities of the sampled tokens collected as
-  it goes, an exit as soon as every row has finished, and finished rows dropped from the batch once
-  at most half are still running (fewer rows through the model for the long tail).
+- Sampling on the device (`SamplingParams`: temperature, top-k, top-p, min-p), log-probabilities of
+  the sampled tokens collected as it goes, an exit as soon as every row has finished, and finished
+  rows dropped from the batch once at most half are still running (fewer rows for the long tail).
 - On CUDA the host looks at which rows finished only every `SYNC_EVERY` steps: each look stalls the
   launch queue until the GPU catches up. Rows that finish in between decode on as padding.
 """

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """`num_samples` completions per prompt of at most `max_new_tokens` tokens each, drawn from
     softmax(logits / temperature) (greedy at temperature 0) cut as transformers cuts it: the `top_k`
@@ -17,12 +17,15 @@ class SamplingParams:
 
     An option is added here, where it acts (`sampling.tokens.sample_token` for a cut) and in one test."""
 
-    num_samples: int = 1
+    num_samples: int = 1  # completions per prompt, contiguous in the output
     max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float = 0.0  # 0: greedy
+
+    # the cuts, in transformers' order; each off at its default
     top_k: int = 0
+    top_p: float = 1.0
     min_p: float = 0.0
+
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:

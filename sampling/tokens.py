@@ -55,9 +55,9 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[tor
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the CPU's
-    argmax runs on one thread (2.8 ms for 16 x 151,936 here), its max over blocks is vectorized, so
-    find the first block holding the row's maximum, then the maximum inside it (~0.5 ms)."""
+    """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the first block
+    holding the row's maximum, then the maximum inside it."""
+    # the CPU's argmax runs on one thread while its max over blocks is vectorized
     V = x.shape[1]
     if V < 2 * BLOCK:
         return x.argmax(dim=-1)
@@ -69,9 +69,9 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
 
 def _race(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`_draw`'s contract the GPU way: the argmax of weight / E with E ~ Exp(1) drawn per entry (an
-    exponential race: entry i wins with probability w_i / sum w; a zero weight never wins). Five kernels
-    over [B, V] where `_draw` issues ~25 small ones: a GPU draws 2.4M random numbers (16 x 151,936) in
-    microseconds, where the CPU's one uniform per row is what keeps `_draw` fast there."""
+    exponential race: entry i wins with probability w_i / sum w; a zero weight never wins)."""
+    # a few whole-row kernels where `_draw` issues many small ones: a GPU draws a random number per
+    # entry cheaply, where the CPU's one uniform per row is what keeps `_draw` fast there
     noise = torch.empty_like(weights).exponential_(generator=generator).clamp_(min=torch.finfo(weights.dtype).tiny)
     return (weights / noise).argmax(dim=-1), weights.sum(-1, keepdim=True)
 
