@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from common.distributed import current
 from common.errors import fail
+from common.run_files import write_json
 from data import Record
 from data.prompt import (
     DEFAULT_FORMAT,
@@ -53,8 +58,6 @@ def evaluate(
     rank returns the same summary and the predictions in record order (rank 0 writes them).
     """
     from tqdm.auto import tqdm
-
-    from common.distributed import current
 
     dist = current()
     asked = len(records)
@@ -117,12 +120,6 @@ def score_answer(answer: str, gold: str, scoring: str = "numeric") -> dict[str, 
 
 def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
     """`eval_summary.json` and `eval_predictions.jsonl` in `out_dir`, each written atomically."""
-    import json
-    import os
-    from pathlib import Path
-
-    from common.run_files import write_json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval_summary.json", summary)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from common.distributed import default_device
 from common.errors import fail
 from sampling.fast_decode import DecodeState, _base
 
@@ -43,8 +44,6 @@ def use_cuda_graphs(choice: str | bool, device: str) -> bool:
 def graphs_without_cuda(cfg: Any) -> str | None:
     """The rule (common/flags.py) of every --cuda_graphs flag beside a --device one: `on` needs the
     device, or the default one, to be CUDA."""
-    from common.distributed import default_device
-
     device = cfg.device or default_device()
     if cfg.cuda_graphs == "on" and not str(device).startswith("cuda"):
         return f"--cuda_graphs on needs a CUDA device, not {device}: use --cuda_graphs auto or --device cuda"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sampling.batch import Completions, left_pad
 from sampling.params import SamplingParams
 
@@ -20,8 +22,6 @@ def sample_with_generate(model: Any, prompts: list[list[int]], params: SamplingP
     """What `params` asks for (not `ignore_eos`), sampled by `model.generate`: completions grouped by
     prompt, without logprobs. `batch_size` caps the prompts per generate call (None: all at once);
     `progress` is an optional tqdm bar advanced by the number of prompts done."""
-    import torch
-
     if params.ignore_eos:
         raise ValueError("the model.generate reference stops at eos: use the engine (Sampler without "
                          "reference=True) for ignore_eos")
