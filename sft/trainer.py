@@ -25,6 +25,7 @@ from common.distributed import Dist, check_4bit, current, no_sync_unless, wrap_d
 from common.errors import fail
 from common.flags import check
 from common.run_files import now_iso, seed_everything
+from sampling import Sampler, SamplingParams
 from sft.config import SFTConfig
 from training.run import Run, check_watch, restores_signals, run_data
 
@@ -125,8 +126,10 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 
     def evaluate(at: int | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-        return run.evaluate_sets(model, tokenizer, eval_sets, step=at, batch_size=cfg.eval_batch_size,
-                                 prompt_format=fmt, max_new_tokens=cfg.eval_max_new_tokens)
+        sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          batch_size=cfg.eval_batch_size, continuous=True)
+        return run.evaluate_sets(sampler, tokenizer, eval_sets, SamplingParams(max_new_tokens=cfg.eval_max_new_tokens),
+                                 step=at, prompt_format=fmt)
 
     if step == 0 and cfg.eval_every > 0:
         before, fields = evaluate(0)
