@@ -3,19 +3,22 @@ optimizer, the rewards and the prompt format."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from data.prompt import DEFAULT_FORMAT, PromptFormat
+from models import autocast
 
 
 @dataclass
 class Policy:
     """What a step reads and trains: the model (sampling, saving), the module backward passes go
     through (DDP's wrapper, or the model), the frozen reference (None: LoRA's disabled adapter, or
-    beta 0), the optimizer and schedule, and the CUDA-graph decode state kept across rollouts."""
+    beta 0), the optimizer and schedule, the CUDA-graph decode state kept across rollouts, and what
+    rolls out (the model, or a stand-in: `rollout`, consulted only by grpo.groups.generate_completions)."""
 
     model: Any
     train_model: Any
@@ -27,10 +30,11 @@ class Policy:
     rewards: list[tuple[str, Any, float]]  # (name, function, weight): the advantage uses the weighted sum
     graphs: Any = False
     prompt: PromptFormat = DEFAULT_FORMAT  # how questions become prompts (data/prompt.py)
+    # a stand-in for sampling (tests, the DDP check): (step, prompts, answers) -> each prompt's G completions
+    # as token ids, or `sampling.Completions` whose logprobs stand in for the engine's; None: sample
+    rollout: Callable[[int, list[list[int]], list[str]], Any] | None = None
 
     def autocast(self) -> Any:
-        from models import autocast
-
         return autocast(self.device)
 
     def reward_sum(self, scores: torch.Tensor) -> torch.Tensor:
