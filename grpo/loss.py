@@ -155,6 +155,14 @@ class LossBatch:
     entropy: torch.Tensor | None = None  # [B, T] the tokens' entropy (entropy_coef, top_entropy_quantile)
     counts: Counts | None = None  # the step's normalizers when the call is one micro-batch of it
 
+    def take(self, index: torch.Tensor, width: int, counts: Counts | None = None) -> LossBatch:
+        """Rows `index`, positions [:width] (a micro-batch's), normalized by `counts`."""
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index, :width]
+
+        return LossBatch(self.advantages[index], cut(self.mask), cut(self.old_logprobs), cut(self.ref_logprobs),
+                         cut(self.sampler_logprobs), cut(self.entropy), counts)
+
     def needs(self, name: str, because: str) -> torch.Tensor:
         value = getattr(self, name)
         if value is None:

@@ -85,15 +85,15 @@ def reference_logprobs(model: Any, ref_model: Any, batch: RolloutBatch, micro: i
 
 
 def no_grad_micro_batch(cfg: GRPOConfig, device: str) -> int:
-    """Rows per pass of the no-grad log-prob passes: nothing is kept for a backward there, so on CUDA
-    they take 4x the training micro-batch (fewer, fuller launches); on the CPU the same (its results
-    stay as they were)."""
+    """Rows per pass of the no-grad log-prob passes: --no_grad_micro_batch_size, else the training
+    micro-batch, times 4 on CUDA (nothing is kept for a backward there: fewer, fuller launches)."""
     if cfg.no_grad_micro_batch_size:
         return cfg.no_grad_micro_batch_size
     return cfg.micro_batch_size * (4 if device.startswith("cuda") else 1)
 
 
-def fixed_logprobs(policy: Policy, cfg: GRPOConfig, batch: RolloutBatch) -> tuple[torch.Tensor | None, ...]:
+def fixed_logprobs(policy: Policy, cfg: GRPOConfig,
+                   batch: RolloutBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """3 of the box, [B, C] each, no grad: the old policy's log-probs (only when the rollout is reused,
     --num_iterations > 1) and the reference's (only when beta != 0); None where not needed."""
     wide, T = no_grad_micro_batch(cfg, policy.device), cfg.temperature
@@ -146,17 +146,14 @@ def micro_batch_backward(train_model: Any, mb: RolloutBatch, inputs: LossBatch, 
     return dict(zip(metrics, values)), entropy_sum
 
 
-def run_update(policy: Policy, settings: LossSettings, temperature: float, batch: RolloutBatch, plan: StepPlan,
-               fixed: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor], tally: Tally) -> None:
-    """One update's forward and backward passes, as `plan` cuts them; `fixed`: the batch's (old, reference)
-    log-probs and advantages. What each micro-batch measured goes to `tally`."""
-    old, ref, advantages = fixed
+def run_update(policy: Policy, settings: LossSettings, temperature: float, batch: RolloutBatch,
+               tensors: LossBatch, plan: StepPlan, tally: Tally) -> None:
+    """One update's forward and backward passes over `batch`, as `plan` cuts them; `tensors`: the loss's
+    tensors of the whole batch. What each micro-batch measured goes to `tally`."""
     for part in plan.micro_batches:
         index = _index(part.rows, policy.device)
         mb = batch.take(index, part.rows)  # cut to its own widths: completion columns [:w] of the batch
-        w = mb.completion_width
-        inputs = LossBatch(advantages[index], mb.completion_mask, None if old is None else old[index, :w],
-                           None if ref is None else ref[index, :w], mb.sampler_logprobs, counts=part.counts)
+        inputs = tensors.take(index, mb.completion_width, part.counts)
         metrics, entropy = micro_batch_backward(policy.train_model, mb, inputs, settings, temperature, part.scale,
                                                 part.sync, policy.autocast)
         tally.add(metrics, entropy, part, plan.step_tokens)
@@ -208,10 +205,11 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
         policy.graphs.before_backward()
     with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
         old, ref = fixed_logprobs(policy, cfg, batch)
+    tensors = LossBatch(advantages, batch.completion_mask, old, ref, batch.sampler_logprobs)
     tally, skipped = Tally(), 0
     for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched as planned
         with timer("backward"):
-            run_update(policy, settings, cfg.temperature, batch, plan, (old, ref, advantages), tally)
+            run_update(policy, settings, cfg.temperature, batch, tensors, plan, tally)
         with timer("optimizer"):
             grad_norm, was_skipped, lr = _optimizer_step(policy, cfg, dist, tally.sums.get("grpo_loss", 0.0))
             skipped += was_skipped

@@ -397,3 +397,12 @@ def test_a_micro_batch_s_counts_take_dr_grpo_s_length_from_the_settings():
     batch.counts = Counts(max_length=5.0)
     own, _ = grpo_loss(LOGP, batch, LossSettings(beta=0.0, loss_type="dr_grpo", max_completion_length=4))
     assert own.item() == pytest.approx(SUR_SUM / 10)
+
+
+def test_a_micro_batch_s_tensors_are_its_rows_and_columns():
+    whole = LossBatch(ADV, MASK, OLD, REF, sampler_logprobs=LOGP)
+    part = whole.take(torch.tensor([1]), 2, Counts(step_tokens=5.0))
+    assert torch.equal(part.advantages, ADV[1:]) and torch.equal(part.mask, MASK[1:, :2])
+    assert torch.equal(part.old_logprobs, OLD[1:, :2]) and torch.equal(part.ref_logprobs, REF[1:, :2])
+    assert torch.equal(part.sampler_logprobs, LOGP[1:, :2]) and part.entropy is None
+    assert part.counts == Counts(step_tokens=5.0)
