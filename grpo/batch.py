@@ -22,7 +22,7 @@ class RolloutBatch:
     completion_lengths: list[int] | None = None  # tokens in the loss: 0 for a row taken out of it
     groups: list[int] | None = None  # each row's prompt, numbered in order (rows of a group share one)
     # [B, C]: the log-prob the rollout engine drew each completion token with (0 on padding); None when
-    # the completions did not come from the engine (a rollout hook's fixed ones)
+    # the completions did not come from the engine (a rollout stand-in's fixed ones)
     sampler_logprobs: torch.Tensor | None = None
 
     def take(self, index: slice | torch.Tensor, rows: list[int] | None = None) -> RolloutBatch:

@@ -21,11 +21,11 @@ from sampling import Completions
 
 
 def generate_completions(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers: list[str],
-                         step: int, rollout_hook: Any) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
-    """G completions per prompt from the policy (or `rollout_hook`'s fixed ones), whether each was cut,
-    and the log-prob the sampler drew each token with (None for a hook's token ids; a hook may return
-    `Completions` with log-probs instead, standing in for the engine's)."""
-    fixed = rollout_hook(step, prompts, answers) if rollout_hook else None
+                         step: int) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
+    """G completions per prompt from the policy (or its `rollout` stand-in's fixed ones), whether each was
+    cut, and the log-prob the sampler drew each token with (None for a stand-in's token ids; a stand-in
+    may return `Completions` with log-probs instead, standing in for the engine's)."""
+    fixed = policy.rollout(step, prompts, answers) if policy.rollout else None
     if fixed is not None:
         rows, logprobs = (fixed.token_ids, fixed.logprobs) if isinstance(fixed, Completions) else (fixed, None)
         return rows, [policy.tokenizer.eos_token_id not in c for c in rows], logprobs
@@ -95,12 +95,12 @@ class Groups:
 
 
 def sample_groups(policy: Policy, cfg: GRPOConfig, records: list[dict[str, Any]], state: TrainerState,
-                  rollout_hook: Any, timer: Timer, rollout: int = 0) -> Groups:
+                  timer: Timer, rollout: int = 0) -> Groups:
     """1 and 2 of the box for `records`: G completions per prompt, and their rewards."""
     prompts = [encode_prompt(policy.tokenizer, r["question"], fmt=policy.prompt) for r in records]
     with timer("generation"):
         completions, truncated, logprobs = generate_completions(policy, cfg, prompts, [r["answer"] for r in records],
-                                                                state.global_step, rollout_hook)
+                                                                state.global_step)
     with timer("reward"):
         texts = policy.tokenizer.batch_decode(completions, skip_special_tokens=True)
         scores = score_groups(policy, cfg, records, prompts, completions, texts, truncated, state)
@@ -121,12 +121,12 @@ def with_signal_first(rewards: torch.Tensor, G: int, n: int) -> list[int]:
 
 
 def dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[str, Any]], state: TrainerState,
-                   rollout_hook: Any, draw_more: Any, timer: Timer) -> tuple[Groups, int, int]:
+                   draw_more: Any, timer: Timer) -> tuple[Groups, int, int]:
     """DAPO's dynamic sampling: sample further prompts (draw_more(attempt) gives this rank's next
     ones) until every rank holds as many groups with a signal as it has prompts, at most
     --max_extra_rollouts times; keep those groups first, all-equal ones only to fill what is missing.
     Returns (the groups, the extra rollouts, the prompts sampled on this rank)."""
-    groups = sample_groups(policy, cfg, records, state, rollout_hook, timer)
+    groups = sample_groups(policy, cfg, records, state, timer)
     extra, G, share = 0, cfg.num_generations, len(records)
     if not cfg.dynamic_sampling:
         return groups, 0, share
@@ -135,7 +135,7 @@ def dynamic_groups(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[di
         if dist.all_reduce(torch.tensor(float(min(signal, share)), device=policy.device), "min").item() >= share:
             break  # every rank has enough: ranks leave the loop together, their collectives stay in step
         extra += 1
-        groups = groups + sample_groups(policy, cfg, draw_more(extra), state, rollout_hook, timer, rollout=extra)
+        groups = groups + sample_groups(policy, cfg, draw_more(extra), state, timer, rollout=extra)
     sampled = len(groups.records)
     return groups.take(with_signal_first(policy.reward_sum(groups.scores), G, share), G), extra, sampled
 

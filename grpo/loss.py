@@ -1,5 +1,11 @@
 """GRPO loss math: pure tensor functions, no model, no I/O.
 
+`grpo_loss(logprobs, batch, settings)`: the loss of one call from the current log-probs, the call's
+tensors (`LossBatch`: old, reference and sampler log-probs, advantages, mask, ...) and the run's fixed
+choices (`LossSettings`, built once from the config and checked there). `LOSS_TYPES_TABLE` says how each
+`--loss_type` aggregates per-token terms and how a step's micro-batches add up to its loss (grpo/plan.py
+cuts them); `group_advantages`, `sampler_drift` and `high_entropy_mask` are the step's other formulas.
+
 Shapes: B completions (G per prompt, groups contiguous), T completion positions, V vocabulary.
 `mask` [B, T] is 1 on real completion tokens (eos included) and 0 on padding.
 """
@@ -7,7 +13,8 @@ Shapes: B completions (G per prompt, groups contiguous), T completion positions,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -24,7 +31,8 @@ DRIFT_MAXES = ("sampler_logp_diff_max", "sampler_ratio_max", "sampler_ratio_min_
 
 @dataclass(frozen=True)
 class Counts:
-    """What an aggregation divides by, when a loss call is one part of the step (None: the call's own)."""
+    """What an aggregation divides by, when a loss call is one part of the step (None: the call's own;
+    grpo/plan.py sets them per micro-batch)."""
 
     tokens: float | None = None  # bnpo: the completion tokens of the call's micro-batch, skipped rows too
     max_length: float | None = None  # dr_grpo: the completion-length limit
@@ -51,9 +59,8 @@ def _sum_over_step_tokens(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tenso
 class LossType:
     """One `--loss_type`: how per-token terms become the step's loss, and how the step's micro-batches
     (and DDP ranks, which average) add up to it. `reduce(x, mask, rows, counts)` is the formula on one
-    loss call (`rows`: its rows with a token); `weight(trained, rows, step_rows)` multiplies a
-    micro-batch's loss, `trained` of its `rows` in the loss having gone through the forward (rows with
-    advantage 0 may skip it), `step_rows` being the step's rows in the loss over every rank."""
+    loss call (`rows`: its rows with a token); `weight(kept, full, step_rows)` multiplies a micro-batch's
+    loss so the step's micro-batches sum to the step's loss (kept, full, step_rows: grpo/plan.py's words)."""
 
     formula: str  # the step's loss, for the docs
     reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Counts], torch.Tensor]
@@ -68,27 +75,99 @@ class LossType:
 LOSS_TYPES_TABLE: dict[str, LossType] = {
     "grpo": LossType(
         "mean over completions of each completion's token mean", _row_mean_of_token_means,
-        lambda trained, rows, step_rows: trained / max(step_rows, 1),
+        lambda kept, full, step_rows: kept / max(step_rows, 1),
         "each micro-batch's mean weighted by its share of the step's completions", True,
         "GRPO paper (Shao et al., 2024)"),
     "bnpo": LossType(
         "token mean over each micro-batch", _token_mean,
-        lambda trained, rows, step_rows: rows / max(step_rows, 1),
+        lambda kept, full, step_rows: full / max(step_rows, 1),
         "each micro-batch's token mean weighted by its share of the step's completions: the row-weighted "
         "mean of token means, so it depends on --micro_batch_size (dapo is its exact step-wide version)", False,
         "TRL's bnpo (per-device batch)"),
     "dr_grpo": LossType(
         "token sum / (completions x --max_completion_length)", _sum_over_rows_times_limit,
-        lambda trained, rows, step_rows: trained / max(step_rows, 1),
+        lambda kept, full, step_rows: kept / max(step_rows, 1),
         "each micro-batch's value weighted by its share of the step's completions", True,
         "Dr. GRPO (Liu et al., 2025)"),
     "dapo": LossType(
         "token sum / the step's completion tokens", _sum_over_step_tokens,
-        lambda trained, rows, step_rows: 1.0,
+        lambda kept, full, step_rows: 1.0,
         "summed: each micro-batch already divides by the whole step's tokens", True,
         "DAPO (Yu et al., 2025); the default"),
 }
 LOSS_TYPES = tuple(LOSS_TYPES_TABLE)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What `grpo_loss` computes, fixed for a run: each field is the GRPOConfig flag of its name
+    (`from_config`; `epsilon_low` is --epsilon). The choices are checked here, once."""
+
+    beta: float  # KL coefficient; 0 needs no reference log-probs
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon_low
+    loss_type: str = "dapo"  # LOSS_TYPES_TABLE
+    max_completion_length: int | None = None  # dr_grpo's normalizer (None: the call's width)
+    importance_sampling_level: str = "token"  # IS_LEVELS
+    rollout_correction: str = "none"  # ROLLOUT_CORRECTIONS
+    rollout_correction_cap: float = 2.0
+    entropy_coef: float = 0.0  # the entropy bonus's coefficient
+    top_entropy_quantile: float = 1.0  # the share of each call's tokens that keep their surrogate
+
+    def __post_init__(self) -> None:
+        for name, choices in (("loss_type", LOSS_TYPES), ("importance_sampling_level", IS_LEVELS),
+                              ("rollout_correction", ROLLOUT_CORRECTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], not {self.top_entropy_quantile}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LossSettings:
+        """The settings of a GRPOConfig (grpo/config.py)."""
+        return cls(beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                   max_completion_length=cfg.max_completion_length,
+                   importance_sampling_level=cfg.importance_sampling_level,
+                   rollout_correction=cfg.rollout_correction, rollout_correction_cap=cfg.rollout_correction_cap,
+                   entropy_coef=cfg.entropy_coef, top_entropy_quantile=cfg.top_entropy_quantile)
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def zero_advantage_adds_nothing(self) -> bool:
+        """Whether a row with advantage 0 adds exactly 0 to the loss and its gradient (with beta 0 a row's
+        gradient is A x d ratio): not with a KL term or an entropy bonus, nor when its tokens count in
+        the entropy quantile (taken over the call's tokens, as TRL takes it)."""
+        return self.beta == 0.0 and self.entropy_coef == 0.0 and self.top_entropy_quantile == 1.0
+
+
+@dataclass
+class LossBatch:
+    """The tensors of one `grpo_loss` call (tiny-grpo's `Experience`): B completions, T positions."""
+
+    advantages: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, T]: 1 on the tokens in the loss
+    old_logprobs: torch.Tensor | None = None  # [B, T] the ratio's denominator; None: on-policy
+    ref_logprobs: torch.Tensor | None = None  # [B, T] the reference's, for the KL term (beta != 0)
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] as the rollout engine drew the tokens
+    entropy: torch.Tensor | None = None  # [B, T] the tokens' entropy (entropy_coef, top_entropy_quantile)
+    counts: Counts | None = None  # the step's normalizers when the call is one micro-batch of it
+
+    def take(self, index: torch.Tensor, width: int, counts: Counts | None = None) -> LossBatch:
+        """Rows `index`, positions [:width] (a micro-batch's), normalized by `counts`."""
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index, :width]
+
+        return LossBatch(self.advantages[index], cut(self.mask), cut(self.old_logprobs), cut(self.ref_logprobs),
+                         cut(self.sampler_logprobs), cut(self.entropy), counts)
+
+    def needs(self, name: str, because: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"LossBatch.{name} is required when {because}: pass it, or change that setting")
+        return value
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
@@ -193,105 +272,69 @@ def sampler_drift(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tens
     return w.masked_fill(w > cap, 0.0), stats
 
 
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    beta: float,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    loss_type: str = "dapo",
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | None = None,
-    importance_sampling_level: str = "token",
-    counts: Counts | None = None,
-    as_tensors: bool = False,
-    sampler_logprobs: torch.Tensor | None = None,
-    rollout_correction: str = "none",
-    rollout_correction_cap: float = 2.0,
-    policy_mask: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `loss_type`.
+def grpo_loss(logprobs: torch.Tensor, batch: LossBatch, settings: LossSettings,
+              as_tensors: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Clipped surrogate plus beta * k3 KL to the reference, aggregated by `settings.loss_type`, from the
+    current policy's `logprobs` [B, T] (with their gradient) and the call's `batch`.
 
     Per token: r = exp(logp - old); surrogate = -min(r*A, clamp(r, 1-eps_low, 1+eps_high)*A);
-    `importance_sampling_level="sequence"` (GSPO, Zheng et al. 2025) uses one ratio per completion,
+    importance_sampling_level "sequence" (GSPO, Zheng et al. 2025) uses one ratio per completion,
     r = exp(mean over its tokens of (logp - old)), for every token of it (the gradient still flows
-    through each token's logp);
-    KL = exp(ref - logp) - (ref - logp) - 1; loss = surrogate + beta*KL.
-    `old_logprobs=None` is on-policy (logp.detach(), so r == 1 with the policy gradient's value).
-    Returns (loss, metrics): policy_loss + kl_loss == grpo_loss; kl is the masked token mean of KL.
-    `as_tensors`: the metrics as 0-dim tensors, so the caller reads them all at once (each `.item()` is a
-    device sync).
-    `sampler_logprobs` [B, T]: the log-probs the rollout engine drew the tokens with; the metrics then
-    hold `sampler_drift`'s figures against `old` (DRIFT_SUMS, DRIFT_MAXES), and `rollout_correction`
-    (not "none") multiplies each token's surrogate (the policy term, not the KL) by its detached weight
-    before the aggregation, so every loss type and importance-sampling level takes it and the
-    micro-batches still add up as the table says. Capped ratios use `rollout_correction_cap`.
-    `policy_mask` [B, T] (--top_entropy_quantile, `high_entropy_mask`): only its tokens keep their
-    surrogate; the KL term and every normalizer still count all of `mask`'s tokens (as TRL does).
-    `entropy` [B, T], differentiable, with `entropy_coef` != 0 (--entropy_coef): the loss subtracts
-    entropy_coef times the entropy, aggregated like the surrogate (an exploration bonus); the metrics then
-    add `entropy_loss` (that term, already negative for a bonus) to what `grpo_loss` sums.
-    """
-    mask = mask.to(logprobs.dtype)
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
-    adv = advantages.to(logprobs.dtype).unsqueeze(1)
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, not {importance_sampling_level!r}")
+    through each token's logp); KL = exp(ref - logp) - (ref - logp) - 1; loss = surrogate + beta*KL.
+    `batch.old_logprobs` None is on-policy (logp.detach(), so r == 1 with the policy gradient's value).
+    With `batch.sampler_logprobs` the metrics hold `sampler_drift`'s figures against `old` (DRIFT_SUMS,
+    DRIFT_MAXES), and a `rollout_correction` (not "none") multiplies each token's surrogate (the policy
+    term, not the KL) by its detached weight before the aggregation, so every loss type and
+    importance-sampling level takes it and the micro-batches still add up as the table says.
+    `top_entropy_quantile` < 1: only the tokens `high_entropy_mask` keeps of `batch.entropy` keep their
+    surrogate; the KL term and every normalizer still count all of the mask's tokens (as TRL does).
+    `entropy_coef` != 0: the loss subtracts entropy_coef times `batch.entropy` (differentiable),
+    aggregated like the surrogate (an exploration bonus), logged as `entropy_loss` (negative for a bonus).
+
+    Returns (loss, metrics): grpo_loss == policy_loss + kl_loss (+ entropy_loss); kl is the masked token
+    mean of KL; clip_ratio_* the shares of tokens clipped. `as_tensors`: the metrics as 0-dim tensors, so
+    the caller reads them all at once (each `.item()` is a device sync)."""
+    s, mask = settings, batch.mask.to(logprobs.dtype)
+    old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
+    adv = batch.advantages.to(logprobs.dtype).unsqueeze(1)
     log_ratio = logprobs - old
-    if importance_sampling_level == "sequence":
+    if s.importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
     ratio = torch.exp(log_ratio).expand_as(logprobs)
-    surrogate = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * adv)
+    surrogate = -torch.min(ratio * adv, torch.clamp(ratio, 1 - s.epsilon_low, 1 + s.eps_high) * adv)
     drift: dict[str, torch.Tensor] = {}
-    if sampler_logprobs is not None:
-        weights, drift = sampler_drift(old.detach(), sampler_logprobs, mask, rollout_correction,
-                                       rollout_correction_cap)
+    if batch.sampler_logprobs is not None:
+        weights, drift = sampler_drift(old.detach(), batch.sampler_logprobs, mask, s.rollout_correction,
+                                       s.rollout_correction_cap)
         if weights is not None:
             surrogate = surrogate * weights.to(surrogate.dtype)
-    if policy_mask is not None:
-        surrogate = surrogate * policy_mask.to(surrogate.dtype)
-    agg = dict(mask=mask, loss_type=loss_type, max_completion_length=max_completion_length,
-               num_items_in_batch=num_items_in_batch, counts=counts)
+    if s.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(batch.needs("entropy", "top_entropy_quantile < 1"), mask, s.top_entropy_quantile)
+        surrogate = surrogate * keep.to(surrogate.dtype)
+    counts = batch.counts or Counts()
+    agg = dict(mask=mask, loss_type=s.loss_type,
+               counts=counts if counts.max_length is not None else replace(counts, max_length=s.max_completion_length))
     policy_loss = aggregate(surrogate, **agg)
-    if beta != 0.0:
-        if ref_logprobs is None:
-            raise ValueError("ref_logprobs is required when beta != 0")
-        delta = ref_logprobs - logprobs
+    if s.beta != 0.0:
+        delta = batch.needs("ref_logprobs", "beta != 0") - logprobs
         kl = torch.exp(delta) - delta - 1
-        kl_loss = beta * aggregate(kl, **agg)
+        kl_loss = s.beta * aggregate(kl, **agg)
         mean_kl = masked_mean(kl.detach(), mask)
     else:
         kl_loss = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
         mean_kl = torch.zeros_like(kl_loss)
     loss = policy_loss + kl_loss
-    entropy_loss = None
-    if entropy_coef != 0.0:
-        if entropy is None:
-            raise ValueError("entropy is required when entropy_coef != 0")
-        entropy_loss = -entropy_coef * aggregate(entropy.to(logprobs.dtype), **agg)
-        loss = loss + entropy_loss
+    extra = {}
+    if s.entropy_coef != 0.0:
+        entropy_loss = -s.entropy_coef * aggregate(batch.needs("entropy", "entropy_coef != 0").to(logprobs.dtype),
+                                                   **agg)
+        loss, extra = loss + entropy_loss, {"entropy_loss": entropy_loss.detach()}
     with torch.no_grad():
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
-        metrics = {
-            "grpo_loss": loss.detach(),
-            "policy_loss": policy_loss.detach(),
-            "kl_loss": kl_loss.detach(),
-            "kl": mean_kl,
-            "clip_ratio_low": masked_mean(low, mask),
-            "clip_ratio_high": masked_mean(high, mask),
-            "clip_ratio_region": masked_mean(torch.maximum(low, high), mask),
-            **drift,
-        }
-        if entropy_loss is not None:
-            metrics["entropy_loss"] = entropy_loss.detach()
+        low = ((ratio < 1 - s.epsilon_low) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1 + s.eps_high) & (adv > 0)).to(mask.dtype)
+        metrics = {"grpo_loss": loss.detach(), "policy_loss": policy_loss.detach(), "kl_loss": kl_loss.detach(),
+                   "kl": mean_kl, "clip_ratio_low": masked_mean(low, mask), "clip_ratio_high": masked_mean(high, mask),
+                   "clip_ratio_region": masked_mean(torch.maximum(low, high), mask), **drift, **extra}
     return loss, metrics if as_tensors else {k: v.item() for k, v in metrics.items()}
 
 

@@ -22,6 +22,11 @@ from typing import Any
 import torch
 
 from common.errors import fail
+from grpo.batch import completion_logprobs, pack
+from grpo.loss import LossBatch, LossSettings, grpo_loss
+from models.loading import model_config, shape_model
+from models.lora import add_lora
+from models.memory import SavedTally
 
 GB = 2**30
 # the share of the free memory a ledger's peak may take: the ledger leaves out the allocator's
@@ -53,12 +58,6 @@ class LedgerSettings:
 def saved_bytes(s: Any, layers: int, device: str = "cpu") -> int:
     """Bytes autograd saves over one training micro-batch's forward (the projected loss included), on a
     `layers`-layer model of the shape `s.model`, computed on `device`."""
-    from grpo.batch import completion_logprobs, pack
-    from grpo.loss import grpo_loss
-    from models.loading import shape_model
-    from models.lora import add_lora
-    from models.memory import SavedTally
-
     with torch.device(device):  # built where it runs: a GPU initializes a 0.6 GB embedding in milliseconds
         model = shape_model(s.model, layers)
     # a 4-bit base saves what a bf16 one saves (the inputs of its products): tallied as plain LoRA
@@ -75,7 +74,8 @@ def saved_bytes(s: Any, layers: int, device: str = "cpu") -> int:
     with SavedTally(model) as tally, torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         logp, _ = completion_logprobs(model, batch, 0.7, with_entropy=True)
         ref = logp.detach() if s.beta else None
-        loss, _ = grpo_loss(logp, None, ref, torch.ones(rows, device=device), batch.completion_mask, beta=s.beta)
+        inputs = LossBatch(torch.ones(rows, device=device), batch.completion_mask, ref_logprobs=ref)
+        loss, _ = grpo_loss(logp, inputs, LossSettings(beta=s.beta))
     loss.backward()
     return sum(tally.bytes.values())
 
@@ -89,8 +89,6 @@ def ledger(s: Any, device: str = "cpu") -> dict[str, float]:
 
 @functools.lru_cache(maxsize=64)  # the fit check asks again for what it has asked
 def _ledger(s: LedgerSettings, device: str) -> dict[str, float]:
-    from models.loading import model_config, shape_model
-
     one, two = saved_bytes(s, 1, device), saved_bytes(s, 2, device)
     with torch.device("meta"):  # only its parameters' counts are read
         model = shape_model(s.model, 1)
@@ -105,8 +103,6 @@ def _ledger(s: LedgerSettings, device: str) -> dict[str, float]:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     lora, nf4 = s.finetune == "lora", s.finetune == "lora" and s.use_4bit
     if lora:  # the adapters of one layer, counted on the 1-layer model
-        from models.lora import add_lora
-
         adapters = layers * sum(p.numel() for p in add_lora(model, s.lora_r, 2 * s.lora_r, 0.0).parameters()
                                 if p.requires_grad)
     trained = adapters if lora else params

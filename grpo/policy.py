@@ -3,12 +3,14 @@ optimizer, the rewards and the prompt format."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from data.prompt import DEFAULT_FORMAT, PromptFormat
+from models import autocast
 from sampling import Sampler
 
 
@@ -16,8 +18,9 @@ from sampling import Sampler
 class Policy:
     """What a step reads and trains: the model (sampling, saving), the module backward passes go
     through (DDP's wrapper, or the model), the frozen reference (None: LoRA's disabled adapter, or
-    beta 0), the optimizer and schedule, and the rollouts' `Sampler` (its engine settings and the CUDA-graph
-    decode state it keeps across rollouts)."""
+    beta 0), the optimizer and schedule, the rollouts' `Sampler` (its engine settings and the CUDA-graph
+    decode state it keeps across rollouts), and a stand-in for it (`rollout`, consulted only by
+    grpo.groups.generate_completions)."""
 
     model: Any
     train_model: Any
@@ -29,10 +32,11 @@ class Policy:
     rewards: list[tuple[str, Any, float]]  # (name, function, weight): the advantage uses the weighted sum
     sampler: Sampler
     prompt: PromptFormat = DEFAULT_FORMAT  # how questions become prompts (data/prompt.py)
+    # a stand-in for sampling (tests, the DDP check): (step, prompts, answers) -> each prompt's G completions
+    # as token ids, or `sampling.Completions` whose logprobs stand in for the engine's; None: sample
+    rollout: Callable[[int, list[list[int]], list[str]], Any] | None = None
 
     def autocast(self) -> Any:
-        from models import autocast
-
         return autocast(self.device)
 
     def reward_sum(self, scores: torch.Tensor) -> torch.Tensor:

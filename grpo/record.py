@@ -1,11 +1,11 @@
-"""A GRPO step's log line (`step_record`) from what one rank measured (`StepStats`): metrics over every
-rank's completions, times and memory of the slowest rank."""
+"""A GRPO step's log line (`step_record`) from what one rank measured (`StepStats`, its backward passes'
+`Tally`): metrics over every rank's completions, times and memory of the slowest rank."""
 
 from __future__ import annotations
 
 import math
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,17 +15,47 @@ from data.prompt import thinking_fields
 from grpo.config import GRPOConfig
 from grpo.groups import has_signal
 from grpo.loss import DRIFT_MAXES, DRIFT_SUMS
+from grpo.plan import MicroBatch
+
+# loss metrics sum with their micro-batch's weight (so they add up as the loss does); the others are
+# token means, summed with the micro-batch's share of the step's tokens
+LOSS_METRICS = ("grpo_loss", "policy_loss", "kl_loss", "entropy_loss")
+
+
+@dataclass
+class Tally:
+    """What one rank's backward passes measured, summed in their order over its micro-batches and the
+    --num_iterations updates: grpo_loss's metrics (each its share of the step's value), the sampler's
+    drift (grpo.loss.sampler_drift: sums, and maxima), the entropy of the tokens that went through a
+    forward (rows skipped for a zero advantage did not) and the rows that did."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    drift_sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DRIFT_SUMS, 0.0))
+    drift_max: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DRIFT_MAXES, -math.inf))
+    entropy_sum: float = 0.0
+    entropy_tokens: float = 0.0
+    backward_rows: int = 0
+
+    def add(self, metrics: dict[str, float], entropy_sum: float, part: MicroBatch, step_tokens: float) -> None:
+        """One micro-batch's figures (grpo_loss's metrics, its tokens' summed entropy)."""
+        for k, v in metrics.items():
+            if k in self.drift_sums:
+                self.drift_sums[k] += v
+            elif k in self.drift_max:
+                self.drift_max[k] = max(self.drift_max[k], v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v * (part.weight if k in LOSS_METRICS
+                                                            else part.tokens / step_tokens)
+        self.entropy_sum, self.entropy_tokens = self.entropy_sum + entropy_sum, self.entropy_tokens + part.tokens
+        self.backward_rows += len(part.rows)
 
 
 @dataclass
 class StepStats:
-    """One rank's step: metric sums (each its share of the step's value), all ranks' rewards and
-    advantages, its completions' lengths, and the phases' seconds. Built by keyword."""
+    """One rank's step: its backward passes' tally, all ranks' rewards and advantages, its completions'
+    lengths, and the phases' seconds. Built by keyword."""
 
-    sums: dict[str, float]
-    entropy_sum: float
-    entropy_tokens: float  # the tokens that went through a forward (rows skipped for a zero advantage did not)
-    backward_rows: int  # rows through forward and backward, over the num_iterations updates
+    tally: Tally
     num_items: float  # completion tokens of the whole step, all ranks
     rewards: torch.Tensor  # the weighted sum of the reward functions, all ranks' completions
     reward_parts: dict[str, torch.Tensor]  # each reward function's values, all ranks' completions
@@ -42,9 +72,6 @@ class StepStats:
     masked_rows: int = 0  # this rank's rows out of the loss (--mask_truncated_completions)
     thinking: list[tuple[int, bool]] | None = None  # per completion (thinking tokens, closed) when thinking is on
     completions_log: list[dict[str, Any]] | None = None  # completions.jsonl's lines of this rank (--log_completions)
-    # the sampler's drift over this rank's trained tokens (grpo.loss.sampler_drift): sums, and maxima
-    drift_sums: dict[str, float] | None = None
-    drift_max: dict[str, float] | None = None
 
 
 def peak_memory_gb(device: str) -> tuple[float, float]:
@@ -58,17 +85,17 @@ def peak_memory_gb(device: str) -> tuple[float, float]:
 def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time_per_step: float) -> dict[str, Any]:
     """The log line's step metrics over all ranks' completions; times and memory of the slowest rank."""
     phases = ("generation", "backward", "reference", "optimizer", "reward")
-    drift_sums = stats.drift_sums or dict.fromkeys(DRIFT_SUMS, 0.0)
-    drift_max = stats.drift_max or dict.fromkeys(DRIFT_MAXES, -math.inf)
+    tally = stats.tally
+    drift_sums, drift_max = tally.drift_sums, tally.drift_max
     slowest = dist.all_reduce(torch.tensor([time_per_step, *(stats.times.get(p, 0.0) for p in phases),
                                             *peak_memory_gb(device), *(drift_max[k] for k in DRIFT_MAXES)],
                                            device=device, dtype=torch.float64), "max")
     time_per_step, *phase_times, peak, reserved = slowest.tolist()[: len(phases) + 3]
     maxima = dict(zip(DRIFT_MAXES, slowest.tolist()[len(phases) + 3:]))
     times = dict(zip(phases, phase_times))
-    keys = sorted(stats.sums)
-    summed = dist.all_reduce(torch.tensor([stats.sums[k] for k in keys] + [stats.entropy_sum, stats.entropy_tokens,
-                                          stats.backward_rows, stats.prompts_sampled, stats.masked_rows]
+    keys = sorted(tally.sums)
+    summed = dist.all_reduce(torch.tensor([tally.sums[k] for k in keys] + [tally.entropy_sum, tally.entropy_tokens,
+                                          tally.backward_rows, stats.prompts_sampled, stats.masked_rows]
                                           + [drift_sums[k] for k in DRIFT_SUMS],
                                           device=device, dtype=torch.float64)).tolist()
     drift = dict(zip(DRIFT_SUMS, summed[len(summed) - len(DRIFT_SUMS):]))
@@ -108,7 +135,7 @@ def step_record(stats: StepStats, cfg: GRPOConfig, dist: Dist, device: str, time
 def drift_fields(sums: dict[str, float], maxima: dict[str, float], n_iter: int) -> dict[str, float]:
     """The log's sampler_* and rollout_correction_* fields from every rank's summed DRIFT_SUMS and
     maximal DRIFT_MAXES (grpo.loss.sampler_drift); none when no token had the sampler's log-probs (a
-    rollout hook's completions). Counts are per update (each of --num_iterations sees the same ones)."""
+    rollout stand-in's completions). Counts are per update (each of --num_iterations sees the same ones)."""
     tokens = sums["sampler_tokens"]
     if tokens <= 0:
         return {}

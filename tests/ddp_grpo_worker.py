@@ -63,7 +63,7 @@ def run_case(out_dir: Path, loss_type: str, finetune: str, rollout_correction: s
                      learning_rate=1e-3, beta=0.04, loss_type=loss_type, finetune=finetune, lora_r=4, lora_alpha=8,
                      temperature=1.0, save_every=10**9, device="cpu", show_progress=False, overwrite=True, seed=3,
                      log_completions="all", rollout_correction=rollout_correction)
-    train_grpo(cfg, rollout_hook=hook)
+    train_grpo(cfg, rollout=hook)
 
 
 def main() -> None:

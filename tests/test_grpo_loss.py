@@ -5,13 +5,25 @@ import math
 import pytest
 import torch
 
+from grpo.config import GRPOConfig
 from grpo.loss import (
     LOSS_TYPES,
+    Counts,
+    LossBatch,
+    LossSettings,
     aggregate,
     group_advantages,
     grpo_loss,
     high_entropy_mask,
 )
+
+
+def _loss(logp, old, ref, adv, mask, num_items_in_batch=None, sampler_logprobs=None, entropy=None, **settings):
+    """grpo_loss on these tensors (`num_items_in_batch`: the step's tokens, dapo's normalizer) with
+    LossSettings(**settings); the metrics as floats."""
+    counts = None if num_items_in_batch is None else Counts(step_tokens=num_items_in_batch)
+    batch = LossBatch(adv, mask, old, ref, sampler_logprobs, entropy, counts)
+    return grpo_loss(logp, batch, LossSettings(**settings))
 
 # ---------- group_advantages
 
@@ -78,7 +90,7 @@ EXPECTED_KL_AGG = {"grpo": (KL_ROW0 / 3 + 0) / 2, "bnpo": KL_ROW0 / 5, "dr_grpo"
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_loss_by_hand(loss_type):
-    loss, m = grpo_loss(LOGP, OLD, REF, ADV, MASK, beta=0.1, loss_type=loss_type, max_completion_length=4,
+    loss, m = _loss(LOGP, OLD, REF, ADV, MASK, beta=0.1, loss_type=loss_type, max_completion_length=4,
                         num_items_in_batch=10)
     assert m["policy_loss"] == pytest.approx(EXPECTED_POLICY[loss_type])
     assert m["kl_loss"] == pytest.approx(0.1 * EXPECTED_KL_AGG[loss_type])
@@ -90,25 +102,25 @@ def test_grpo_loss_by_hand(loss_type):
 
 
 def test_dapo_defaults_to_this_batch_token_count_and_dr_grpo_to_width():
-    _, dapo = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="dapo")
+    _, dapo = _loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="dapo")
     assert dapo["policy_loss"] == pytest.approx(SUR_SUM / 5)
-    _, dr = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="dr_grpo")
+    _, dr = _loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="dr_grpo")
     assert dr["policy_loss"] == pytest.approx(SUR_SUM / 6)  # B * T = 2 * 3
 
 
 def test_high_clip_by_hand_with_asymmetric_epsilon():
     # ratio e^0.25 = 1.284 > 1 + 0.2 (A > 0) is clipped to 1.2, but not with epsilon_high 0.3
     logp, old = torch.tensor([[0.0]]), torch.tensor([[-0.25]])
-    _, m = grpo_loss(logp, old, None, torch.tensor([2.0]), torch.ones(1, 1), beta=0.0, loss_type="bnpo")
+    _, m = _loss(logp, old, None, torch.tensor([2.0]), torch.ones(1, 1), beta=0.0, loss_type="bnpo")
     assert m["policy_loss"] == pytest.approx(-1.2 * 2) and m["clip_ratio_high"] == 1.0
-    _, m = grpo_loss(logp, old, None, torch.tensor([2.0]), torch.ones(1, 1), beta=0.0, loss_type="bnpo",
+    _, m = _loss(logp, old, None, torch.tensor([2.0]), torch.ones(1, 1), beta=0.0, loss_type="bnpo",
                      epsilon_high=0.3)
     assert m["policy_loss"] == pytest.approx(-math.exp(0.25) * 2) and m["clip_ratio_high"] == 0.0
 
 
 def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]], requires_grad=True)
-    loss, m = grpo_loss(logp, None, None, ADV, MASK, beta=0.0, loss_type="bnpo")
+    loss, m = _loss(logp, None, None, ADV, MASK, beta=0.0, loss_type="bnpo")
     assert m["clip_ratio_region"] == 0.0
     assert loss.item() == pytest.approx(-(3 * 1.0 + 2 * -1.0) / 5)  # -mean(A) over tokens
     loss.backward()
@@ -119,7 +131,7 @@ def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
 def test_gradient_is_zero_where_clipped():
     logp = torch.tensor([[0.0, 0.0], [0.0, 0.0]], requires_grad=True)
     old = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])  # ratios e^2 (A>0: clipped high), e^-2 (A<0: clipped low)
-    loss, m = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), torch.ones(2, 2), beta=0.0, loss_type="bnpo")
+    loss, m = _loss(logp, old, None, torch.tensor([1.0, -1.0]), torch.ones(2, 2), beta=0.0, loss_type="bnpo")
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0
     assert logp.grad[0, 1] != 0 and logp.grad[1, 1] != 0
@@ -127,20 +139,20 @@ def test_gradient_is_zero_where_clipped():
 
 
 def test_beta_zero_needs_no_reference_and_beta_needs_one():
-    loss, m = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0)
+    loss, m = _loss(LOGP, OLD, None, ADV, MASK, beta=0.0)
     assert m["kl_loss"] == 0.0 and m["kl"] == 0.0
     with pytest.raises(ValueError):
-        grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.1)
+        _loss(LOGP, OLD, None, ADV, MASK, beta=0.1)
 
 
 def test_empty_mask_rows_and_zero_advantages():
     mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        loss, _ = grpo_loss(LOGP, OLD, REF, ADV, mask, beta=0.1, loss_type=loss_type)
+        loss, _ = _loss(LOGP, OLD, REF, ADV, mask, beta=0.1, loss_type=loss_type)
         assert torch.isfinite(loss)
-    loss, _ = grpo_loss(LOGP, OLD, None, ADV, torch.zeros(2, 3), beta=0.0, loss_type="bnpo")
+    loss, _ = _loss(LOGP, OLD, None, ADV, torch.zeros(2, 3), beta=0.0, loss_type="bnpo")
     assert loss.item() == 0.0
-    loss, m = grpo_loss(LOGP, None, None, torch.zeros(2), MASK, beta=0.0)
+    loss, m = _loss(LOGP, None, None, torch.zeros(2), MASK, beta=0.0)
     assert loss.item() == 0.0 and m["policy_loss"] == 0.0
 
 
@@ -185,7 +197,7 @@ def test_matches_float64_loop_reference(loss_type, seed):
     lengths = torch.randint(0, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.float64)
     n_items = float(mask.sum()) + 7
-    loss, _ = grpo_loss(logp, old, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
+    loss, _ = _loss(logp, old, ref, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
                         loss_type=loss_type, max_completion_length=12, num_items_in_batch=n_items)
     want = _reference_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, 0.2, 0.28,
                            loss_type, 12, n_items)
@@ -199,7 +211,7 @@ def test_sequence_level_ratios_gspo_by_hand():
     s0, s1 = math.exp(0.1 / 3), math.exp(-0.25)
     assert s1 < 0.8  # row 1 is clipped
     logp = LOGP.clone().requires_grad_(True)
-    loss, metrics = grpo_loss(logp, OLD, None, ADV, MASK, beta=0.0, loss_type="dapo", num_items_in_batch=10,
+    loss, metrics = _loss(logp, OLD, None, ADV, MASK, beta=0.0, loss_type="dapo", num_items_in_batch=10,
                               importance_sampling_level="sequence")
     assert loss.item() == pytest.approx((-3 * s0 + 2 * 0.8) / 10, rel=1e-6)
     assert metrics["clip_ratio_low"] == pytest.approx(2 / 5) and metrics["clip_ratio_high"] == 0.0
@@ -207,13 +219,13 @@ def test_sequence_level_ratios_gspo_by_hand():
     # row 0: d(-s0 x 3 tokens / 10) / d logp_t = -3 * s0 * (1/3) / 10 for each of its tokens; row 1 is clipped: 0
     assert torch.allclose(logp.grad[0], torch.full((3,), -s0 / 10), atol=1e-6)
     assert torch.allclose(logp.grad[1], torch.zeros(3))
-    grpo, _ = grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="grpo", importance_sampling_level="sequence")
+    grpo, _ = _loss(LOGP, OLD, None, ADV, MASK, beta=0.0, loss_type="grpo", importance_sampling_level="sequence")
     assert grpo.item() == pytest.approx((-s0 + 0.8) / 2, rel=1e-6)
-    same, _ = grpo_loss(LOGP, LOGP, None, ADV, MASK, beta=0.0, importance_sampling_level="sequence")
-    token, _ = grpo_loss(LOGP, LOGP, None, ADV, MASK, beta=0.0)
+    same, _ = _loss(LOGP, LOGP, None, ADV, MASK, beta=0.0, importance_sampling_level="sequence")
+    token, _ = _loss(LOGP, LOGP, None, ADV, MASK, beta=0.0)
     assert same.item() == pytest.approx(token.item())  # on-policy both levels give ratio 1
     with pytest.raises(ValueError, match="importance_sampling_level"):
-        grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, importance_sampling_level="group")
+        _loss(LOGP, OLD, None, ADV, MASK, beta=0.0, importance_sampling_level="group")
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -272,14 +284,14 @@ def test_a_row_the_sampler_drew_off_policy_is_truncated_or_masked_as_the_mode_sa
     sampler = CORR_LOGP.clone()
     sampler[1] -= math.log(s)
     logp = CORR_LOGP.clone().requires_grad_()
-    loss, m = grpo_loss(logp, None, None, CORR_ADV, CORR_MASK, beta=0.0, loss_type=loss_type,
+    loss, m = _loss(logp, None, None, CORR_ADV, CORR_MASK, beta=0.0, loss_type=loss_type,
                         importance_sampling_level=level, sampler_logprobs=sampler, rollout_correction=mode,
                         rollout_correction_cap=2.0)
     w = CORR_WEIGHT[s][mode]
     assert loss.item() == pytest.approx(CORR_POLICY[loss_type](w), abs=1e-6)
     loss.backward()  # the weight is a constant: row 1's gradient is its unweighted one times w
     unweighted = logp.detach().clone().requires_grad_()
-    grpo_loss(unweighted, None, None, CORR_ADV, CORR_MASK, beta=0.0, loss_type=loss_type,
+    _loss(unweighted, None, None, CORR_ADV, CORR_MASK, beta=0.0, loss_type=loss_type,
               importance_sampling_level=level)[0].backward()
     assert torch.allclose(logp.grad[0], unweighted.grad[0], atol=1e-6)
     assert torch.allclose(logp.grad[1], w * unweighted.grad[1], atol=1e-6)
@@ -303,19 +315,19 @@ def test_rollout_correction_with_an_exact_sampler_leaves_the_loss_as_it_is():
     logp, old, adv = torch.randn(4, 6) - 2, torch.randn(4, 6) - 2, torch.randn(4)
     mask = (torch.rand(4, 6) > 0.2).float()
     base = logp.clone().requires_grad_()
-    want, _ = grpo_loss(base, old, None, adv, mask, beta=0.0)
+    want, _ = _loss(base, old, None, adv, mask, beta=0.0)
     want.backward()
     for mode in ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
         x = logp.clone().requires_grad_()
-        got, m = grpo_loss(x, old, None, adv, mask, beta=0.0, sampler_logprobs=old, rollout_correction=mode)
+        got, m = _loss(x, old, None, adv, mask, beta=0.0, sampler_logprobs=old, rollout_correction=mode)
         got.backward()
         assert got.item() == want.item() and torch.equal(x.grad, base.grad)
         assert m["sampler_kl_sum"] == 0 and m["sampler_logp_diff_max"] == 0
 
 
 def test_unknown_rollout_correction():
-    with pytest.raises(ValueError, match="rollout correction must be one of"):
-        grpo_loss(LOGP, OLD, None, ADV, MASK, beta=0.0, sampler_logprobs=OLD, rollout_correction="clip")
+    with pytest.raises(ValueError, match="rollout_correction must be one of"):
+        _loss(LOGP, OLD, None, ADV, MASK, beta=0.0, sampler_logprobs=OLD, rollout_correction="clip")
 
 
 def test_high_entropy_mask_keeps_the_top_share_of_the_masked_tokens_by_hand():
@@ -330,7 +342,7 @@ def test_high_entropy_mask_keeps_the_top_share_of_the_masked_tokens_by_hand():
 
 
 def test_the_entropy_mask_drops_only_the_surrogate_and_the_bonus_subtracts_entropy():
-    """policy_mask: masked tokens lose their surrogate, not their KL nor their place in the normalizer;
+    """top_entropy_quantile: the other tokens lose their surrogate, not their KL nor their place in the normalizer;
     entropy_coef: loss - coef * aggregate(entropy), its gradient flowing into the entropy."""
     torch.manual_seed(0)
     logp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
@@ -340,16 +352,57 @@ def test_the_entropy_mask_drops_only_the_surrogate_and_the_bonus_subtracts_entro
     keep = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]])
     entropy = torch.rand(2, 4, dtype=torch.float64, requires_grad=True)
     common = dict(beta=0.1, loss_type="dapo", num_items_in_batch=7.0)
-    base, m0 = grpo_loss(logp, None, ref, adv, mask, **common)
-    masked, m1 = grpo_loss(logp, None, ref, adv, mask, policy_mask=keep, **common)
+    base, m0 = _loss(logp, None, ref, adv, mask, **common)
+    # entropy 1 on the kept tokens, 0 on the others: the top 5/7 of the 7 tokens by entropy are the kept ones
+    masked, m1 = _loss(logp, None, ref, adv, mask, entropy=keep.double(), top_entropy_quantile=5 / 7, **common)
     # on-policy the surrogate is -A per token: its dapo sum over the kept tokens only, over all 7 tokens
     assert m1["policy_loss"] == pytest.approx(-(1.0 * 2 + -0.5 * 3) / 7.0)
     assert m0["policy_loss"] == pytest.approx(-(1.0 * 3 - 0.5 * 4) / 7)
     assert m1["kl_loss"] == pytest.approx(m0["kl_loss"])
-    bonus, m2 = grpo_loss(logp, None, ref, adv, mask, entropy=entropy, entropy_coef=0.05, **common)
+    bonus, m2 = _loss(logp, None, ref, adv, mask, entropy=entropy, entropy_coef=0.05, **common)
     want = 0.05 * (entropy * mask).sum() / 7.0
     assert bonus.item() == pytest.approx(base.item() - want.item())
     assert m2["entropy_loss"] == pytest.approx(-want.item())
     (grad,) = torch.autograd.grad(bonus, entropy)
     assert torch.allclose(grad, -0.05 * mask.double() / 7.0)
     assert "entropy_loss" not in m0
+
+
+def test_loss_settings_check_their_choices_once_and_follow_the_config():
+    """The settings object is where a bad choice is refused (one line naming the choices); built from a
+    GRPOConfig it carries each flag of the same name (--epsilon as epsilon_low)."""
+    for bad in (dict(loss_type="ppo"), dict(importance_sampling_level="group"), dict(rollout_correction="clip"),
+                dict(top_entropy_quantile=0.0)):
+        with pytest.raises(ValueError) as info:
+            LossSettings(beta=0.0, **bad)
+        assert next(iter(bad)) in str(info.value) and "\n" not in str(info.value)
+    cfg = GRPOConfig(beta=0.04, epsilon=0.1, epsilon_high=0.3, loss_type="grpo", max_completion_length=77,
+                     importance_sampling_level="sequence", rollout_correction="token_mask",
+                     rollout_correction_cap=3.0, entropy_coef=0.01, top_entropy_quantile=0.5)
+    assert LossSettings.from_config(cfg) == LossSettings(0.04, 0.1, 0.3, "grpo", 77, "sequence", "token_mask", 3.0,
+                                                         0.01, 0.5)
+    assert LossSettings(beta=0.0, epsilon_low=0.2).eps_high == 0.2
+    assert LossSettings(beta=0.0).zero_advantage_adds_nothing
+    assert not any(LossSettings(**kw).zero_advantage_adds_nothing for kw in
+                   (dict(beta=0.01), dict(beta=0.0, entropy_coef=0.1), dict(beta=0.0, top_entropy_quantile=0.2)))
+    with pytest.raises(ValueError, match="LossBatch.entropy is required when entropy_coef"):
+        _loss(LOGP, OLD, None, ADV, MASK, beta=0.0, entropy_coef=0.1)
+
+
+def test_a_micro_batch_s_counts_take_dr_grpo_s_length_from_the_settings():
+    """Counts without a length limit (the plan's when none is set) take the settings'; their own wins."""
+    batch = LossBatch(ADV, MASK, OLD, counts=Counts(step_tokens=10.0))
+    with_limit, _ = grpo_loss(LOGP, batch, LossSettings(beta=0.0, loss_type="dr_grpo", max_completion_length=4))
+    assert with_limit.item() == pytest.approx(SUR_SUM / 8)  # 2 rows x 4
+    batch.counts = Counts(max_length=5.0)
+    own, _ = grpo_loss(LOGP, batch, LossSettings(beta=0.0, loss_type="dr_grpo", max_completion_length=4))
+    assert own.item() == pytest.approx(SUR_SUM / 10)
+
+
+def test_a_micro_batch_s_tensors_are_its_rows_and_columns():
+    whole = LossBatch(ADV, MASK, OLD, REF, sampler_logprobs=LOGP)
+    part = whole.take(torch.tensor([1]), 2, Counts(step_tokens=5.0))
+    assert torch.equal(part.advantages, ADV[1:]) and torch.equal(part.mask, MASK[1:, :2])
+    assert torch.equal(part.old_logprobs, OLD[1:, :2]) and torch.equal(part.ref_logprobs, REF[1:, :2])
+    assert torch.equal(part.sampler_logprobs, LOGP[1:, :2]) and part.entropy is None
+    assert part.counts == Counts(step_tokens=5.0)

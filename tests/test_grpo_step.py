@@ -28,7 +28,7 @@ def _one_step(out, tiny_tokenizer, hook=None, **overrides):
     cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=4,
                num_generations=4, max_completion_length=64, device="cpu", learning_rate=1e-3, beta=0.04,
                show_progress=False, seed=3, save_every=10)
-    train_grpo(GRPOConfig(**{**cfg, **overrides}), rollout_hook=(hook or _varied_rollouts)(tiny_tokenizer))
+    train_grpo(GRPOConfig(**{**cfg, **overrides}), rollout=(hook or _varied_rollouts)(tiny_tokenizer))
     from safetensors.torch import load_file
 
     return json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors"))
@@ -81,7 +81,7 @@ def test_training_takes_the_prompts_across_the_epoch_boundary(tmp_path, tiny_tok
     train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_samples=6, max_steps=2,
                           prompts_per_step=4, num_generations=4, max_completion_length=32, device="cpu",
                           beta=0.0, show_progress=False, seed=3),
-               rollout_hook=lambda step, prompts, answers: taken.append(answers) or hook(step, prompts, answers))
+               rollout=lambda step, prompts, answers: taken.append(answers) or hook(step, prompts, answers))
     from data import make_synthetic
 
     answers = [r["answer"] for r in make_synthetic("train", max_samples=6, seed=3)]
@@ -105,7 +105,7 @@ def test_each_phase_time_lands_in_its_own_field(tmp_path, tiny_tokenizer):
     train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1,
                           prompts_per_step=2, num_generations=4, max_completion_length=32, device="cpu",
                           beta=0.04, show_progress=False),
-               rollout_hook=lambda *a: time.sleep(0.3) or hook(*a), reward_funcs=[slow])
+               rollout=lambda *a: time.sleep(0.3) or hook(*a), reward_funcs=[slow])
     line = json.loads((out / LOG_NAME).read_text())
     assert 0.3 <= line["generation_time_s"] < 0.5
     assert 0.2 <= line["reward_time_s"] < 0.3
@@ -140,7 +140,7 @@ def test_skipping_zero_advantage_rows_leaves_the_update_exactly_as_it_was(tmp_pa
                               prompts_per_step=4, num_generations=4, micro_batch_size=4, max_completion_length=64,
                               device="cpu", learning_rate=1e-3, beta=0.0, show_progress=False, seed=3,
                               loss_type=loss_type, skip_zero_advantage=skip),
-                   rollout_hook=_some_groups_without_signal(tiny_tokenizer))
+                   rollout=_some_groups_without_signal(tiny_tokenizer))
         runs[skip] = json.loads((out / LOG_NAME).read_text()), load_file(str(out / "model.safetensors"))
     (on, w_on), (off, w_off) = runs[True], runs[False]
     assert on["frac_reward_zero_std"] == 0.5 and on["backward_rows"] == 8 and off["backward_rows"] == 16
@@ -153,7 +153,7 @@ def test_off_a_terminal_progress_is_a_line_every_tenth_of_the_run(tmp_path, tiny
     train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path / "p"), max_steps=3,
                           prompts_per_step=2, num_generations=4, max_completion_length=16, device="cpu", beta=0.0,
                           eval_every=3, eval_samples=2, show_progress=True),
-               rollout_hook=_varied_rollouts(tiny_tokenizer))
+               rollout=_varied_rollouts(tiny_tokenizer))
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("grpo step")]
     assert [x.split(":")[0] for x in lines] == ["grpo step 1/3", "grpo step 2/3", "grpo step 3/3"]
     assert "reward " in lines[0] and "zero_signal " in lines[0] and "eval_accuracy " in lines[-1]
@@ -192,7 +192,7 @@ def test_dynamic_sampling_rolls_out_more_prompts_until_every_group_has_a_signal(
     train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=2,
                           prompts_per_step=4, num_generations=4, max_completion_length=64, device="cpu", beta=0.0,
                           show_progress=False, seed=3, dynamic_sampling=True, max_extra_rollouts=cap),
-               rollout_hook=_signal_when(tiny_tokenizer, calls, mod))
+               rollout=_signal_when(tiny_tokenizer, calls, mod))
     lines = [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
     assert len(calls) == sum(1 + line["extra_rollouts"] for line in lines)
     for line, first in zip(lines, [0, 1 + lines[0]["extra_rollouts"]]):

@@ -11,7 +11,7 @@ import grpo.step as grpo_step
 from common.errors import UserError
 from common.run_files import JsonlLog
 from grpo.batch import pack
-from grpo.loss import Counts
+from grpo.loss import Counts, LossBatch, LossSettings
 from grpo.step import reference_logprobs
 from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 from models.tiny import tiny_dir
@@ -73,13 +73,13 @@ def test_on_policy_ratio_is_one_and_beta_zero_skips_reference(tmp_path, monkeypa
     calls = []
     real = grpo_step.logprobs_no_grad
     monkeypatch.setattr(grpo_step, "logprobs_no_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
-    import models
+    import grpo.trainer
 
     copies = []
-    real_copy = models.frozen_copy
-    monkeypatch.setattr(models, "frozen_copy", lambda *a: copies.append(1) or real_copy(*a))
+    real_copy = grpo.trainer.frozen_copy
+    monkeypatch.setattr(grpo.trainer, "frozen_copy", lambda *a: copies.append(1) or real_copy(*a))
     out = tmp_path / "beta0"
-    train_grpo(quick(out, beta=0.0, max_steps=3, learning_rate=0.05), rollout_hook=_fixed_rollouts(tiny_tokenizer))
+    train_grpo(quick(out, beta=0.0, max_steps=3, learning_rate=0.05), rollout=_fixed_rollouts(tiny_tokenizer))
     lines = read_log(out)
     assert not calls and not copies  # no reference model, no reference pass, no old-logprob pass
     for line in lines:
@@ -88,7 +88,7 @@ def test_on_policy_ratio_is_one_and_beta_zero_skips_reference(tmp_path, monkeypa
     assert lines[0]["reward_mean"] == 0.5 and lines[0]["frac_reward_zero_std"] == 0.0
 
     train_grpo(quick(tmp_path / "beta", beta=0.1, max_steps=2, learning_rate=0.05),
-               rollout_hook=_fixed_rollouts(tiny_tokenizer))
+               rollout=_fixed_rollouts(tiny_tokenizer))
     assert len(calls) == 2 and len(copies) == 1  # one frozen copy, one reference pass per step
     assert read_log(tmp_path / "beta")[1]["kl"] > 0  # the policy moved away from the reference
 
@@ -97,16 +97,16 @@ def test_steps_under_the_cuda_compute_policy_on_the_cpu(tmp_path, monkeypatch, t
     """CUDA's policy on the CPU: bf16 autocast over fp32 weights, the decode step in bf16 (the evals'
     rollouts). Every logged value is finite, the policy equals the reference at step 1 (kl 0), and the
     update moves it away (kl > 0 at step 2)."""
-    import models
+    import grpo.policy
     import sampling.engine as engine
 
     autocasts = []
-    monkeypatch.setattr(models, "autocast",
+    monkeypatch.setattr(grpo.policy, "autocast",
                         lambda device: autocasts.append(1) or torch.autocast("cpu", dtype=torch.bfloat16))
     monkeypatch.setattr(engine, "decode_dtype", lambda model, device: torch.bfloat16)
     out = tmp_path / "bf16"
     train_grpo(quick(out, beta=0.1, max_steps=2, learning_rate=0.05, eval_every=1),
-               rollout_hook=_fixed_rollouts(tiny_tokenizer))
+               rollout=_fixed_rollouts(tiny_tokenizer))
     baseline, *lines = read_log(out)
     assert autocasts and 0 <= baseline["eval_accuracy"] <= 1
     for line in lines:
@@ -118,7 +118,7 @@ def test_steps_under_the_cuda_compute_policy_on_the_cpu(tmp_path, monkeypatch, t
 def test_num_iterations_reuses_the_rollout_with_old_logprobs(tmp_path, tiny_tokenizer):
     out = tmp_path / "mu"
     train_grpo(quick(out, beta=0.0, max_steps=2, num_iterations=3, learning_rate=0.05),
-               rollout_hook=_fixed_rollouts(tiny_tokenizer))
+               rollout=_fixed_rollouts(tiny_tokenizer))
     lines = read_log(out)
     assert max(x["clip_ratio_region"] for x in lines) > 0  # later iterations are off-policy and get clipped
 
@@ -156,7 +156,7 @@ def test_qlora_steps_are_the_same_with_or_without_evals(tmp_path, tiny_tokenizer
         out = tmp_path / f"qlora{every}"
         train_grpo(quick(out, finetune="lora", use_4bit=True, max_steps=3, eval_every=every, eval_samples=2,
                          eval_max_new_tokens=4, beta=0.0, learning_rate=0.05),
-                   rollout_hook=_fixed_rollouts(tiny_tokenizer))
+                   rollout=_fixed_rollouts(tiny_tokenizer))
         logs.append(read_log(out))
     assert sum("eval_accuracy" in x for x in logs[1]) == 4 and not any("eval_accuracy" in x for x in logs[0])
     steps = [[x["grad_norm"] for x in log if x["step"] > 0] for log in logs]
@@ -180,7 +180,7 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_tokenizer):
 
     common = dict(max_steps=4, save_every=2, beta=0.04, learning_rate=5e-3)
     hook = _random_rollouts(tiny_tokenizer)
-    train_grpo(quick(tmp_path / "straight", **common), rollout_hook=hook)
+    train_grpo(quick(tmp_path / "straight", **common), rollout=hook)
     real_write = JsonlLog.write
 
     def crash_at_step_4(self, record):
@@ -190,9 +190,9 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch, tiny_tokenizer):
 
     monkeypatch.setattr(JsonlLog, "write", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train_grpo(quick(tmp_path / "resumed", **common), rollout_hook=hook)
+        train_grpo(quick(tmp_path / "resumed", **common), rollout=hook)
     monkeypatch.setattr(JsonlLog, "write", real_write)
-    train_grpo(quick(tmp_path / "resumed", resume=True, **common), rollout_hook=hook)
+    train_grpo(quick(tmp_path / "resumed", resume=True, **common), rollout=hook)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -320,9 +320,10 @@ def test_training_logits_are_freed_before_the_model_backward(tiny_model, tiny_to
     prompts = [tiny_tokenizer("q1?")["input_ids"], tiny_tokenizer("a longer question?")["input_ids"]]
     mb = pack(prompts, [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "cpu")
     cfg = quick("unused", beta=0.0)
+    inputs = LossBatch(torch.tensor([1.0, -1.0]), mb.completion_mask, counts=Counts(step_tokens=5.0))
     metrics, entropy = grpo_step.micro_batch_backward(
-        tiny_model, mb, None, None, torch.tensor([1.0, -1.0]), cfg, counts=Counts(step_tokens=5.0), scale=1.0,
-        sync=True, autocast=lambda: torch.autocast("cpu", enabled=False))
+        tiny_model, mb, inputs, LossSettings.from_config(cfg), cfg.temperature, scale=1.0, sync=True,
+        autocast=lambda: torch.autocast("cpu", enabled=False))
     assert made and freed == [True] and entropy > 0 and math.isfinite(metrics["grpo_loss"])
 
 

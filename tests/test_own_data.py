@@ -307,7 +307,7 @@ def test_trl_style_rewards_get_what_trl_passes(tmp_path, tiny_tokenizer):
                      num_generations=2, max_completion_length=16, device="cpu", show_progress=False, beta=0.0,
                      reward_format="messages")
     train_grpo(cfg, reward_funcs=[format_reward_func, correctness_reward_func, scheduled], train_records=rows,
-               eval_records=rows, rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+               eval_records=rows, rollout=_fixed_rollouts(tiny_tokenizer, texts))
     log = [json.loads(x) for x in (tmp_path / "o" / LOG_NAME).read_text().splitlines()]
     assert [x["reward_format_reward_func_mean"] for x in log] == [0.5, 0.5]
     assert [x["reward_correctness_reward_func_mean"] for x in log] == [0.0, 0.0]  # no answer is 0 here
@@ -316,7 +316,7 @@ def test_trl_style_rewards_get_what_trl_passes(tmp_path, tiny_tokenizer):
         assert x["reward_scheduled_mean"] == pytest.approx(step / 2 - sum(lengths) / 2 / 100)
     cfg.reward_format, cfg.grpo_output = "text", str(tmp_path / "t")
     train_grpo(cfg, reward_funcs=[reward_len], train_records=rows, eval_records=rows,
-               rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+               rollout=_fixed_rollouts(tiny_tokenizer, texts))
     line = json.loads((tmp_path / "t" / LOG_NAME).read_text().splitlines()[0])
     assert line["reward_reward_len_mean"] == pytest.approx(sum(-abs(20 - len(t)) for t in texts) / 2)
 
@@ -333,14 +333,14 @@ def test_none_rewards_skip_rows_of_other_tasks(tmp_path, tiny_tokenizer):
                      reward_format="messages", seed=5)
     texts = ["short", "a much longer completion"]
     train_grpo(cfg, reward_funcs=[math_only, count_only], train_records=rows, eval_records=rows,
-               rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+               rollout=_fixed_rollouts(tiny_tokenizer, texts))
     line = json.loads((tmp_path / "o" / LOG_NAME).read_text())
     assert line["reward_math_only_mean"] == 0.0 and line["reward_count_only_mean"] == 0.5
     assert line["reward_mean"] == 0.25  # over all 16 rows: count rows 1 or 0, math rows 0
     with pytest.raises(UserError, match=r"^no reward scored completion 0 of question .*every reward returned None"):
         train_grpo(GRPOConfig(**{**cfg.__dict__, "grpo_output": str(tmp_path / "x")}), reward_funcs=[math_only],
                    train_records=[dict(r, task="count") for r in rows], eval_records=rows,
-                   rollout_hook=_fixed_rollouts(tiny_tokenizer, texts))
+                   rollout=_fixed_rollouts(tiny_tokenizer, texts))
 
 
 # Gold answers, hand-checked: (cell, the value it is taken as, or None: refused in one line)

@@ -156,7 +156,7 @@ def test_prompt_settings_travel_from_sft_to_grpo_to_eval(tmp_path, capsys):
     grpo = tmp_path / "grpo"
     train_grpo(GRPOConfig(sft_output=str(sft), dataset="synthetic", grpo_output=str(grpo), max_steps=1,
                           prompts_per_step=2, max_completion_length=8, device="cpu", show_progress=False),
-               rollout_hook=hook)
+               rollout=hook)
     from models import load_tokenizer
 
     text = load_tokenizer("tiny").decode(seen[0])
@@ -171,7 +171,7 @@ def test_prompt_settings_travel_from_sft_to_grpo_to_eval(tmp_path, capsys):
 
     train_grpo(GRPOConfig(sft_output=str(sft), dataset="synthetic", grpo_output=str(tmp_path / "g2"), max_steps=1,
                           prompts_per_step=2, max_completion_length=8, device="cpu", show_progress=False,
-                          instruction="Solve: {question}"), rollout_hook=hook)
+                          instruction="Solve: {question}"), rollout=hook)
     said = [line for line in capsys.readouterr().out.splitlines() if "differs" in line]
     assert said == [f"warning: --instruction 'Solve: {{question}}' differs from the 'Q: {{question}}' that {sft} was "
                     f"trained with ({sft / PROMPT_FILE}); using 'Solve: {{question}}'"]

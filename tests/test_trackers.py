@@ -73,12 +73,12 @@ def test_tensorboard_events_equal_the_log_before_and_after_a_resume(tmp_path, ti
     monkeypatch.setattr(Run, "checkpoint", crash_after_step_3)
     watch = dict(report_to=("tensorboard",), log_completions="1")
     with pytest.raises(RuntimeError):
-        train_grpo(_cfg(out, **watch), rollout_hook=_fixed(tiny_tokenizer))
+        train_grpo(_cfg(out, **watch), rollout=_fixed(tiny_tokenizer))
     monkeypatch.setattr(Run, "checkpoint", real)
     assert [x["step"] for x in _log(out)] == [0, 1, 2, 3]
     steps = [json.loads(x)["step"] for x in (out / COMPLETIONS).read_text().splitlines()]
     assert steps == [1] * 4 + [2] * 4 + [3] * 4
-    train_grpo(_cfg(out, **watch, resume=True), rollout_hook=_fixed(tiny_tokenizer))
+    train_grpo(_cfg(out, **watch, resume=True), rollout=_fixed(tiny_tokenizer))
     # completions.jsonl is cut back to the checkpoint like the log: step 3's rows once, not twice
     steps = [json.loads(x)["step"] for x in (out / COMPLETIONS).read_text().splitlines()]
     assert steps == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
@@ -110,7 +110,7 @@ def test_a_wandb_stand_in_sees_the_run_and_its_resume_id(tmp_path, tiny_tokenize
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
     out = tmp_path / "run"
     train_grpo(_cfg(out, max_steps=2, report_to=("wandb",), run_name="mine", log_completions="1"),
-               rollout_hook=_fixed(tiny_tokenizer))
+               rollout=_fixed(tiny_tokenizer))
     init = calls[0][1]
     assert init["dir"] == str(tmp_path / "wandb_home")  # W&B's own WANDB_DIR is honoured
     assert calls[0][0] == "init" and init["name"] == "mine" and init["resume"] == "allow"
@@ -123,11 +123,11 @@ def test_a_wandb_stand_in_sees_the_run_and_its_resume_id(tmp_path, tiny_tokenize
     # a resumed run continues the same W&B run: the id stored at the first start
     calls.clear()
     train_grpo(_cfg(out, max_steps=3, report_to=("wandb",), run_name="mine", resume=True),
-               rollout_hook=_fixed(tiny_tokenizer))
+               rollout=_fixed(tiny_tokenizer))
     assert calls[0][1]["id"] == init["id"]
     calls.clear()  # --logging_dir wins over WANDB_DIR
     train_grpo(_cfg(tmp_path / "r2", max_steps=1, report_to=("wandb",), logging_dir=str(tmp_path / "logs")),
-               rollout_hook=_fixed(tiny_tokenizer))
+               rollout=_fixed(tiny_tokenizer))
     assert calls[0][1]["dir"] == str(tmp_path / "logs")
 
 
@@ -154,7 +154,7 @@ def test_completions_log_the_rewards_advantages_and_trained_rows(tmp_path, tiny_
         return rows[:4] + [wrong] * 4
 
     train_grpo(_cfg(out, max_steps=2, log_completions="all", reward=("numeric", "format"), reward_weights=(1.0, 0.5),
-                    eval_every=0), rollout_hook=hook)
+                    eval_every=0), rollout=hook)
     rows = [json.loads(x) for x in (out / COMPLETIONS).read_text().splitlines()]
     log = _log(out)
     assert [r["step"] for r in rows] == [1] * 8 + [2] * 8
@@ -171,7 +171,7 @@ def test_completions_log_the_rewards_advantages_and_trained_rows(tmp_path, tiny_
 
 def test_each_in_training_eval_keeps_its_predictions(tmp_path, tiny_tokenizer):
     out = tmp_path / "run"
-    train_grpo(_cfg(out, max_steps=2, eval_every=1), rollout_hook=_fixed(tiny_tokenizer))
+    train_grpo(_cfg(out, max_steps=2, eval_every=1), rollout=_fixed(tiny_tokenizer))
     for step in (0, 1, 2):
         summary = json.loads((out / "eval" / f"step_{step}" / "eval_summary.json").read_text())
         line = next(x for x in _log(out) if x["step"] == step)
@@ -202,11 +202,11 @@ def test_a_trackio_stand_in_sees_the_run_by_its_stored_name(tmp_path, tiny_token
     monkeypatch.setitem(sys.modules, "trackio", fake)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "trackio" else None)
     out = tmp_path / "run"
-    train_grpo(_cfg(out, max_steps=2, report_to=("trackio",), run_name="t"), rollout_hook=_fixed(tiny_tokenizer))
+    train_grpo(_cfg(out, max_steps=2, report_to=("trackio",), run_name="t"), rollout=_fixed(tiny_tokenizer))
     first = calls[0][1]
     assert first["name"].startswith("t-") and first["resume"] == "allow" and calls[-1] == ("finish",)
     assert sorted(step for kind, step, *_ in (c for c in calls if c[0] == "log")) == [0, 1, 2]
     calls.clear()
     train_grpo(_cfg(out, max_steps=3, report_to=("trackio",), run_name="t", resume=True),
-               rollout_hook=_fixed(tiny_tokenizer))
+               rollout=_fixed(tiny_tokenizer))
     assert calls[0][1]["name"] == first["name"]  # the resumed run continues the same Trackio run
