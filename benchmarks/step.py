@@ -9,7 +9,7 @@ nothing saved (no checkpoint or model is written, as train_grpo.py's no-save swi
 come out as the steps end), and
 prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
 rollout tokens/s and peak memory, and a JSON line, flushed before the floor study starts (a run stopped
-during it keeps these figures). `benchmarks.trl_step` times the same step under TRL, on the same model
+during it keeps these figures). `dev/trl_step.py` times the same step under TRL, on the same model
 names.
 
 The floor (one process; skip it with --no_floor): the same steps run again under a counter of their

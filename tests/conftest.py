@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+
+
+def load_dev(name: str) -> ModuleType:
+    """dev/<name>.py as a module: dev/ holds one-off studies run by path, not an installed package."""
+    module_name = f"dev_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "dev" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        # registered before it runs: its dataclasses resolve their annotations through sys.modules
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def gsm8k_dir() -> str | None:
