@@ -25,16 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import StepsArgs
 from common.errors import run_cli
 from common.flags import CUDA_GRAPHS, flag
 
 
 @dataclass
-class StepArgs(BenchArgs):
-    max_new_tokens: int = flag(128, "--max_completion_length of the steps", low=1)
-    steps: int = flag(5, "timed steps", low=1)
-    warmup: int = flag(2, "untimed steps first", low=0)
+class StepArgs(StepsArgs):
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1)
     lora: bool = flag(False, "LoRA instead of full fine-tuning")
     cuda_graphs: str = flag("auto", "rollouts replay the decode step from CUDA graphs: as train_grpo.py "

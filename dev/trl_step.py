@@ -14,16 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import StepsArgs
 from common.errors import fail, run_cli
-from common.flags import flag
 
 
 @dataclass
-class TRLStepArgs(BenchArgs):
-    max_new_tokens: int = flag(128, "max_completion_length", low=1)
-    steps: int = flag(5, "timed steps", low=1)
-    warmup: int = flag(2, "untimed steps first", low=0)
+class TRLStepArgs(StepsArgs):
+    """benchmarks.step's step settings: TRL takes no other."""
 
 
 def main(argv: list[str] | None = None) -> None:
