@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -25,6 +27,25 @@ def load_dev(name: str) -> ModuleType:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+@contextlib.contextmanager
+def crash_at_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterator[None]:
+    """The run inside must crash in step `step`'s checkpoint (Run.checkpoint raises there); after it the real
+    checkpoint is back, for the same run's --resume."""
+    from training.run import Run
+
+    real = Run.checkpoint
+
+    def crash(self, at, *args, **kwargs):
+        if at == step:
+            raise RuntimeError("crash")
+        return real(self, at, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "checkpoint", crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        yield
+    monkeypatch.setattr(Run, "checkpoint", real)
 
 
 def gsm8k_dir() -> str | None:

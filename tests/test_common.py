@@ -132,23 +132,6 @@ def test_a_runs_run_config_replays_as_config_and_flags_override_it(tmp_path):
     assert (from_yaml.learning_rate, from_yaml.reward, from_yaml.max_steps) == (1e-6, ("numeric", "format"), 3)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("max_stepz: 3\n", r"unknown key 'max_stepz'"),
-    ("max_steps: 0\n", r"--max_steps must be >= 1 \(got 0\)"),
-    ("max_steps: many\n", r"max_steps must be a whole number \(got 'many'\)"),
-    ("resume: maybe\n", r"resume must be true or false"),
-    ("- a list\n", r"expected a mapping"),
-    ("key: [unclosed\n", r"not valid YAML"),
-])
-def test_a_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, text, message):
-    from common.flags import parse_flags
-
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(UserError, match=rf"^--config {path}: .*{message}"):
-        parse_flags(SFTConfig, ["--config", str(path)], None)
-
-
 def test_an_sft_run_config_given_to_grpo_says_whose_it_is(tmp_path):
     from common.flags import parse_flags
 
