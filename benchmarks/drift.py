@@ -21,6 +21,7 @@ their log-probs up to each row's first different token). On the CPU the same bf1
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,25 @@ def graphed_against_eager(eager: Any, graphed: Any) -> dict[str, float]:
     return {"graphs_rows_equal_eager": agree / len(eager.token_ids), "graphs_vs_eager_diff_max": max(diffs)}
 
 
+@contextlib.contextmanager
+def decode_precision(bf16: bool, cuda: bool) -> Iterator[None]:
+    """The decode step's dtype for the block: bf16 on CUDA already; on the CPU forced to bf16 (`bf16`) as
+    the tests force it (tests/test_sampling.py), so the CPU measures what CUDA runs, or else the model's."""
+    import torch
+
+    import sampling.engine
+
+    real = sampling.engine.decode_dtype
+    if bf16 and not cuda:
+        sampling.engine.decode_dtype = lambda model, device: torch.bfloat16
+    elif not bf16:
+        sampling.engine.decode_dtype = lambda model, device: next(model.parameters()).dtype
+    try:
+        yield
+    finally:
+        sampling.engine.decode_dtype = real
+
+
 def main(argv: list[str] | None = None) -> None:
     from common.flags import parse_flags
 
@@ -72,12 +92,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    import sampling.engine
     from benchmarks.common import print_json, prompts_for
     from grpo.batch import pack
     from grpo.step import logprobs_no_grad
     from models import default_device, load_model_and_tokenizer
-    from sampling import DecodeGraphs, sample_batch
+    from sampling import Sampler, SamplingParams
 
     device = args.device or default_device()
     cuda = device.startswith("cuda")
@@ -86,31 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=torch.float32)
     model.eval()
     prompts = prompts_for(tokenizer, args.prompts)
+    params = SamplingParams(num_samples=args.num_generations, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, ignore_eos=True)
 
     def autocast() -> Any:
         return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
-
-    @contextlib.contextmanager
-    def decode_precision() -> Any:
-        # the decode step's dtype: bf16 on CUDA already; on the CPU forced as the tests force it
-        # (tests/test_sampling.py), so the CPU measures what CUDA runs
-        real = sampling.engine.decode_dtype
-        if bf16 and not cuda:
-            sampling.engine.decode_dtype = lambda model, device: torch.bfloat16
-        elif not bf16:
-            sampling.engine.decode_dtype = lambda model, device: next(model.parameters()).dtype
-        try:
-            yield
-        finally:
-            sampling.engine.decode_dtype = real
-
-    def rollout(graphs: Any) -> Any:
-        with autocast(), decode_precision():
-            return sample_batch(model, prompts, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, num_samples=args.num_generations,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                ignore_eos=True, cuda_graphs=graphs,
-                                generator=torch.Generator(device).manual_seed(args.seed))
 
     record: dict[str, Any] = {
         "benchmark": "drift", "model": args.model, "device": device, "precision": args.precision,
@@ -119,12 +118,14 @@ def main(argv: list[str] | None = None) -> None:
         "decode_dtype": "bfloat16" if bf16 else str(next(model.parameters()).dtype).removeprefix("torch."),
         "training_forward": "bf16 autocast" if bf16 else "fp32",
     }
-    ways = {"eager": False}
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ways = {"eager": Sampler(model, **ids)}
     if cuda:
-        ways["graphs"] = DecodeGraphs()
+        ways["graphs"] = Sampler(model, **ids, cuda_graphs=True)
     rows, outs = {}, {}
-    for name, graphs in ways.items():
-        out = outs[name] = rollout(graphs)
+    for name, sampler in ways.items():
+        with autocast(), decode_precision(bf16, cuda):
+            out = outs[name] = sampler.sample(prompts, params, generator=torch.Generator(device).manual_seed(args.seed))
         batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tokenizer.pad_token_id, device,
                      out.logprobs)
         trainer = logprobs_no_grad(model, batch, args.micro_batch_size, args.temperature, autocast)
@@ -135,13 +136,19 @@ def main(argv: list[str] | None = None) -> None:
             own = drift_of(fp32, trainer, batch.completion_mask)
             record.update(forward_vs_fp32_kl=own["sampler_kl"], forward_vs_fp32_diff_mean=own["sampler_logp_diff_mean"],
                           forward_vs_fp32_diff_max=own["sampler_logp_diff_max"])
-        if graphs:
-            record["graphs_failed"] = graphs.failed  # a capture that failed decodes eagerly: said, not hidden
-            graphs.release()
+        if sampler.graphs is not None:
+            record["graphs_failed"] = sampler.failed  # a capture that failed decodes eagerly: said, not hidden
+            sampler.release()
     if "graphs" in outs:
         record.update(graphed_against_eager(outs["eager"], outs["graphs"]))
     record["tokens_per_rollout"] = len(prompts) * args.num_generations * args.max_new_tokens
-    print(f"{args.model} on {device}, {args.precision}: {record['tokens_per_rollout']} tokens per rollout, "
+    report(args, record, rows)
+    print_json(record)
+
+
+def report(args: DriftArgs, record: dict[str, Any], rows: dict[str, dict[str, float]]) -> None:
+    """The human-readable lines above the JSON one: each rollout's drift, the training forward's own."""
+    print(f"{args.model} on {record['device']}, {args.precision}: {record['tokens_per_rollout']} tokens per rollout, "
           f"decode in {record['decode_dtype']}, training forward {record['training_forward']}")
     for name, r in rows.items():
         print(f"  {name + ':':<8} sampler_kl {r['sampler_kl']:.3e}  |diff| mean {r['sampler_logp_diff_mean']:.3e} "
@@ -152,8 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     if "graphs_vs_eager_diff_max" in record:
         print(f"  graphed against eager (same draws): {100 * record['graphs_rows_equal_eager']:.0f}% of rows equal, "
               f"|diff| max {record['graphs_vs_eager_diff_max']:.3e} up to each row's first different token")
-    print_json(record)
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -50,8 +50,8 @@ def counts(model: Any, tokenizer: Any, rows: int) -> dict[str, float]:
 
     import sampling.tokens
     from benchmarks.common import device_ops
+    from sampling import Sampler, SamplingParams
     from sampling.batch import SYNC_EVERY
-    from sampling.engine import sample_batch
     from sampling.fast_decode import DecodeState
 
     token, position, slot = torch.zeros(rows, dtype=torch.long), torch.full((rows,), 7), torch.tensor([7])
@@ -63,10 +63,12 @@ def counts(model: Any, tokenizer: Any, rows: int) -> dict[str, float]:
         step[layout] = device_ops(_profiled(lambda s=state: s.step(token, position, slot, 8)))
     prompt = tokenizer("What is 12 times 7?")["input_ids"]
 
+    sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      sync_every=SYNC_EVERY)
+
     def rollout(n: int) -> list[Any]:
-        return _profiled(lambda: sample_batch(model, [prompt], eos_token_id=tokenizer.eos_token_id,
-                                              pad_token_id=tokenizer.pad_token_id, num_samples=rows,
-                                              max_new_tokens=n, temperature=1.0, sync_every=SYNC_EVERY))
+        params = SamplingParams(num_samples=rows, max_new_tokens=n, temperature=1.0)
+        return _profiled(lambda: sampler.sample([prompt], params))
 
     with mock.patch.dict(sampling.tokens.WAYS, cpu=sampling.tokens.WAYS["cuda"]):  # tokens chosen the GPU way
         rollout(4)

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.common import alternate, gpu_bandwidth_gbs, kernel_launches, median, print_json, prompts_for
     from models import default_device, load_model_and_tokenizer
-    from sampling import DecodeGraphs, sample_batch
-    from sampling.engine import left_pad
+    from sampling import Sampler, SamplingParams
+    from sampling.batch import left_pad
 
     device = args.device or default_device()
     model, tokenizer = load_model_and_tokenizer(args.model, device=device,
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     G, N = args.num_generations, args.max_new_tokens
     tokens_per_run = len(prompts) * G * N
 
-    graphs = DecodeGraphs()
+    samplers = {g: Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           cuda_graphs=g) for g in (False, True)}
 
     def ours(cuda_graphs: bool = False, new_tokens: int = N) -> None:
-        sample_batch(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     num_samples=G, max_new_tokens=new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     ignore_eos=True, cuda_graphs=graphs if cuda_graphs else False)
+        samplers[cuda_graphs].sample(prompts, SamplingParams(num_samples=G, max_new_tokens=new_tokens, ignore_eos=True,
+                                                             temperature=args.temperature, top_p=args.top_p))
 
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from data import make_synthetic
     from data.prompt import encode_prompt
     from models import default_device, load_model_and_tokenizer
-    from sampling import sample
+    from sampling import Sampler, SamplingParams
     from sampling.fast_decode import supports
 
     device = args.device or default_device()
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     records = make_synthetic("test", max_samples=args.prompts, seed=args.seed)
     prompts = [encode_prompt(tokenizer, r["question"]) for r in records]
     lengths = stop_schedule(len(prompts), args.median_tokens, args.max_new_tokens, args.seed)
-    common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  max_new_tokens=args.max_new_tokens, batch_size=args.rows, stop_at=lengths)
-    runs = {"static": lambda: sample(model, prompts, **common, continuous=False),
-            "continuous": lambda: sample(model, prompts, **common, continuous=True)}
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, batch_size=args.rows)
+    samplers = {"static": Sampler(model, **ids), "continuous": Sampler(model, **ids, continuous=True)}
+    runs = {name: lambda one=one: one.sample(prompts, params, stop_at=lengths) for name, one in samplers.items()}
     times, peaks = alternate(runs, args.repeats, device)
     tokens = sum(lengths)
     tps = {name: tokens / median(t) for name, t in times.items()}

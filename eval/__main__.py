@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     from data.prompt import check_thinking, resolve_format, warn_thinking
     from eval.evaluate import evaluate, write_results
     from models import load_model_and_tokenizer, load_tokenizer
+    from sampling import Sampler, SamplingParams
     from sampling.cuda_graphs import use_cuda_graphs
 
     fmt = resolve_format(args, args.model)
@@ -106,17 +107,17 @@ def main(argv: list[str] | None = None) -> None:
     warn_thinking(fmt, args.max_new_tokens, args.temperature <= 0, "eval")
     records = load_records(args.dataset, args.split, args.data_dir, args.max_samples, fields=args.fields())
     shots, shot_indices = fewshot(args)
+    params = SamplingParams(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         graphs = use_cuda_graphs(args.cuda_graphs, device) and not (args.continuous and args.cuda_graphs == "auto")
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+        sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          batch_size=args.batch_size, continuous=args.continuous, cuda_graphs=graphs)
         torch.manual_seed(args.seed + dist.rank)
-        summary, predictions = evaluate(model, tokenizer, records, batch_size=args.batch_size,
-                                        max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
-                                        temperature=args.temperature, top_p=args.top_p,
-                                        top_k=args.top_k, min_p=args.min_p,
-                                        show_progress=args.show_progress, cuda_graphs=graphs,
+        summary, predictions = evaluate(sampler, tokenizer, records, params, show_progress=args.show_progress,
                                         max_prompt_length=args.max_prompt_length, shots=shots,
-                                        continuous=args.continuous, prompt_format=fmt, scoring=args.scoring)
+                                        prompt_format=fmt, scoring=args.scoring)
     if not dist.is_main:
         return
     summary.update(model=args.model, dataset=args.dataset, split=args.split, world_size=dist.world_size,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from common.distributed import current
 from common.errors import fail
+from common.run_files import write_json
 from data import Record
 from data.prompt import (
     DEFAULT_FORMAT,
@@ -21,36 +26,30 @@ from data.prompt import (
 )
 from eval.metrics import summarize
 from rewards import answers_match, extract_answer, extract_last_number, harness
-from sampling import sample
+from sampling import Sampler, SamplingParams
+
+GREEDY = SamplingParams()  # evaluate's default: one greedy completion per problem
 
 
 def evaluate(
-    model: Any,
+    sampler: Sampler,
     tokenizer: Any,
     records: list[Record],
+    params: SamplingParams = GREEDY,
     *,
-    batch_size: int = 32,
-    max_new_tokens: int = 512,
-    num_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
     show_progress: bool = True,
-    cuda_graphs: bool = False,
     max_prompt_length: int = MAX_PROMPT_LENGTH,
     shots: Sequence[tuple[str, str]] = (),
-    continuous: bool = True,
     prompt_format: PromptFormat = DEFAULT_FORMAT,
     scoring: str = "numeric",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(summary, predictions) for `records`: greedy when temperature == 0, else `num_samples` each.
+    """(summary, predictions) for `records`: `params.num_samples` completions each from `sampler` (its
+    batch size, continuous batching, CUDA graphs), greedy at temperature 0 (the default).
     Two scores per completion: `correct` (strict: the number after the last `####`) and
     `correct_flexible` (the last number in the text, lm-evaluation-harness's flexible-extract), both
     by the same numeric comparison. `shots`: few-shot (question, solution) turns before each problem.
     Problems whose prompt is longer than `max_prompt_length` tokens are skipped and counted in the
-    summary's `prompts_skipped` (the scores are over the others). `continuous`: decode with continuous
-    batching (sampling/continuous.py) where the model allows it. `prompt_format`: the prompt
+    summary's `prompts_skipped` (the scores are over the others). `prompt_format`: the prompt
     (data/prompt.py); with thinking on, answers are read after the thinking only, and the summary has
     `thinking_tokens_mean` and `thinking_closed_rate`. `scoring`: `numeric` (ours) or `harness`
     (lm-evaluation-harness's string rules: `score_answer`).
@@ -59,8 +58,6 @@ def evaluate(
     rank returns the same summary and the predictions in record order (rank 0 writes them).
     """
     from tqdm.auto import tqdm
-
-    from common.distributed import current
 
     dist = current()
     asked = len(records)
@@ -74,10 +71,7 @@ def evaluate(
     start = time.perf_counter()
     show = show_progress and dist.is_main and sys.stderr.isatty()  # a bar, never \r-lines in a log file
     with tqdm(total=len(prompts), desc="eval", unit="q", disable=not show, leave=False) as bar:
-        out = sample(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     top_k=top_k, min_p=min_p, batch_size=batch_size, progress=bar, cuda_graphs=cuda_graphs,
-                     continuous=continuous)
+        out = sampler.sample(prompts, params, progress=bar)
     wall = time.perf_counter() - start
     scored_here = []  # (record index, scored sample, completion text)
     for j, tokens, truncated in zip(out.prompt_index, out.token_ids, out.truncated):
@@ -104,8 +98,8 @@ def evaluate(
     total_tokens = sum(s["num_tokens"] for g in groups for s in g)
     if scoring != "numeric":
         summary["scoring"] = scoring
-    summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=temperature,
-                   max_new_tokens=max_new_tokens, prompts_skipped=skipped, prompt_format=prompt_format.to_json())
+    summary.update(tokens_per_s=total_tokens / max(wall, 1e-9), wall_time_s=wall, temperature=params.temperature,
+                   max_new_tokens=params.max_new_tokens, prompts_skipped=skipped, prompt_format=prompt_format.to_json())
     if think is not None:
         summary.update(thinking_fields([(s["thinking_tokens"], s["thinking_closed"]) for g in groups for s in g]))
     return summary, predictions
@@ -126,12 +120,6 @@ def score_answer(answer: str, gold: str, scoring: str = "numeric") -> dict[str, 
 
 def write_results(out_dir: Any, summary: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
     """`eval_summary.json` and `eval_predictions.jsonl` in `out_dir`, each written atomically."""
-    import json
-    import os
-    from pathlib import Path
-
-    from common.run_files import write_json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval_summary.json", summary)

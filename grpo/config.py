@@ -13,6 +13,7 @@ from data.prompt import MAX_PROMPT_LENGTH
 from grpo.loss import IS_LEVELS, LOSS_TYPES, ROLLOUT_CORRECTIONS, SCALES
 from rewards.functions import BUILTIN_HELP, OVERLONG_CACHE, REWARD_FORMATS
 from sampling.cuda_graphs import graphs_without_cuda
+from sampling.params import SamplingParams
 from training.flags import WatchFlags
 
 DATA, LENGTH, ROLLOUT, LOSS, MEMORY, RUN = ("model and output", "length of the run", "rollout", "loss and optimizer",
@@ -156,3 +157,9 @@ class GRPOConfig(WatchFlags, TrainDataFlags):
     @property
     def lora(self) -> bool:
         return self.finetune == "lora"
+
+    def sampling_params(self) -> SamplingParams:
+        """What each rollout asks of the sampler: --num_generations completions per prompt of at most
+        --max_completion_length tokens, at --temperature cut by --top_k, --top_p, --min_p."""
+        return SamplingParams(num_samples=self.num_generations, max_new_tokens=self.max_completion_length,
+                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)

@@ -17,7 +17,7 @@ from data.prompt import build_messages, encode_prompt, think_close_id, thinking_
 from grpo.config import GRPOConfig
 from grpo.policy import Policy
 from rewards.functions import TrainerState, score
-from sampling import Completions, sample
+from sampling import Completions
 
 
 def generate_completions(policy: Policy, cfg: GRPOConfig, prompts: list[list[int]], answers: list[str],
@@ -29,12 +29,8 @@ def generate_completions(policy: Policy, cfg: GRPOConfig, prompts: list[list[int
     if fixed is not None:
         rows, logprobs = (fixed.token_ids, fixed.logprobs) if isinstance(fixed, Completions) else (fixed, None)
         return rows, [policy.tokenizer.eos_token_id not in c for c in rows], logprobs
-    tok = policy.tokenizer
     with policy.autocast():
-        out = sample(policy.model, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     num_samples=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
-                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
-                     cuda_graphs=policy.graphs)
+        out = policy.sampler.sample(prompts, cfg.sampling_params())
     return out.token_ids, out.truncated, out.logprobs
 
 

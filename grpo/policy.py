@@ -9,13 +9,15 @@ from typing import Any
 import torch
 
 from data.prompt import DEFAULT_FORMAT, PromptFormat
+from sampling import Sampler
 
 
 @dataclass
 class Policy:
     """What a step reads and trains: the model (sampling, saving), the module backward passes go
     through (DDP's wrapper, or the model), the frozen reference (None: LoRA's disabled adapter, or
-    beta 0), the optimizer and schedule, and the CUDA-graph decode state kept across rollouts."""
+    beta 0), the optimizer and schedule, and the rollouts' `Sampler` (its engine settings and the CUDA-graph
+    decode state it keeps across rollouts)."""
 
     model: Any
     train_model: Any
@@ -25,7 +27,7 @@ class Policy:
     scheduler: Any
     device: str
     rewards: list[tuple[str, Any, float]]  # (name, function, weight): the advantage uses the weighted sum
-    graphs: Any = False
+    sampler: Sampler
     prompt: PromptFormat = DEFAULT_FORMAT  # how questions become prompts (data/prompt.py)
 
     def autocast(self) -> Any:

@@ -199,8 +199,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
                                                         device=device)).tolist()
     num_items, step_rows = max(num_items, 1.0), int(step_rows)
 
-    if policy.graphs:  # the graphed decode state is freed for the backward unless measured to fit beside it
-        policy.graphs.before_backward()
+    policy.sampler.before_backward()  # the graphed decode state is freed unless measured to fit beside it
     with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
         micro, T, wide = cfg.micro_batch_size, cfg.temperature, no_grad_micro_batch(cfg, device)
         old = logprobs_no_grad(policy.model, batch, wide, T, policy.autocast) if cfg.num_iterations > 1 else None

@@ -30,7 +30,8 @@ from grpo.prompt_order import extra_prompts, step_prompts
 from grpo.record import shown_completions, step_record
 from grpo.step import grpo_step
 from rewards.functions import TrainerState
-from sampling.cuda_graphs import DecodeGraphs, use_cuda_graphs
+from sampling import Sampler, SamplingParams
+from sampling.cuda_graphs import use_cuda_graphs
 from training.run import Run, check_watch, restores_signals, run_data
 
 LOG_NAME = "grpo_training_logs.jsonl"
@@ -98,8 +99,9 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
     # under DDP, the forward that gives hidden states goes through the wrapper: the loss still projects them
     train_model = wrap_ddp(HeadOptional(model) if dist.enabled else model, dist, device)
-    graphs = DecodeGraphs() if use_cuda_graphs(cfg.cuda_graphs, device) else False
-    return Policy(model, train_model, ref_model, tokenizer, optimizer, scheduler, device, rewards, graphs, fmt)
+    sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      cuda_graphs=use_cuda_graphs(cfg.cuda_graphs, device))
+    return Policy(model, train_model, ref_model, tokenizer, optimizer, scheduler, device, rewards, sampler, fmt)
 
 
 def _fitting_prompts(cfg: GRPOConfig, policy: Policy, records: list[Any], dist: Dist) -> tuple[list[Any], int]:
@@ -199,12 +201,12 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
     step = run.start(policy.model, policy.optimizer, policy.scheduler, cfg.lora, device, total_steps)
 
     def evaluate(at: int | None = None) -> dict[str, float]:
-        graphs = bool(policy.graphs and not policy.graphs.failed)  # a capture that failed is not tried again
+        # the rollouts' settings, its own graph state (freed on return), graphs off after a failed capture
+        sampler = policy.sampler.replace(batch_size=cfg.eval_batch_size, continuous=True)
+        params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)
         with policy.autocast():
-            return run.evaluate_sets(policy.model, policy.tokenizer, eval_sets, step=at,
-                                     batch_size=cfg.eval_batch_size, cuda_graphs=graphs,
-                                     max_prompt_length=cfg.max_prompt_length, prompt_format=fmt,
-                                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_completion_length)[1]
+            return run.evaluate_sets(sampler, policy.tokenizer, eval_sets, params, step=at,
+                                     max_prompt_length=cfg.max_prompt_length, prompt_format=fmt)[1]
 
     if step == 0 and cfg.eval_every > 0:  # the starting point, so the curve has its baseline
         run.write({"timestamp_iso": now_iso(), "step": 0, "epoch": 0.0, "device": device, "seed": cfg.seed,
@@ -223,10 +225,10 @@ def train_grpo(cfg: GRPOConfig, rollout_hook: Any = None, reward_funcs: list[Any
                           draw_more=_draw_more(cfg, train_records, step, dist),
                           state=TrainerState(step, total_steps, epoch))
         step += 1
-        if policy.graphs and device.startswith("cuda"):  # the graphed decode state stays while a step shows it fits
+        if policy.sampler.graphs is not None and device.startswith("cuda"):  # the graphed state stays while it fits
             total = torch.cuda.get_device_properties(device).total_memory
-            policy.graphs.measured(torch.cuda.max_memory_allocated(), total,
-                                   longest=max(stats.lengths, default=0) >= cfg.max_completion_length)
+            policy.sampler.measured(torch.cuda.max_memory_allocated(), total,
+                                    longest=max(stats.lengths, default=0) >= cfg.max_completion_length)
         record = {"timestamp_iso": now_iso(), "step": step, "epoch": round(epoch, 4), "device": device,
                   "seed": cfg.seed, **step_record(stats, cfg, dist, device, time.perf_counter() - start),
                   "prompts_skipped": skipped}

@@ -4,10 +4,9 @@ its completion ends, instead of a batch idling until its slowest row finishes.
 Each row keeps its own cache timeline: its prompt's keys and values at slots [0, L) (left-aligned, no
 padding), its generated tokens after them, and it attends to the slots before its own write position
 (`DecodeWeights.step` with one slot per row). Waiting prompts are prefilled together when rows free up
-and joined to the running batch. On GSM8K-like lengths (a median of ~250 tokens, a long tail to the
-limit) a static batch spends most of its steps on its last few rows; here every step decodes a full
-set of rows until the queue runs dry. Used by eval (`sample(..., continuous=True)`); Qwen3 models on
-the lean decode step only (others, and CUDA graphs, take the static batches).
+and joined to the running batch, so every step decodes a full set of rows until the queue runs dry.
+Used by eval (`Sampler(..., continuous=True)`) on every model the lean decode step supports (Qwen3,
+Qwen2, Llama); other models, and CUDA graphs, take the static batches (sampling/engine.py).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 
 from sampling.batch import SYNC_EVERY, Completions, decode_dtype, left_pad, prefill
 from sampling.fast_decode import DecodeState
+from sampling.params import SamplingParams
 from sampling.tokens import sample_token
 
 
@@ -86,10 +86,9 @@ class _Slots:
             setattr(self, name, getattr(self, name)[keep])
         self.job, self.pos_host = [self.job[r] for r in busy], [self.pos_host[r] for r in busy]
 
-    def step(self, temperature: float, top_p: float, generator: torch.Generator | None, eos: int | None,
-             pad: int, top_k: int = 0, min_p: float = 0.0) -> None:
+    def step(self, params: SamplingParams, generator: torch.Generator | None, eos: int | None, pad: int) -> None:
         """Sample every row's next token, record it, mark rows that end, and run the decode step."""
-        token, logp = sample_token(self.logits, temperature, top_p, generator, top_k, min_p)
+        token, logp = sample_token(self.logits, params, generator)
         token = token.masked_fill(self.finished, pad)
         rows = torch.arange(len(self.job), device=token.device)
         column = self.t.clamp(max=self.tokens.shape[1] - 1)
@@ -109,29 +108,16 @@ class _Slots:
 
 
 @torch.no_grad()
-def sample_continuous(
-    model: Any,
-    prompts: list[list[int]],
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    num_samples: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    rows: int = 32,
-    generator: torch.Generator | None = None,
-    sync_every: int | None = None,
-    stop_at: list[int] | None = None,
-    progress: Any = None,
-) -> Completions:
+def sample_continuous(model: Any, prompts: list[list[int]], params: SamplingParams, *, eos_token_id: int,
+                      pad_token_id: int, rows: int = 32, generator: torch.Generator | None = None,
+                      sync_every: int | None = None, stop_at: list[int] | None = None,
+                      progress: Any = None) -> Completions:
     """What `sample_batch` returns (completions grouped by prompt, logprobs at the sampling temperature),
     `rows` at a time with finished rows refilled from the queue. `stop_at[j]` forces job j (prompt j //
     num_samples) to end after that many tokens whatever it samples (benchmarks); `progress` advances by
     prompts whose samples are all done."""
     device = next(model.parameters()).device
+    num_samples, max_new_tokens = params.num_samples, params.max_new_tokens
     jobs = [i for i in range(len(prompts)) for _ in range(num_samples)]  # job j completes prompt jobs[j]
     R = min(rows, len(jobs))
     sync_every = sync_every or (SYNC_EVERY if device.type == "cuda" else 1)
@@ -152,6 +138,7 @@ def sample_continuous(
             decoding.start(taken, [prompts[jobs[j]] for _, j in taken], [limits[j] for _, j in taken], model,
                            pad_token_id)
 
+    eos = None if stop_at or params.ignore_eos else eos_token_id  # rows end only at their limit
     start(list(range(R)))
     step = 0
     while True:
@@ -167,14 +154,15 @@ def sample_continuous(
                 break
             if not waiting:
                 decoding.compact()
-        decoding.step(temperature, top_p, generator, None if stop_at else eos_token_id, pad_token_id, top_k, min_p)
+        decoding.step(params, generator, eos, pad_token_id)
         step += 1
 
     token_ids = [r[0] for r in results]
     return Completions(
         prompt_index=jobs,
         token_ids=token_ids,
-        truncated=[len(t) == max_new_tokens and (not t or t[-1] != eos_token_id) for t in token_ids],
+        truncated=[params.ignore_eos or len(t) == max_new_tokens and (not t or t[-1] != eos_token_id)
+                   for t in token_ids],
         logprobs=[r[1] for r in results],
     )
 

@@ -9,10 +9,9 @@ memory pool. The KV cache buffers must stay the same tensors for the graphs' lif
 `DecodeGraphs` keeps one decode state (weight copies, KV cache) and its graphs across rollouts: a GRPO
 run captures each width once, not once per step, and refreshes the weights in place before each rollout,
 as long as that state fits beside the backward (`before_backward`, `measured`); otherwise it is freed
-before each backward and captured again at the next rollout.
-
-Graphs are the CUDA default (`--cuda_graphs auto`): they replay a step as one launch where the eager
-step issues ~700 (`python -m benchmarks.launches`).
+before each backward and captured again at the next rollout. A `Sampler` built with `cuda_graphs=True`
+owns one. Graphs are the CUDA default (`--cuda_graphs auto`); `python -m benchmarks.launches` counts
+the launches a graph saves.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from common.distributed import default_device
 from common.errors import fail
 from sampling.fast_decode import DecodeState, _base
 
@@ -44,8 +44,6 @@ def use_cuda_graphs(choice: str | bool, device: str) -> bool:
 def graphs_without_cuda(cfg: Any) -> str | None:
     """The rule (common/flags.py) of every --cuda_graphs flag beside a --device one: `on` needs the
     device, or the default one, to be CUDA."""
-    from common.distributed import default_device
-
     device = cfg.device or default_device()
     if cfg.cuda_graphs == "on" and not str(device).startswith("cuda"):
         return f"--cuda_graphs on needs a CUDA device, not {device}: use --cuda_graphs auto or --device cuda"
@@ -112,7 +110,7 @@ class GraphedDecodeStep:
 
 
 class DecodeGraphs:
-    """One decode state and its CUDA graphs, kept across rollouts (pass it as `cuda_graphs=`).
+    """One decode state and its CUDA graphs, kept across rollouts (a `Sampler`'s, with `cuda_graphs=True`).
 
     A rollout of the same model, dtype and rows that needs at most the state's cache slots reuses it:
     weights refreshed in place (training updates and LoRA merges follow), the cache refilled, every
@@ -121,11 +119,9 @@ class DecodeGraphs:
     weight copies, the KV cache, the graph pool).
 
     A trainer calls `before_backward()` before each backward phase, which frees the state unless it has
-    been measured to fit (`measured`), and `measured()` after each step. Qwen3-0.6B's state at the
-    recipe's 16 rows x 662 slots is ~2.6 GB, against a ledger peak of 16.0 GB without it and 18.2 GB
-    with it (docs/training.md): it fits on a 24 GB GPU, but a step measured with shorter completions
-    than the longest allowed says nothing about the longest, so only a step that reached
-    --max_completion_length can show that it fits."""
+    been measured to fit (`measured`), and `measured()` after each step. A step measured with shorter
+    completions than the longest allowed says nothing about the longest, so only a step that reached
+    --max_completion_length can show that it fits (docs/training.md has the sizes)."""
 
     def __init__(self) -> None:
         self.state: DecodeState | None = None

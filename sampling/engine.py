@@ -4,9 +4,9 @@
 - A preallocated (static) KV cache of prompt + max_new_tokens slots, filled in place, and a lean
   decode step (`fast_decode`) on Qwen3, Qwen2 and Llama models, optionally replayed from CUDA graphs
   (`cuda_graphs`); otherwise the model's own forward with a growing cache.
-- Sampling on the device (temperature, top-p), log-probabilities of the sampled tokens collected as
-  it goes, an exit as soon as every row has finished, and finished rows dropped from the batch once
-  at most half are still running (fewer rows through the model for the long tail).
+- Sampling on the device (`SamplingParams`: temperature, top-k, top-p, min-p), log-probabilities of
+  the sampled tokens collected as it goes, an exit as soon as every row has finished, and finished
+  rows dropped from the batch once at most half are still running (fewer rows for the long tail).
 - On CUDA the host looks at which rows finished only every `SYNC_EVERY` steps: each look stalls the
   launch queue until the GPU catches up. Rows that finish in between decode on as padding.
 """
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from sampling.batch import SYNC_EVERY, Completions, decode_dtype, left_pad, positions_of, prefill, prefill_autocast
-from sampling.continuous import sample_continuous
 from sampling.cuda_graphs import DecodeGraphs
 from sampling.fast_decode import DecodeState, supports
+from sampling.params import SamplingParams
 from sampling.tokens import sample_token
 
 
@@ -102,64 +102,46 @@ def _rows_alive(finished: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def sample_batch(
-    model: Any,
-    prompts: list[list[int]],
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    num_samples: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    ignore_eos: bool = False,
-    generator: torch.Generator | None = None,
-    fast: bool | None = None,
-    cuda_graphs: bool | DecodeGraphs = False,
-    sync_every: int | None = None,
-    stop_at: list[int] | None = None,
-) -> Completions:
-    """`num_samples` completions per prompt, grouped by prompt; logprobs at the sampling temperature
-    (`top_p`, `top_k`, `min_p`: `sample_token`).
+def sample_batch(model: Any, prompts: list[list[int]], params: SamplingParams, *, eos_token_id: int,
+                 pad_token_id: int, generator: torch.Generator | None = None, fast: bool | None = None,
+                 graphs: DecodeGraphs | None = None, sync_every: int | None = None,
+                 stop_at: list[int] | None = None) -> Completions:
+    """`params.num_samples` completions per prompt in one static batch, grouped by prompt; logprobs at
+    the sampling temperature (`sample_token`).
 
-    `fast` picks the lean decode step (default: whenever the model supports it); `cuda_graphs` replays
-    that step from CUDA graphs (CUDA only; models without the lean step ignore it): True for graphs of
-    this rollout alone, or a `DecodeGraphs` kept by the caller to reuse them across rollouts;
-    `sync_every` is how many steps pass between looks at which rows finished (default 1 on the CPU,
-    `SYNC_EVERY` on CUDA); `ignore_eos` forces exactly max_new_tokens per row and `stop_at[i]` makes row
-    i end after that many tokens, whatever it samples (for benchmarks)."""
+    `fast` picks the lean decode step (default: whenever the model supports it); `graphs` replays that
+    step from CUDA graphs kept across calls (models without the lean step ignore it); `sync_every` is how
+    many steps pass between looks at which rows finished (default 1 on the CPU, `SYNC_EVERY` on CUDA);
+    `stop_at[i]` makes row i end after that many tokens, whatever it samples (benchmarks)."""
     device = next(model.parameters()).device
-    P, G = len(prompts), num_samples
+    P, G, N = len(prompts), params.num_samples, params.max_new_tokens
     ids, mask = left_pad(prompts, pad_token_id, device)
     positions = positions_of(mask)
     use_fast = supports(model) if fast is None else fast
     if use_fast:
-        graphs = DecodeGraphs() if cuda_graphs is True else (cuda_graphs or None)
-        decoder = _FastDecoder(model, ids, mask, max_new_tokens, G, graphs)
+        decoder = _FastDecoder(model, ids, mask, N, G, graphs)
     else:
-        decoder = _HFDecoder(model, ids, mask, positions, max_new_tokens, G)
+        decoder = _HFDecoder(model, ids, mask, positions, N, G)
     logits = decoder.first_logits
     sync_every = sync_every or (SYNC_EVERY if device.type == "cuda" else 1)
 
     B = P * G
     next_pos = (positions[:, -1] + 1).repeat_interleave(G)
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
+    lengths = torch.full((B,), N, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)  # original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     limits = None if stop_at is None else torch.tensor(stop_at, device=device)
 
     # sample, record, stop rows at eos, feed the token back; the host looks at `finished` only every
     # `sync_every` steps (rows finished in between decode on, their tokens recorded as padding)
-    for t in range(max_new_tokens):
-        token, logp = sample_token(logits, temperature, top_p, generator, top_k, min_p)
+    for t in range(N):
+        token, logp = sample_token(logits, params, generator)
         token = token.masked_fill(finished, pad_token_id)
         tokens[alive, t] = token
         logprobs[alive, t] = logp.masked_fill(finished, 0.0)
-        if not ignore_eos or limits is not None:
+        if not params.ignore_eos or limits is not None:
             ends = (token == eos_token_id) if limits is None else (limits[alive] <= t + 1)
             just_done = ends & ~finished
             lengths[alive] = torch.where(just_done, t + 1, lengths[alive])
@@ -172,68 +154,21 @@ def sample_batch(
                     keep = (~finished).nonzero().squeeze(-1)  # drop finished rows
                     decoder.keep(keep)
                     alive, finished, token, next_pos = alive[keep], finished[keep], token[keep], next_pos[keep]
-        if t + 1 == max_new_tokens:
+        if t + 1 == N:
             break
         logits = decoder.step(token, next_pos + t, t)
+    return _completions(tokens, logprobs, lengths, params, eos_token_id)
 
+
+def _completions(tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, params: SamplingParams,
+                 eos_token_id: int) -> Completions:
+    """The static batch's [B, N] tokens and logprobs cut to each row's length [B], rows grouped by prompt."""
+    B, N, G = tokens.shape[0], params.max_new_tokens, params.num_samples
     out_tokens, out_logprobs, n = tokens.tolist(), logprobs.tolist(), lengths.tolist()
-    truncated = [ignore_eos or n[i] == max_new_tokens and out_tokens[i][n[i] - 1] != eos_token_id for i in range(B)]
+    truncated = [params.ignore_eos or n[i] == N and out_tokens[i][n[i] - 1] != eos_token_id for i in range(B)]
     return Completions(
         prompt_index=[i // G for i in range(B)],
         token_ids=[out_tokens[i][: n[i]] for i in range(B)],
         truncated=truncated,
         logprobs=[out_logprobs[i][: n[i]] for i in range(B)],
     )
-
-
-def sample(
-    model: Any,
-    prompts: list[list[int]],
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    num_samples: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    batch_size: int | None = None,
-    progress: Any = None,
-    cuda_graphs: bool | DecodeGraphs = False,
-    continuous: bool = False,
-    stop_at: list[int] | None = None,
-) -> Completions:
-    """`num_samples` completions per prompt through `sample_batch`, `batch_size` prompts at a time
-    (None: all at once); `progress` is an optional tqdm bar advanced by prompts done. With
-    `cuda_graphs` True the chunks share one `DecodeGraphs` (freed on return). With `continuous`
-    (models on the lean decode step, without CUDA graphs) batch_size x num_samples rows decode at once
-    and each takes the next waiting prompt as soon as its completion ends (sampling/continuous.py).
-    `stop_at` forces each completion's length (benchmarks)."""
-    batch_size = batch_size or len(prompts)
-    was_training = model.training
-    model.eval()
-    if continuous and not cuda_graphs and supports(model):
-        out = sample_continuous(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, top_k=top_k, min_p=min_p, rows=batch_size * num_samples,
-                                progress=progress, stop_at=stop_at)
-        model.train(was_training)
-        return out
-    if cuda_graphs is True:
-        cuda_graphs = DecodeGraphs()
-    out = Completions([], [], [], [])
-    for start in range(0, len(prompts), batch_size):
-        chunk = sample_batch(model, prompts[start: start + batch_size], eos_token_id=eos_token_id,
-                             pad_token_id=pad_token_id, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, cuda_graphs=cuda_graphs,
-                             stop_at=None if stop_at is None else
-                             stop_at[start * num_samples: (start + batch_size) * num_samples])
-        out.prompt_index += [start + i for i in chunk.prompt_index]
-        out.token_ids += chunk.token_ids
-        out.truncated += chunk.truncated
-        out.logprobs += chunk.logprobs
-        if progress is not None:
-            progress.update(len(prompts[start: start + batch_size]))
-    model.train(was_training)
-    return out

@@ -124,14 +124,13 @@ COPY_COLUMNS = 4096  # columns per piece of that product's transposing copy
 
 
 def _linear(x: torch.Tensor, w: Weight, cuda_layout: bool) -> torch.Tensor:
-    """x @ w.T for rows x [B, in] and a weight w [out, in]: one product in the CUDA layout. On the CPU,
-    for a few rows, as (w @ x.T).T:
-    there MKL's sgemm runs x @ w.T well below the rate of reading the weight, and w @ x.T near it
-    (Llama-3.2-1B's products at 8 rows: 620 against 400 ms a step here); from ~32 rows on x @ w.T is
-    as fast or faster (2x at 64 rows on a vocabulary head). The [out, B] product is copied to [B, out]
-    a few thousand columns at a time: in one piece, the transposing copy of a vocabulary's logits
-    takes 12x a plain copy (6 ms for 16 x 151,936), in cache-sized pieces about a third of that.
-    A tuple of weights (unfused q/k/v or gate/up) gives their outputs side by side, as the fused one would."""
+    """x @ w.T for rows x [B, in] and a weight w [out, in]: one product in the CUDA layout; on the CPU,
+    for up to FEW_ROWS rows, as (w @ x.T).T, the [out, B] product copied to [B, out] a few thousand
+    columns at a time. A tuple of weights (unfused q/k/v or gate/up) gives their outputs side by side,
+    as the fused one would."""
+    # for a few rows MKL's sgemm runs x @ w.T well below the rate of reading the weight and w @ x.T near
+    # it; with more rows x @ w.T is as fast or faster. A transposing copy of a vocabulary's logits in one
+    # piece costs many plain copies; in cache-sized pieces much less
     if isinstance(w, tuple):
         return torch.cat([_linear(x, piece, cuda_layout) for piece in w], dim=-1)
     if cuda_layout or x.shape[0] > FEW_ROWS:

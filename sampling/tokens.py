@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from sampling.params import SamplingParams
+
 BLOCK = 1024  # entries per block of the two-level draw
 
 
@@ -53,9 +55,9 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[tor
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the CPU's
-    argmax runs on one thread (2.8 ms for 16 x 151,936 here), its max over blocks is vectorized, so
-    find the first block holding the row's maximum, then the maximum inside it (~0.5 ms)."""
+    """x.argmax(-1) for [B, V] (the first of equal maxima), in two levels for wide rows: the first block
+    holding the row's maximum, then the maximum inside it."""
+    # the CPU's argmax runs on one thread while its max over blocks is vectorized
     V = x.shape[1]
     if V < 2 * BLOCK:
         return x.argmax(dim=-1)
@@ -67,9 +69,9 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
 
 def _race(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`_draw`'s contract the GPU way: the argmax of weight / E with E ~ Exp(1) drawn per entry (an
-    exponential race: entry i wins with probability w_i / sum w; a zero weight never wins). Five kernels
-    over [B, V] where `_draw` issues ~25 small ones: a GPU draws 2.4M random numbers (16 x 151,936) in
-    microseconds, where the CPU's one uniform per row is what keeps `_draw` fast there."""
+    exponential race: entry i wins with probability w_i / sum w; a zero weight never wins)."""
+    # a few whole-row kernels where `_draw` issues many small ones: a GPU draws a random number per
+    # entry cheaply, where the CPU's one uniform per row is what keeps `_draw` fast there
     noise = torch.empty_like(weights).exponential_(generator=generator).clamp_(min=torch.finfo(weights.dtype).tiny)
     return (weights / noise).argmax(dim=-1), weights.sum(-1, keepdim=True)
 
@@ -88,9 +90,10 @@ class Way:
 WAYS = {"cpu": Way(draw=_draw, argmax=_argmax), "cuda": Way(draw=_race, argmax=lambda x: x.argmax(dim=-1))}
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
-                  top_k: int = 0, min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-probability [B]) from last-position logits [B, V]; greedy when temperature 0.
+def sample_token(logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], its log-probability [B]) from last-position logits [B, V] as `params` asks; greedy
+    when its temperature is 0.
 
     Sampling draws from softmax(logits / temperature) cut as transformers' warpers cut it, in their order:
     the `top_k` most likely tokens (0: all; ties with the k-th kept), then the smallest set whose mass
@@ -100,6 +103,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     log of the kept mass). The loss counts the whole softmax, so under a cut the two differ by the kept
     mass (grpo/loss.py's sampler_drift measures it; docs/training.md)."""
     way = WAYS.get(logits.device.type, WAYS["cuda"])
+    temperature, top_p, top_k, min_p = params.temperature, params.top_p, params.top_k, params.min_p
     if temperature <= 0:
         logits = logits.float()
         token = way.argmax(logits)

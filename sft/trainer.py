@@ -31,6 +31,7 @@ from data import require_solutions
 from data.prompt import check_thinking, resolve_format, warn_thinking
 from models import autocast, default_device, default_dtype, load_model_and_tokenizer, load_tokenizer
 from models.lora import add_lora
+from sampling import Sampler, SamplingParams
 from sft.batching import collate, completion_loss_sum, encode_records
 from sft.config import SFTConfig
 from training.run import Run, check_watch, restores_signals, run_data
@@ -166,8 +167,10 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 
     def evaluate(at: int | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-        return run.evaluate_sets(model, tokenizer, eval_sets, step=at, batch_size=cfg.eval_batch_size,
-                                 prompt_format=fmt, max_new_tokens=cfg.eval_max_new_tokens)
+        sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          batch_size=cfg.eval_batch_size, continuous=True)
+        return run.evaluate_sets(sampler, tokenizer, eval_sets, SamplingParams(max_new_tokens=cfg.eval_max_new_tokens),
+                                 step=at, prompt_format=fmt)
 
     if step == 0 and cfg.eval_every > 0:
         before, fields = evaluate(0)

@@ -240,6 +240,7 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_tokenizer):
     from data.prompt import encode_prompt, prompts_within
     from eval.evaluate import evaluate
     from models import load_model
+    from sampling import Sampler, SamplingParams
 
     records = make_synthetic("test", max_samples=6)
     records[2] = {**records[2], "question": records[2]["question"] + " Also" * 300}
@@ -248,11 +249,13 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_tokenizer):
     kept, prompts, skipped = prompts_within(tiny_tokenizer, records, limit)
     assert skipped == 1 and records[2] not in kept and len(prompts) == 5
     model = load_model("tiny", device="cpu", tokenizer=tiny_tokenizer)
-    summary, predictions = evaluate(model, tiny_tokenizer, records, max_new_tokens=4, show_progress=False,
+    sampler = Sampler(model, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=4)
+    summary, predictions = evaluate(sampler, tiny_tokenizer, records, params, show_progress=False,
                                     max_prompt_length=limit)
     assert summary["prompts_skipped"] == 1 and len(predictions) == 5
     with pytest.raises(UserError, match="every one of the 6 problems has a prompt longer"):
-        evaluate(model, tiny_tokenizer, records, max_new_tokens=4, show_progress=False, max_prompt_length=5)
+        evaluate(sampler, tiny_tokenizer, records, params, show_progress=False, max_prompt_length=5)
     record = _checkpointed_run(tmp_path, max_steps=1, max_prompt_length=60, max_samples=8)
     assert record["prompts_skipped"] > 0
 

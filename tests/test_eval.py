@@ -48,18 +48,22 @@ def test_evaluate_scores_fixed_completions(monkeypatch, tiny_model, tiny_tokeniz
     """evaluate() with sampling replaced by known completions: accuracy is computed right."""
     import eval.evaluate as ev
     from data import make_synthetic
-    from sampling import Completions
+    from sampling import Completions, Sampler, SamplingParams
 
     records = make_synthetic("test", max_samples=4)
     texts = [f"so\n#### {records[0]['answer']}", "#### 99999", f"#### {records[2]['answer']}", "no answer"]
 
-    def fake_sample(model, prompts, **kwargs):
+    def fake_sample(prompts, params, **kwargs):
+        assert params == SamplingParams(max_new_tokens=7)
         ids = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id] for t in texts]
         ids[3] = ids[3][:-1]  # cut at the limit: no eos
         return Completions(list(range(4)), ids, [False, False, False, True])
 
-    monkeypatch.setattr(ev, "sample", fake_sample)
-    summary, predictions = ev.evaluate(tiny_model, tiny_tokenizer, records, show_progress=False)
+    sampler = Sampler(tiny_model, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    monkeypatch.setattr(sampler, "sample", fake_sample)
+    summary, predictions = ev.evaluate(sampler, tiny_tokenizer, records, SamplingParams(max_new_tokens=7),
+                                       show_progress=False)
+    assert summary["max_new_tokens"] == 7 and summary["temperature"] == 0.0
     assert summary["accuracy"] == 0.5 and summary["truncation_rate"] == 0.25 and summary["format_rate"] == 0.75
     assert [p["correct"] for p in predictions] == [True, False, True, False]
     assert predictions[1]["extracted"] == "99999" and predictions[0]["gold"] == records[0]["answer"]

@@ -9,7 +9,7 @@ from data.prompt import encode_prompt
 from grpo.batch import completion_logits, pack
 from models.logprobs import token_logprobs
 from models.tiny import _init_model, family_config
-from sampling import sample_batch, sample_with_generate
+from sampling import Sampler, SamplingParams
 from sampling.fast_decode import supports
 from tests.conftest import give_lora_b_weights
 
@@ -44,8 +44,11 @@ def prompts(tiny_tokenizer):
     return [encode_prompt(tiny_tokenizer, r["question"]) for r in make_synthetic("test", max_samples=6)]
 
 
-def kwargs(tokenizer, **extra):
-    return dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+def sample(model, tokenizer, prompts, *, fast=None, reference=False, **params):
+    """`prompts` through a fresh `Sampler` of `model`, the `SamplingParams` fields by keyword."""
+    sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, fast=fast,
+                      reference=reference)
+    return sampler.sample(prompts, SamplingParams(**params))
 
 
 def test_each_family_takes_the_lean_step_and_its_quirks_are_there(family_model):
@@ -56,17 +59,15 @@ def test_each_family_takes_the_lean_step_and_its_quirks_are_there(family_model):
 
 
 def test_greedy_equals_generate(family_model, tiny_tokenizer, prompts):
-    want = sample_with_generate(family_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=20))
-    got = sample_batch(family_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=20))
+    want = sample(family_model, tiny_tokenizer, prompts, max_new_tokens=20, reference=True)
+    got = sample(family_model, tiny_tokenizer, prompts, max_new_tokens=20)
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
-    assert sample_batch(family_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=20), fast=False).token_ids \
-        == want.token_ids
+    assert sample(family_model, tiny_tokenizer, prompts, max_new_tokens=20, fast=False).token_ids == want.token_ids
 
 
 def test_sampled_logprobs_match_a_forward_pass(family_model, tiny_tokenizer, prompts):
     torch.manual_seed(0)
-    out = sample_batch(family_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=16, num_samples=4,
-                                                            temperature=0.8))
+    out = sample(family_model, tiny_tokenizer, prompts[:3], max_new_tokens=16, num_samples=4, temperature=0.8)
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         want = token_logprobs(completion_logits(family_model, batch), batch.completion_ids, temperature=0.8)
@@ -77,13 +78,13 @@ def test_sampled_logprobs_match_a_forward_pass(family_model, tiny_tokenizer, pro
 def test_lora_is_merged_into_the_lean_step(family_model, tiny_tokenizer, prompts):
     from models.lora import add_lora
 
-    bare = sample_batch(family_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
+    bare = sample(family_model, tiny_tokenizer, prompts[:4], max_new_tokens=12).token_ids
     peft_model = add_lora(family_model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
     give_lora_b_weights(peft_model, 0.3)
     assert supports(peft_model)
-    out = sample_batch(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
-    assert out == sample_with_generate(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
+    out = sample(peft_model, tiny_tokenizer, prompts[:4], max_new_tokens=12).token_ids
+    assert out == sample(peft_model, tiny_tokenizer, prompts[:4], max_new_tokens=12, reference=True).token_ids
     assert out != bare
 
 

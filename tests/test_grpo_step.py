@@ -331,21 +331,21 @@ def _sampled_step(out, monkeypatch=None, shift=None, **overrides):
     sampler log-probs by `amount` per token. Returns (log line, weights, the rows' lengths)."""
     from safetensors.torch import load_file
 
-    import grpo.groups
+    from sampling import Sampler
 
     seen = []
 
-    def sample(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def sample(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         seen.append([len(c) for c in out.token_ids])
         if shift is not None:
             row, amount = shift
             out.logprobs[row] = [lp - amount for lp in out.logprobs[row]]
         return out
 
-    real = grpo.groups.sample
+    real = Sampler.sample
     if monkeypatch is not None:
-        monkeypatch.setattr(grpo.groups, "sample", sample)
+        monkeypatch.setattr(Sampler, "sample", sample)
     cfg = dict(model_name="tiny", dataset="synthetic", grpo_output=str(out), max_steps=1, prompts_per_step=2,
                num_generations=4, max_completion_length=8, device="cpu", learning_rate=1e-3, beta=0.0,
                show_progress=False, seed=3, save_every=10, micro_batch_size=8, max_samples=8)

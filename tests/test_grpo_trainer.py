@@ -267,6 +267,7 @@ def test_grpo_learns_a_new_kind_of_problem_from_final_answers(sft_tiny, tmp_path
     from eval.compare import mcnemar_p
     from eval.evaluate import evaluate
     from models import load_model_and_tokenizer
+    from sampling import Sampler, SamplingParams
     from tests.conftest import NEW_KIND, SEEN_KINDS
 
     out = tmp_path / "learn"
@@ -283,7 +284,9 @@ def test_grpo_learns_a_new_kind_of_problem_from_final_answers(sft_tiny, tmp_path
     correct = []
     for model_dir in (sft_tiny[0], out):
         model, tokenizer = load_model_and_tokenizer(str(model_dir), device="cpu")
-        _, predictions = evaluate(model, tokenizer, held_out, batch_size=128, max_new_tokens=48, show_progress=False)
+        sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          batch_size=128, continuous=True)
+        _, predictions = evaluate(sampler, tokenizer, held_out, SamplingParams(max_new_tokens=48), show_progress=False)
         correct.append([p["correct"] for p in predictions])
     before, after = (sum(c) / len(c) for c in correct)
     fixed = sum(not a and b for a, b in zip(*correct))

@@ -7,7 +7,7 @@ from data import make_synthetic
 from data.prompt import encode_prompt
 from grpo.batch import completion_logits, pack
 from models.logprobs import token_logprobs
-from sampling import sample, sample_batch, sample_with_generate
+from sampling import Sampler, SamplingParams
 from sampling.fast_decode import supports
 from sampling.tokens import _argmax, _draw, sample_token
 from tests.conftest import give_lora_b_weights
@@ -18,21 +18,29 @@ def prompts(tiny_tokenizer):
     return [encode_prompt(tiny_tokenizer, r["question"]) for r in make_synthetic("test", max_samples=8)]
 
 
-def kwargs(tokenizer, **extra):
-    return dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+SETTINGS = {"fast", "cuda_graphs", "sync_every", "batch_size", "continuous", "reference"}
+
+
+def sample(model, tokenizer, prompts, *, eos=None, generator=None, stop_at=None, **kw):
+    """`prompts` through a fresh `Sampler` of `model`: engine settings (SETTINGS) and `SamplingParams`
+    fields by keyword; `eos` stands in for the tokenizer's end-of-sequence id."""
+    settings = {k: kw.pop(k) for k in list(kw) if k in SETTINGS}
+    sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+                      pad_token_id=tokenizer.pad_token_id, **settings)
+    return sampler.sample(prompts, SamplingParams(**kw), generator=generator, stop_at=stop_at)
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_greedy_equals_generate(tiny_model, tiny_tokenizer, prompts, fast):
     assert supports(tiny_model)
-    want = sample_with_generate(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=24))
-    got = sample_batch(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=24), fast=fast)
+    want = sample(tiny_model, tiny_tokenizer, prompts, reference=True, max_new_tokens=24)
+    got = sample(tiny_model, tiny_tokenizer, prompts, max_new_tokens=24, fast=fast)
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
 
 
 def _frequent_token(model, tokenizer, prompts) -> int:
     """The token the random model emits most in greedy completions: an 'eos' that rows hit at different steps."""
-    first = sample_with_generate(model, prompts, **kwargs(tokenizer, max_new_tokens=12))
+    first = sample(model, tokenizer, prompts, reference=True, max_new_tokens=12)
     return torch.tensor([t for row in first.token_ids for t in row]).mode().values.item()
 
 
@@ -40,10 +48,9 @@ def _frequent_token(model, tokenizer, prompts) -> int:
 def test_early_stop_and_dropped_rows_match_generate(tiny_model, tiny_tokenizer, prompts, fast):
     """Use a token the random model often emits as 'eos': rows stop at different steps, the engine
     drops finished rows from the batch, and every row still matches generate's."""
-    args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
-                pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
-    want = sample_with_generate(tiny_model, prompts, **args)
-    got = sample_batch(tiny_model, prompts, **args, fast=fast)
+    args = dict(eos=_frequent_token(tiny_model, tiny_tokenizer, prompts), max_new_tokens=30)
+    want = sample(tiny_model, tiny_tokenizer, prompts, reference=True, **args)
+    got = sample(tiny_model, tiny_tokenizer, prompts, **args, fast=fast)
     assert got.token_ids == want.token_ids and got.truncated == want.truncated
     assert len({len(r) for r in got.token_ids}) > 1 and not all(got.truncated)  # rows really did stop apart
 
@@ -51,8 +58,8 @@ def test_early_stop_and_dropped_rows_match_generate(tiny_model, tiny_tokenizer, 
 @pytest.mark.parametrize("fast", [True, False])
 def test_sampled_logprobs_match_a_forward_pass(tiny_model, tiny_tokenizer, prompts, fast):
     torch.manual_seed(0)
-    out = sample_batch(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=16, num_samples=4,
-                                                          temperature=0.7, top_p=0.9), fast=fast)
+    out = sample(tiny_model, tiny_tokenizer, prompts[:3], max_new_tokens=16, num_samples=4, temperature=0.7,
+                 top_p=0.9, fast=fast)
     assert out.prompt_index == [i // 4 for i in range(12)]
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -71,22 +78,23 @@ def test_sampled_logprobs_match_a_forward_pass(tiny_model, tiny_tokenizer, promp
 
 
 def test_ignore_eos_forces_the_length(tiny_model, tiny_tokenizer, prompts):
-    out = sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=9, num_samples=3,
-                                                          temperature=1.0), ignore_eos=True)
+    out = sample(tiny_model, tiny_tokenizer, prompts[:2], max_new_tokens=9, num_samples=3, temperature=1.0,
+                 ignore_eos=True)
     assert [len(t) for t in out.token_ids] == [9] * 6 and all(out.truncated)
 
 
 def test_sampling_follows_softmax_and_top_p():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
     gen = torch.Generator().manual_seed(0)
-    token, logp = sample_token(logits, 0.5, 1.0, gen)
+    token, logp = sample_token(logits, SamplingParams(temperature=0.5), gen)
     want = torch.softmax(logits[0] / 0.5, -1)
     freq = torch.bincount(token, minlength=4).float() / len(token)
     assert torch.allclose(freq, want, atol=0.01), (freq, want)
     assert torch.allclose(logp, torch.log(want)[token])
-    token, _ = sample_token(logits, 1.0, 0.8, gen)  # p = .64, .24, .09, .03: top-p 0.8 keeps two
+    # p = .64, .24, .09, .03: top-p 0.8 keeps two
+    token, _ = sample_token(logits, SamplingParams(temperature=1.0, top_p=0.8), gen)
     assert set(token.tolist()) == {0, 1}
-    greedy, _ = sample_token(logits[:2], 0.0, 1.0, None)
+    greedy, _ = sample_token(logits[:2], SamplingParams(), None)
     assert greedy.tolist() == [0, 0]
 
 
@@ -140,14 +148,14 @@ def test_the_gpu_way_is_an_exponential_race_that_follows_the_weights(monkeypatch
         assert abs(freq[i].item() - w / 10.0) < 0.01, (i, freq[i].item(), w / 10.0)
     monkeypatch.setitem(tokens.WAYS, "cpu", tokens.WAYS["cuda"])
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
-    token, logp = sample_token(logits, 0.5, 0.8, torch.Generator().manual_seed(1))
+    token, logp = sample_token(logits, SamplingParams(temperature=0.5, top_p=0.8), torch.Generator().manual_seed(1))
     want = torch.softmax(logits[0] / 0.5, -1)  # .87, .12, .02, .00: top-p 0.8 keeps the first alone
     # the log-prob of the cut it was drawn from (the first alone: log 1), not the whole softmax's (log .87)
     assert set(token.tolist()) == {0} and torch.equal(logp, torch.zeros_like(logp)) and want[0] < 0.9
-    token, _ = sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(2))
+    token, _ = sample_token(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(2))
     freq = torch.bincount(token, minlength=4).float() / len(token)
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.01)
-    assert sample_token(logits[:2], 0.0, 1.0, None)[0].tolist() == [0, 0]
+    assert sample_token(logits[:2], SamplingParams(), None)[0].tolist() == [0, 0]
 
 
 def test_draw_never_picks_a_zero_weight_entry_when_rand_returns_zero(monkeypatch):
@@ -165,12 +173,13 @@ def test_sampling_over_a_large_vocabulary_matches_softmax_and_top_p():
     logits = torch.randn(1, 5000, generator=g) * 3
     logits[0, :6] = torch.tensor([9.0, 8.5, 8.0, 7.0, 6.0, 5.0])
     n = 30_000
-    token, logp = sample_token(logits.repeat(n, 1), 0.7, 1.0, torch.Generator().manual_seed(2))
+    token, logp = sample_token(logits.repeat(n, 1), SamplingParams(temperature=0.7), torch.Generator().manual_seed(2))
     want = torch.softmax(logits[0] / 0.7, -1)
     freq = torch.bincount(token, minlength=5000).float() / n
     assert torch.allclose(freq[:6], want[:6], atol=0.01), (freq[:6], want[:6])
     assert torch.allclose(logp, torch.log(want)[token], atol=1e-5)
-    token, _ = sample_token(logits.repeat(2000, 1), 0.7, 0.5, torch.Generator().manual_seed(3))
+    token, _ = sample_token(logits.repeat(2000, 1), SamplingParams(temperature=0.7, top_p=0.5),
+                            torch.Generator().manual_seed(3))
     order = want.argsort(descending=True)
     nucleus = order[: int((want[order].cumsum(0) - want[order] < 0.5).sum())]
     assert set(token.tolist()) <= set(nucleus.tolist()) and len(set(token.tolist())) == len(nucleus)
@@ -192,7 +201,8 @@ def test_top_k_and_min_p_draw_from_the_renormalized_cut_of_transformers(top_k, t
                        (MinPLogitsWarper(max(min_p, 1e-9)), min_p > 0)):
         scores = warper(None, scores) if on else scores
     want = torch.softmax(scores[0], -1)  # transformers' cut, renormalized
-    token, logp = sample_token(logits.repeat(n, 1), T, top_p, torch.Generator().manual_seed(5), top_k, min_p)
+    params = SamplingParams(temperature=T, top_p=top_p, top_k=top_k, min_p=min_p)
+    token, logp = sample_token(logits.repeat(n, 1), params, torch.Generator().manual_seed(5))
     freq = torch.bincount(token, minlength=1000).float() / n
     kept = set(want.nonzero().squeeze(-1).tolist())
     assert set(token.tolist()) == kept and 1 < len(kept) < 6, kept
@@ -207,18 +217,67 @@ def test_top_k_and_min_p_draw_from_the_renormalized_cut_of_transformers(top_k, t
 def test_top_k_1_is_greedy_through_every_decoding_path(tiny_model, tiny_tokenizer, prompts):
     """top_k and min_p reach the sampler on each path: the lean step, continuous batching and generate
     (the reference) all give the greedy completions at temperature 1 with top_k 1 (or min_p 1)."""
-    greedy = sample(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=10)).token_ids
-    hot = dict(kwargs(tiny_tokenizer, max_new_tokens=10), temperature=1.0)
-    assert sample(tiny_model, prompts[:4], **hot, top_k=1).token_ids == greedy
-    assert sample(tiny_model, prompts[:4], **hot, min_p=1.0, continuous=True).token_ids == greedy
-    assert sample_with_generate(tiny_model, prompts[:4], **hot, top_k=1).token_ids == greedy
-    assert sample(tiny_model, prompts[:4], **hot).token_ids != greedy  # temperature 1 alone does sample
+    greedy = sample(tiny_model, tiny_tokenizer, prompts[:4], max_new_tokens=10).token_ids
+    hot = dict(max_new_tokens=10, temperature=1.0)
+    assert sample(tiny_model, tiny_tokenizer, prompts[:4], **hot, top_k=1).token_ids == greedy
+    assert sample(tiny_model, tiny_tokenizer, prompts[:4], **hot, min_p=1.0, continuous=True).token_ids == greedy
+    assert sample(tiny_model, tiny_tokenizer, prompts[:4], **hot, top_k=1, reference=True).token_ids == greedy
+    assert sample(tiny_model, tiny_tokenizer, prompts[:4], **hot).token_ids != greedy  # temperature 1 alone does sample
+
+
+def test_static_continuous_and_generate_agree_on_one_params_object(tiny_model, tiny_tokenizer, prompts):
+    """One `SamplingParams` (2 samples a prompt, top-k 1: greedy, which generate allows with several
+    samples only as a cut) handed to each path of the sampler: the static batches, continuous batching
+    and the `model.generate` reference give the same completions."""
+    params = SamplingParams(num_samples=2, max_new_tokens=14, temperature=1.0, top_k=1)
+    ids = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    static = Sampler(tiny_model, **ids, batch_size=3).sample(prompts, params)
+    continuous = Sampler(tiny_model, **ids, batch_size=3, continuous=True).sample(prompts, params)
+    reference = Sampler(tiny_model, **ids, reference=True).sample(prompts, params)
+    assert static.prompt_index == continuous.prompt_index == reference.prompt_index == [i // 2 for i in range(16)]
+    assert static.token_ids == continuous.token_ids == reference.token_ids
+    assert static.truncated == continuous.truncated == reference.truncated
+    assert reference.logprobs is None and len(static.logprobs) == len(continuous.logprobs) == 16
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("top_p", 1.5, "top_p must be in (0, 1] (1: no cut), got 1.5"),
+    ("top_p", 0.0, "top_p must be in (0, 1] (1: no cut), got 0.0"),
+    ("temperature", -0.1, "temperature must be >= 0 (0: greedy), got -0.1"),
+    ("temperature", float("nan"), "temperature must be >= 0 (0: greedy), got nan"),
+    ("min_p", 2, "min_p must be in [0, 1] (0: no cut), got 2"),
+    ("top_k", -1, "top_k must be an integer >= 0, got -1"),
+    ("top_k", 2.5, "top_k must be an integer >= 0, got 2.5"),
+    ("num_samples", 0, "num_samples must be an integer >= 1, got 0"),
+    ("max_new_tokens", True, "max_new_tokens must be an integer >= 1, got True"),
+    ("ignore_eos", "yes", "ignore_eos must be True or False, got 'yes'"),
+])
+def test_bad_sampling_params_are_one_line_errors(field, value, message):
+    with pytest.raises(ValueError) as error:
+        SamplingParams(**{field: value})
+    assert str(error.value) == message and "\n" not in str(error.value)
+    assert SamplingParams(**{field: getattr(SamplingParams(), field)}) == SamplingParams()  # defaults pass
+
+
+def test_bad_sampler_settings_and_calls_are_one_line_errors(tiny_model, tiny_tokenizer, prompts):
+    ids = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1 or None, got 0$"):
+        Sampler(tiny_model, **ids, batch_size=0)
+    with pytest.raises(ValueError, match="^the model.generate reference runs no CUDA graphs"):
+        Sampler(tiny_model, **ids, reference=True, cuda_graphs=True)
+    with pytest.raises(TypeError, match="^params must be a SamplingParams, got dict$"):
+        Sampler(tiny_model, **ids).sample(prompts, {"temperature": 0.7})
+    reference = Sampler(tiny_model, **ids, reference=True)
+    with pytest.raises(ValueError, match="^the model.generate reference stops at eos"):
+        reference.sample(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError, match="^the model.generate reference takes no generator or stop_at"):
+        reference.sample(prompts, SamplingParams(max_new_tokens=4), stop_at=[2] * len(prompts))
 
 
 def test_sample_batches_prompts_and_restores_train_mode(tiny_model, tiny_tokenizer, prompts):
     tiny_model.train()
-    whole = sample(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=8))
-    chunked = sample(tiny_model, prompts, **kwargs(tiny_tokenizer, max_new_tokens=8), batch_size=3)
+    whole = sample(tiny_model, tiny_tokenizer, prompts, max_new_tokens=8)
+    chunked = sample(tiny_model, tiny_tokenizer, prompts, max_new_tokens=8, batch_size=3)
     assert chunked.token_ids == whole.token_ids and chunked.prompt_index == list(range(8))
     assert tiny_model.training
 
@@ -228,21 +287,20 @@ def test_lora_rollout_merges_the_adapter_into_the_fast_step(tiny_model, tiny_tok
     generate's through peft, differs from the bare model's, and the model's weights are left alone."""
     from models.lora import add_lora
 
-    bare = sample_batch(tiny_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
+    bare = sample(tiny_model, tiny_tokenizer, prompts[:4], max_new_tokens=12).token_ids
     peft_model = add_lora(tiny_model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
     give_lora_b_weights(peft_model, 0.2)  # something to merge
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     assert supports(peft_model)
-    out = sample_batch(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12))
-    assert out.token_ids == sample_with_generate(peft_model, prompts[:4],
-                                                 **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids
+    out = sample(peft_model, tiny_tokenizer, prompts[:4], max_new_tokens=12)
+    assert out.token_ids == sample(peft_model, tiny_tokenizer, prompts[:4], max_new_tokens=12, reference=True).token_ids
     assert out.token_ids != bare
     assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in before.items())
-    assert sample_batch(peft_model, prompts[:4], fast=False, **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids \
+    assert sample(peft_model, tiny_tokenizer, prompts[:4], fast=False, max_new_tokens=12).token_ids \
         == out.token_ids
     with peft_model.disable_adapter():  # the reference pass: adapter off, fast step follows
-        assert sample_batch(peft_model, prompts[:4], **kwargs(tiny_tokenizer, max_new_tokens=12)).token_ids == bare
+        assert sample(peft_model, tiny_tokenizer, prompts[:4], max_new_tokens=12).token_ids == bare
 
 
 class _ReplayByCall:
@@ -274,19 +332,18 @@ def test_graphed_decode_step_matches_the_eager_step(tiny_model, tiny_tokenizer, 
     """The graphed path (fixed input tensors, attention over a bucketed width with later slots masked,
     no dropped rows) samples what the eager step samples: greedy tokens equal with an early-stopping
     eos, sampled logprobs equal under the same seed."""
-    args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
-                pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=40)
-    eager = sample_batch(tiny_model, prompts, **args)
-    graphed = sample_batch(tiny_model, prompts, **args, cuda_graphs=True)
+    args = dict(eos=_frequent_token(tiny_model, tiny_tokenizer, prompts), max_new_tokens=40)
+    eager = sample(tiny_model, tiny_tokenizer, prompts, **args)
+    graphed = sample(tiny_model, tiny_tokenizer, prompts, **args, cuda_graphs=True)
     assert graphed.token_ids == eager.token_ids and graphed.truncated == eager.truncated
     assert len({len(r) for r in eager.token_ids}) > 1  # rows stopped apart (eager dropped rows, graphed did not)
     assert graphs_on_cpu.captures >= 3  # one per width bucket reached
 
-    sampled = dict(kwargs(tiny_tokenizer, max_new_tokens=24, num_samples=4, temperature=0.7), ignore_eos=True)
+    sampled = dict(max_new_tokens=24, num_samples=4, temperature=0.7, ignore_eos=True)
     runs = []
     for graphs in (False, True):
-        runs.append(sample_batch(tiny_model, prompts[:3], **sampled, cuda_graphs=graphs,
-                                 generator=torch.Generator().manual_seed(3)))
+        runs.append(sample(tiny_model, tiny_tokenizer, prompts[:3], **sampled, cuda_graphs=graphs,
+                           generator=torch.Generator().manual_seed(3)))
     assert runs[1].token_ids == runs[0].token_ids
     for a, b in zip(runs[0].logprobs, runs[1].logprobs):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
@@ -302,9 +359,8 @@ def test_bf16_decode_of_an_fp32_model(tiny_model, tiny_tokenizer, prompts, monke
     if graphs:
         request.getfixturevalue("graphs_on_cpu")
     monkeypatch.setattr(engine, "decode_dtype", lambda model, device: torch.bfloat16)
-    out = sample_batch(tiny_model, prompts[:3],
-                       **kwargs(tiny_tokenizer, max_new_tokens=48, num_samples=4, temperature=0.7),
-                       cuda_graphs=graphs, generator=torch.Generator().manual_seed(0))
+    out = sample(tiny_model, tiny_tokenizer, prompts[:3], max_new_tokens=48, num_samples=4, temperature=0.7,
+                 cuda_graphs=graphs, generator=torch.Generator().manual_seed(0))
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         want = token_logprobs(completion_logits(tiny_model, batch), batch.completion_ids, temperature=0.7)
@@ -322,14 +378,15 @@ def test_cuda_graph_rollout_equals_eager_on_cuda(tiny_model, tiny_tokenizer, pro
     import sampling.cuda_graphs as cg
 
     model = copy.deepcopy(tiny_model).cuda()
-    args = kwargs(tiny_tokenizer, max_new_tokens=64)
+    args = dict(max_new_tokens=64)
     # every row runs to the end, so eager never drops rows: same batch size, same kernels, same bf16 sums
-    eager = sample_batch(model, prompts, **args, ignore_eos=True)
+    eager = sample(model, tiny_tokenizer, prompts, **args, ignore_eos=True)
     with monkeypatch.context() as m:
         m.setattr(cg, "BUCKET", 1)
-        assert sample_batch(model, prompts, **args, ignore_eos=True, cuda_graphs=True).token_ids == eager.token_ids
-    out = sample_batch(model, prompts, **dict(args, max_new_tokens=200), cuda_graphs=True, temperature=0.7,
-                       num_samples=2)
+        assert sample(model, tiny_tokenizer, prompts, **args, ignore_eos=True, cuda_graphs=True).token_ids \
+            == eager.token_ids
+    out = sample(model, tiny_tokenizer, prompts, max_new_tokens=200, cuda_graphs=True, temperature=0.7,
+                 num_samples=2)
     batch = pack([prompts[i] for i in out.prompt_index], out.token_ids, tiny_tokenizer.pad_token_id, "cuda")
     with torch.no_grad():
         want = token_logprobs(completion_logits(model, batch), batch.completion_ids, temperature=0.7)
@@ -359,23 +416,25 @@ def test_rollout_frees_its_decoder_when_it_returns(tiny_model, tiny_tokenizer, p
     gc.collect()
     gc.disable()
     try:
-        sample_batch(tiny_model, prompts[:3], **kwargs(tiny_tokenizer, max_new_tokens=20), cuda_graphs=graphs)
+        sample(tiny_model, tiny_tokenizer, prompts[:3], max_new_tokens=20, cuda_graphs=graphs)
         assert len(made) == 1 and made[0]() is None
     finally:
         gc.enable()
 
 
 def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prompts, graphs_on_cpu):
-    """A `DecodeGraphs` passed to successive rollouts captures each width once: the second rollout
-    replays the first one's graphs on the same tensors (same addresses), with the weights refreshed in
-    place after a training update, and samples what an eager rollout of the updated model samples. A
-    rollout that needs more cache slots rebuilds it, and still matches."""
-    from sampling import DecodeGraphs
-
-    args = kwargs(tiny_tokenizer, max_new_tokens=40)
-    graphs = DecodeGraphs()
-    first = sample_batch(tiny_model, prompts, **args, cuda_graphs=graphs)
+    """A graphed `Sampler` owns its decode state across rollouts and captures each width once: the
+    second rollout replays the first one's graphs on the same tensors (same addresses), with the weights
+    refreshed in place after a training update, and samples what an eager rollout of the updated model
+    samples. A rollout that needs more cache slots rebuilds it, and still matches."""
+    params = SamplingParams(max_new_tokens=40)
+    sampler = Sampler(tiny_model, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+                      cuda_graphs=True)
+    eager = sampler.replace(cuda_graphs=False)
+    assert eager.graphs is None and eager.eos_token_id == sampler.eos_token_id
+    first = sampler.sample(prompts, params)
     captured = graphs_on_cpu.captures
+    graphs = sampler.graphs
     state = graphs.state
 
     def addresses():
@@ -386,16 +445,18 @@ def test_decode_graphs_are_kept_across_rollouts(tiny_model, tiny_tokenizer, prom
         torch.manual_seed(0)
         for p in tiny_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    second = sample_batch(tiny_model, prompts, **args, cuda_graphs=graphs)
-    assert graphs.state is state and addresses() == before and graphs.builds == 1
+    second = sampler.sample(prompts, params)
+    assert sampler.graphs is graphs and graphs.state is state and addresses() == before and graphs.builds == 1
     assert graphs_on_cpu.captures == captured
-    assert second.token_ids == sample_batch(tiny_model, prompts, **args).token_ids != first.token_ids
+    assert second.token_ids == eager.sample(prompts, params).token_ids != first.token_ids
 
     longer = [p + p for p in prompts]  # more slots than the state has: one rebuild
-    third = sample_batch(tiny_model, longer, **args, cuda_graphs=graphs)
+    third = sampler.sample(longer, params)
     assert graphs.builds == 2 and graphs.state.slots >= len(max(longer, key=len)) + 40
-    assert third.token_ids == sample_batch(tiny_model, longer, **args).token_ids
-
+    assert third.token_ids == eager.sample(longer, params).token_ids
+    sampler.release()
+    assert graphs.state is None and sampler.sample(prompts[:2], params).token_ids  # rebuilt on the next call
+    assert graphs.builds == 3
 
 
 def test_cuda_graphs_are_the_cuda_default_and_on_off_cuda_is_one_line():
@@ -411,39 +472,46 @@ def test_cuda_graphs_are_the_cuda_default_and_on_off_cuda_is_one_line():
 def test_graphed_state_is_kept_through_backwards_only_once_a_longest_step_shows_it_fits(tiny_model, tiny_tokenizer,
                                                                                        prompts, graphs_on_cpu):
     """Freed before every backward until a step that reached the longest completion peaked low enough
-    that the state fits beside it (FITS of the device); freed again once a step with it peaks above."""
-    from sampling import DecodeGraphs
+    that the state fits beside it (FITS of the device); freed again once a step with it peaks above.
+    A trainer drives it through the sampler; a sampler without graphs takes the same calls."""
     from sampling.cuda_graphs import FITS
 
-    graphs = DecodeGraphs()
-    sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=8), cuda_graphs=graphs)
+    params = SamplingParams(max_new_tokens=8)
+    sampler = Sampler(tiny_model, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+                      cuda_graphs=True)
+    graphs = sampler.graphs
+    sampler.sample(prompts[:2], params)
     size = graphs.state_bytes
     state = graphs.state
     assert size == sum(t.nbytes for t in (*state.weights.tensors(), *state.keys, *state.values, state.slot_mask))
-    graphs.before_backward()
+    sampler.before_backward()
     assert graphs.state is None and not graphs.keep  # the first step: nothing measured yet
     total = 100 * size
-    graphs.measured(int(FITS * total) - size, total, longest=False)
+    sampler.measured(int(FITS * total) - size, total, longest=False)
     assert not graphs.keep  # fits, but shorter completions than allowed say nothing of the longest
-    graphs.measured(int(FITS * total) - size + 1, total, longest=True)
+    sampler.measured(int(FITS * total) - size + 1, total, longest=True)
     assert not graphs.keep  # one byte too many
-    graphs.measured(int(FITS * total) - size, total, longest=True)
+    sampler.measured(int(FITS * total) - size, total, longest=True)
     assert graphs.keep
-    sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=8), cuda_graphs=graphs)
-    graphs.before_backward()
+    sampler.sample(prompts[:2], params)
+    sampler.before_backward()
     assert graphs.state is not None  # kept through this backward
-    graphs.measured(int(FITS * total) + 1, total, longest=False)
+    sampler.measured(int(FITS * total) + 1, total, longest=False)
     assert not graphs.keep  # a step with the state peaked above: freed from the next backward on
-    graphs.before_backward()
+    sampler.before_backward()
     assert graphs.state is None
+    plain = sampler.replace(cuda_graphs=False)
+    plain.before_backward()
+    plain.measured(0, 1, longest=True)
+    plain.release()
+    assert plain.graphs is None and plain.failed is None
 
 
 def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, tiny_tokenizer, prompts, monkeypatch, capsys):
     """Graphs are the CUDA default, so a capture a GPU or torch build refuses must not end the run: the
-    rollout goes on eagerly with the same samples, one warning says so, and later rollouts do not try
-    again."""
+    rollout goes on eagerly with the same samples, one warning says so, later rollouts do not try
+    again, and a sampler derived from it (eval's) starts without graphs."""
     import sampling.cuda_graphs as cg
-    from sampling import DecodeGraphs
 
     attempts = []
 
@@ -452,29 +520,40 @@ def test_a_failed_capture_decodes_eagerly_with_one_warning(tiny_model, tiny_toke
         raise RuntimeError("operation not permitted when stream is capturing\n(more lines)")
 
     monkeypatch.setattr(cg, "capture", refuse)
-    args = kwargs(tiny_tokenizer, max_new_tokens=12)
-    graphs = DecodeGraphs()
-    eager = sample_batch(tiny_model, prompts, **args)
+    params = SamplingParams(max_new_tokens=12)
+    sampler = Sampler(tiny_model, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+                      cuda_graphs=True)
+    eager = sample(tiny_model, tiny_tokenizer, prompts, max_new_tokens=12)
+    assert sampler.replace().graphs is not None  # graphs stay on while no capture failed
     for _ in range(2):
-        assert sample_batch(tiny_model, prompts, **args, cuda_graphs=graphs).token_ids == eager.token_ids
-    assert len(attempts) == 1 and graphs.failed.startswith("RuntimeError: operation not permitted")
+        assert sampler.sample(prompts, params).token_ids == eager.token_ids
+    assert len(attempts) == 1 and sampler.failed.startswith("RuntimeError: operation not permitted")
     err = capsys.readouterr().err
     assert err.count("warning: CUDA graph capture failed") == 1 and err.count("\n") == 1
+    assert sampler.replace(batch_size=2).graphs is None
+
 
 def test_grpo_frees_the_graphed_state_before_each_backward(tmp_path, monkeypatch, graphs_on_cpu):
-    """A GRPO run with graphs (stand-in captures on the CPU) frees the decode state before each backward
-    and builds it again at the next rollout: two steps, two builds, nothing held at the end."""
+    """A GRPO run with graphs (stand-in captures on the CPU) keeps one sampler on the policy that frees
+    its decode state before each backward and builds it again at the next rollout: two steps, two
+    builds, nothing held at the end."""
     import grpo.trainer
     from grpo.trainer import GRPOConfig, train_grpo
-    from sampling import DecodeGraphs
 
     made = []
+
+    class Recorded(Sampler):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
     monkeypatch.setattr(grpo.trainer, "use_cuda_graphs", lambda choice, device: True)
-    monkeypatch.setattr(grpo.trainer, "DecodeGraphs", lambda: made.append(DecodeGraphs()) or made[-1])
+    monkeypatch.setattr(grpo.trainer, "Sampler", Recorded)
     train_grpo(GRPOConfig(model_name="tiny", dataset="synthetic", grpo_output=str(tmp_path), max_steps=2,
                           prompts_per_step=2, num_generations=2, max_completion_length=8, device="cpu",
                           eval_every=0, show_progress=False, save_every=10))
-    assert len(made) == 1 and made[0].builds == 2 and made[0].state is None
+    assert len(made) == 1 and made[0].graphs.builds == 2 and made[0].graphs.state is None
+
 
 def _tensor_bytes(obj) -> int:
     """Bytes of the distinct storages among `obj`'s tensor attributes (and tensors in its lists, tuples and
@@ -559,7 +638,7 @@ def test_prefill_leaves_no_autocast_weight_copies_behind(tiny_model, tiny_tokeni
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with WeightCasts() as mode:
-            sample_batch(tiny_model, prompts[:2], **kwargs(tiny_tokenizer, max_new_tokens=4))
+            sample(tiny_model, tiny_tokenizer, prompts[:2], max_new_tokens=4)
         held = sum(t.nbytes for t in (ref() for ref in mode.casts) if t is not None)
         assert mode.casts and held == 0  # today's code held every weight's bf16 cast (~1.7 MB on tiny)
 
@@ -570,13 +649,12 @@ def test_finished_rows_are_read_on_the_host_only_every_sync_every_steps(tiny_mod
     sync). Rows finishing in between decode on as padding: same completions as looking every step."""
     import sampling.engine as engine
 
-    args = dict(eos_token_id=_frequent_token(tiny_model, tiny_tokenizer, prompts),
-                pad_token_id=tiny_tokenizer.pad_token_id, max_new_tokens=30)
-    every_step = sample_batch(tiny_model, prompts, **args)
+    args = dict(eos=_frequent_token(tiny_model, tiny_tokenizer, prompts), max_new_tokens=30)
+    every_step = sample(tiny_model, tiny_tokenizer, prompts, **args)
     reads = []
     real = engine._rows_alive
     monkeypatch.setattr(engine, "_rows_alive", lambda finished: reads.append(1) or real(finished))
-    sparse = sample_batch(tiny_model, prompts, **args, sync_every=8)
+    sparse = sample(tiny_model, tiny_tokenizer, prompts, **args, sync_every=8)
     assert sparse.token_ids == every_step.token_ids and sparse.truncated == every_step.truncated
     assert sparse.logprobs == every_step.logprobs
     assert len({len(r) for r in sparse.token_ids}) > 1

@@ -236,30 +236,32 @@ class Run:
     def progress(self, desc: str, total: int, initial: int) -> Progress:
         return Progress(desc, total, initial, self.cfg.show_progress and self.dist.is_main)
 
-    def evaluate(self, model: Any, tokenizer: Any, records: list[Any], step: int | None = None,
+    def evaluate(self, sampler: Any, tokenizer: Any, records: list[Any], params: Any, step: int | None = None,
                  name: str | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Held-out eval (every rank takes its share), written to <out>/eval (a named set other than the
-        main one: <out>/eval/<name>) and, for an eval during training (`step`), also kept in
-        <out>/eval/step_<step>[/<name>]; the model is left in train mode."""
+        """Held-out eval of `sampler`'s model with `params` (a `SamplingParams`; every rank takes its share),
+        written to <out>/eval (a named set other than the main one: <out>/eval/<name>) and, for an eval
+        during training (`step`), also kept in <out>/eval/step_<step>[/<name>]; the model is left in train
+        mode."""
         from eval.evaluate import evaluate, write_results
 
-        summary, predictions = evaluate(model, tokenizer, records, show_progress=self.cfg.show_progress, **kwargs)
+        summary, predictions = evaluate(sampler, tokenizer, records, params, show_progress=self.cfg.show_progress,
+                                        **kwargs)
         if self.dist.is_main:
             write_results(self.out / "eval" / (name or ""), summary, predictions)
             if step is not None:
                 write_results(self.out / "eval" / f"step_{step}" / (name or ""), summary, predictions)
-        model.train()
+        sampler.model.train()
         return summary
 
-    def evaluate_sets(self, model: Any, tokenizer: Any, sets: dict[str, list[Any]], step: int | None = None,
-                      **kwargs: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    def evaluate_sets(self, sampler: Any, tokenizer: Any, sets: dict[str, list[Any]], params: Any,
+                      step: int | None = None, **kwargs: Any) -> tuple[dict[str, Any], dict[str, float]]:
         """Every held-out set (the first is the main one): (the main set's summary, the log fields: eval_*
         of the main set and, when there are several, eval_<name>_* of each)."""
         from eval.evaluate import eval_fields
 
         main, fields = {}, {}
         for i, (name, records) in enumerate(sets.items()):
-            summary = self.evaluate(model, tokenizer, records, step, None if i == 0 else name, **kwargs)
+            summary = self.evaluate(sampler, tokenizer, records, params, step, None if i == 0 else name, **kwargs)
             if i == 0:
                 main, fields = summary, eval_fields(summary)
             if len(sets) > 1:
