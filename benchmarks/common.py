@@ -27,6 +27,29 @@ class BenchArgs:
     model: str = flag("tiny", MODELS_HELP)
     device: str | None = flag(None, "cpu or cuda (default: cuda when available)", text=DEVICE)
 
+
+@dataclass
+class CompletionArgs(BenchArgs):
+    """What a rollout benchmark draws: --prompts x --num_generations completions of exactly --max_new_tokens
+    tokens each, at --temperature and --top_p. A benchmark redeclares a field to change its default."""
+
+    prompts: int = flag(4, "distinct prompts", low=1)
+    num_generations: int = flag(4, "samples per prompt", low=1)
+    max_new_tokens: int = flag(128, "new tokens per sample (forced: every row runs to the end)", low=1)
+    temperature: float = flag(0.7, "sampling temperature (0: greedy)", low=0)
+    top_p: float = flag(1.0, "nucleus threshold", above=0, high=1)
+
+
+@dataclass
+class StepsArgs(BenchArgs):
+    """What a GRPO step benchmark runs: --warmup untimed steps, then --steps timed ones, completions of at most
+    --max_new_tokens tokens."""
+
+    max_new_tokens: int = flag(128, "--max_completion_length of the steps", low=1)
+    steps: int = flag(5, "timed steps", low=1)
+    warmup: int = flag(2, "untimed steps first", low=0)
+
+
 # Peak memory bandwidth (GB/s) by GPU name, for the decode roofline.
 GPU_BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100": 2039, "A10G": 600,
                      "L4": 300, "A10": 600}

@@ -25,15 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import CompletionArgs
 from common.errors import run_cli
 from common.flags import flag
 
 
 @dataclass
-class DriftArgs(BenchArgs):
-    prompts: int = flag(4, "distinct prompts", low=1)
-    num_generations: int = flag(4, "samples per prompt", low=1)
+class DriftArgs(CompletionArgs):
     max_new_tokens: int = flag(256, "new tokens per sample (forced: every row runs to the end)", low=1)
     temperature: float = flag(0.7, "sampling temperature, also the log-probs' (GRPO's default)", above=0)
     top_p: float = flag(1.0, "nucleus threshold (a cut adds the log of the kept mass to the drift)", above=0, high=1)

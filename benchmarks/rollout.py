@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import CompletionArgs
 from common.errors import run_cli
 from common.flags import flag
 
@@ -47,12 +47,8 @@ def report(record: dict, tokens_per_run: int, peaks: dict[str, float]) -> None:
 
 
 @dataclass
-class RolloutArgs(BenchArgs):
-    prompts: int = flag(4, "distinct prompts", low=1)
+class RolloutArgs(CompletionArgs):
     num_generations: int = flag(8, "samples per prompt", low=1)
-    max_new_tokens: int = flag(128, "new tokens per sample (forced)", low=1)
-    temperature: float = flag(0.7, "sampling temperature (0: greedy)", low=0)
-    top_p: float = flag(1.0, "nucleus threshold", above=0, high=1)
     repeats: int = flag(3, "timed runs of each, alternated", low=1)
     dtype: str | None = flag(None, "the model's dtype, float32 or bfloat16, for both sides (default: bf16 on CUDA, "
                                    "fp32 on the CPU)", choices=("float32", "bfloat16"))

@@ -9,7 +9,7 @@ nothing saved (no checkpoint or model is written, as train_grpo.py's no-save swi
 come out as the steps end), and
 prints the median time_per_step_s, its split (generation, reference, forward+backward, optimizer),
 rollout tokens/s and peak memory, and a JSON line, flushed before the floor study starts (a run stopped
-during it keeps these figures). `benchmarks.trl_step` times the same step under TRL, on the same model
+during it keeps these figures). `dev/trl_step.py` times the same step under TRL, on the same model
 names.
 
 The floor (one process; skip it with --no_floor): the same steps run again under a counter of their
@@ -25,16 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import StepsArgs
 from common.errors import run_cli
 from common.flags import CUDA_GRAPHS, flag
 
 
 @dataclass
-class StepArgs(BenchArgs):
-    max_new_tokens: int = flag(128, "--max_completion_length of the steps", low=1)
-    steps: int = flag(5, "timed steps", low=1)
-    warmup: int = flag(2, "untimed steps first", low=0)
+class StepArgs(StepsArgs):
     prompts_per_step: int = flag(4, "prompts per step, over all processes", low=1)
     lora: bool = flag(False, "LoRA instead of full fine-tuning")
     cuda_graphs: str = flag("auto", "rollouts replay the decode step from CUDA graphs: as train_grpo.py "

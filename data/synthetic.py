@@ -30,6 +30,16 @@ SIZES = {"train": 5000, "test": 500}
 TEST_SHARE = 10  # one question in TEST_SHARE goes to the test split
 
 
+def _product(who: str, a: int, b: int, unit: str) -> str:
+    """A worked multiplication step: `who` a * b = <<a*b=ab>>ab `unit`."""
+    return f"{who} {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {unit}."
+
+
+def _less(n: str, total: int, c: int, unit: str) -> str:
+    """A worked subtraction step: n has total - c = <<total-c=rest>>rest `unit` left."""
+    return f"{n} has {total} - {c} = <<{total}-{c}={total - c}>>{total - c} {unit} left."
+
+
 def _add(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
     a, b = r.randint(2, 15), r.randint(2, 15)
     return (f"{n} has {a} {it}. {n2} gives {n} {b} more {it}. How many {it} does {n} have now?",
@@ -40,13 +50,13 @@ def _sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
     a = r.randint(6, 20)
     b = r.randint(2, a - 1)
     return (f"{n} had {a} {it} and gave {b} of them to {n2}. How many {it} does {n} have left?",
-            f"{n} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {it} left.", a - b)
+            _less(n, a, b, it), a - b)
 
 
 def _mul(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
     a, b = r.randint(2, 9), r.randint(2, 9)
     return (f"{n} buys {a} bags of {it}. Each bag holds {b} {it}. How many {it} does {n} buy?",
-            f"{n} buys {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.", a * b)
+            _product(f"{n} buys", a, b, it), a * b)
 
 
 def _div(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
@@ -60,8 +70,7 @@ def _mul_sub(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]
     c = r.randint(1, a * b - 1)
     return (f"{n} buys {a} boxes with {b} {it} in each box and gives {c} {it} to {n2}. "
             f"How many {it} does {n} have left?",
-            f"{n} buys {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.\n"
-            f"{n} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} {it} left.", a * b - c)
+            _product(f"{n} buys", a, b, it) + "\n" + _less(n, a * b, c, it), a * b - c)
 
 
 def _wage(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
@@ -69,16 +78,15 @@ def _wage(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
     c = r.randint(1, a * b - 1)
     return (f"{n} earns ${a} per hour and works {b} hours. Then {n} spends ${c}. "
             f"How much money does {n} have left?",
-            f"{n} earns {a} * {b} = <<{a}*{b}={a * b}>>{a * b} dollars.\n"
-            f"{n} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} dollars left.", a * b - c)
+            _product(f"{n} earns", a, b, "dollars") + "\n" + _less(n, a * b, c, "dollars"), a * b - c)
 
 
 def _times_more(r: random.Random, n: str, n2: str, it: str) -> tuple[str, str, int]:
     a, b = r.randint(2, 9), r.randint(2, 4)
     return (f"{n} has {a} {it}. {n2} has {b} times as many {it} as {n}. "
             f"How many {it} do they have together?",
-            f"{n2} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.\n"
-            f"Together they have {a} + {a * b} = <<{a}+{a * b}={a + a * b}>>{a + a * b} {it}.", a + a * b)
+            _product(f"{n2} has", a, b, it)
+            + f"\nTogether they have {a} + {a * b} = <<{a}+{a * b}={a + a * b}>>{a + a * b} {it}.", a + a * b)
 
 
 TEMPLATES: list[Callable[[random.Random, str, str, str], tuple[str, str, int]]] = [

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402

@@ -1,5 +1,5 @@
 """What autograd saves for a backward, tallied as it is saved: the memory ledgers' activations
-(grpo/memory.py, benchmarks/sft_step.py)."""
+(grpo/memory.py, dev/sft_step.py)."""
 
 from __future__ import annotations
 

@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+
+
+def load_dev(name: str) -> ModuleType:
+    """dev/<name>.py as a module: dev/ holds one-off studies run by path, not an installed package."""
+    module_name = f"dev_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "dev" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        # registered before it runs: its dataclasses resolve their annotations through sys.modules
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@contextlib.contextmanager
+def crash_at_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterator[None]:
+    """The run inside must crash in step `step`'s checkpoint (Run.checkpoint raises there); after it the real
+    checkpoint is back, for the same run's --resume."""
+    from training.run import Run
+
+    real = Run.checkpoint
+
+    def crash(self, at, *args, **kwargs):
+        if at == step:
+            raise RuntimeError("crash")
+        return real(self, at, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "checkpoint", crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        yield
+    monkeypatch.setattr(Run, "checkpoint", real)
 
 
 def gsm8k_dir() -> str | None:

@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # two cases correct by the stand-in sampler log-probs of `fixed_completions` (per token and per completion)
 CORRECTION = {"dapo_full": "token_mask", "grpo_lora": "sequence_truncate"}

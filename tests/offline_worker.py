@@ -16,7 +16,6 @@ import socket
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.pop("HF_HUB_OFFLINE", None)
 attempts: list[str] = []
 

@@ -12,11 +12,9 @@ import sys
 import pytest
 
 import benchmarks.drift
-import benchmarks.prompt_sharing
 import benchmarks.rollout
 import benchmarks.step
 import benchmarks.summary
-import benchmarks.trl_step
 import eval.__main__
 import models.__main__
 import train
@@ -25,7 +23,9 @@ import train_sft
 import visualize_logs
 from common import run_files
 from common.errors import UserError, run_cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_dev
+
+prompt_sharing, trl_step = load_dev("prompt_sharing"), load_dev("trl_step")
 
 CASES = [  # (CLI, its main, arguments, the error line's start)
     ("train_grpo.py", train_grpo.main, ["--prompts_per_step", "0"], "--prompts_per_step must be >= 1 (got 0)"),
@@ -79,9 +79,9 @@ CASES = [  # (CLI, its main, arguments, the error line's start)
     ("benchmarks.step", benchmarks.step.main, ["--steps", "0"], "--steps must be >= 1 (got 0)"),
     ("benchmarks.drift", benchmarks.drift.main, ["--precision", "fp16"], "--precision must be one of bf16, fp32"),
     ("benchmarks.step", benchmarks.step.main, ["--warmup", "-1"], "--warmup must be >= 0 (got -1)"),
-    ("benchmarks.prompt_sharing", benchmarks.prompt_sharing.main, ["--completion_tokens", "1"],
+    ("dev/prompt_sharing.py", prompt_sharing.main, ["--completion_tokens", "1"],
      "--completion_tokens must be >= 2 (got 1)"),
-    ("benchmarks.trl_step", benchmarks.trl_step.main, ["--max_new_tokens", "inf"],
+    ("dev/trl_step.py", trl_step.main, ["--max_new_tokens", "inf"],
      "--max_new_tokens must be a whole number >= 1 (got inf)"),
     ("benchmarks.summary", benchmarks.summary.main, [], "the following arguments are required: out_dir"),
     ("python -m models", models.__main__.main, ["--max_new_tokens", "0"], "--max_new_tokens must be >= 1 (got 0)"),
@@ -115,7 +115,7 @@ def test_every_numeric_and_choice_flag_has_a_declared_range():
 
     classes = [GRPOConfig, SFTConfig, EvalArgs, models.__main__.ModelCheckArgs, benchmarks.rollout.RolloutArgs,
                benchmarks.step.StepArgs, benchmarks.drift.DriftArgs,
-               benchmarks.prompt_sharing.SharingArgs, benchmarks.trl_step.TRLStepArgs]
+               prompt_sharing.SharingArgs, trl_step.TRLStepArgs]
     counted = 0
     for cls in classes:
         hints = typing.get_type_hints(cls)

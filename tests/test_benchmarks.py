@@ -12,8 +12,10 @@ from tests.conftest import ROOT
 
 
 def run_json(args, lines=1):
-    """(stdout, the last JSON line) of a benchmark run that prints `lines` JSON lines."""
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    """(stdout, the last JSON line) of a benchmark run that prints `lines` JSON lines: `args` starts with
+    a module (`benchmarks.step`) or a script's path (`dev/continuous.py`)."""
+    how = [] if args[0].endswith(".py") else ["-m"]
+    result = subprocess.run([sys.executable, *how, *args], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     found = [x for x in result.stdout.splitlines() if x.startswith("JSON ")]
     assert len(found) == lines, result.stdout
@@ -105,7 +107,7 @@ def test_trl_step_benchmark_without_trl_says_how_to_get_it(tmp_path):
     """Where TRL is not installed (the dev requirements install it: hidden here as if absent)."""
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['trl'] = None\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "benchmarks.trl_step", "--model", "tiny"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "dev/trl_step.py", "--model", "tiny"], cwd=ROOT,
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
@@ -114,7 +116,7 @@ def test_trl_step_benchmark_without_trl_says_how_to_get_it(tmp_path):
 
 @pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_prompt_sharing_benchmark():
-    out, record = run_json(["benchmarks.prompt_sharing", "--model", "tiny", "--prompts", "2", "--completion_tokens",
+    out, record = run_json(["dev/prompt_sharing.py", "--model", "tiny", "--prompts", "2", "--completion_tokens",
                             "8", "--repeats", "1", "--device", "cpu"])
     assert record["prompts"] == 2 and record["num_generations"] == 4 and len(record["prompt_tokens"]) == 2
     assert record["plain_s"] > 0 and record["shared_s"] > 0 and "shared / plain" in out
@@ -163,7 +165,7 @@ def test_summary_table_of_the_cuda_checks(tmp_path):
 
 @pytest.mark.slow  # the quick suite stays under 5 minutes; CI runs it
 def test_continuous_batching_benchmark():
-    out, record = run_json(["benchmarks.continuous", "--model", "tiny", "--prompts", "6", "--rows", "2",
+    out, record = run_json(["dev/continuous.py", "--model", "tiny", "--prompts", "6", "--rows", "2",
                             "--max_new_tokens", "24", "--median_tokens", "10", "--repeats", "1", "--device", "cpu"])
     assert record["static_tokens_per_s"] > 0 and record["continuous_tokens_per_s"] > 0 and "speedup" in out
     assert record["max_tokens"] <= 24 and abs(record["speedup"] - record["continuous_tokens_per_s"]
@@ -172,7 +174,7 @@ def test_continuous_batching_benchmark():
 
 @pytest.mark.slow  # 10-16 s: a benchmark CLI end to end, in several processes
 def test_sft_step_benchmark_runs_each_way_in_its_own_process():
-    out, record = run_json(["benchmarks.sft_step", "--model", "tiny", "--batch_size", "2", "--steps", "1",
+    out, record = run_json(["dev/sft_step.py", "--model", "tiny", "--batch_size", "2", "--steps", "1",
                             "--device", "cpu"])
     assert "projected:" in out and "logits:" in out and "full:" in out
     for way in ("projected", "logits", "full"):

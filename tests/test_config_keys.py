@@ -112,17 +112,28 @@ def test_trl_keys_map_onto_ours_and_the_batch_arithmetic_is_printed(tmp_path, ca
     assert (cfg.sft_output, cfg.batch_size, cfg.grad_accum) == ("runs/s", 16, 2)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("per_device_train_batch_size: 6\nnum_generations: 4\n", r"\(6\) must be a multiple of num_generations \(4\)"),
-    ("push_to_hub: true\n", r"push_to_hub: true needs hub_model_id"),
-    ("warmup_steps: 10\n", r"warmup_steps needs max_steps"),
-    ("per_device_train_batch_sizes: 4\n", r"unknown key 'per_device_train_batch_sizes'"),
-])
-def test_a_trl_key_that_cannot_apply_is_one_line(tmp_path, text, message):
-    path = tmp_path / "c.yaml"
+BAD_CONFIGS = [  # (the config class, the file's text, what its error line says after the file's name)
+    (SFTConfig, "max_stepz: 3\n", r"unknown key 'max_stepz'"),
+    (SFTConfig, "max_steps: 0\n", r"--max_steps must be >= 1 \(got 0\)"),
+    (SFTConfig, "max_steps: many\n", r"max_steps must be a whole number \(got 'many'\)"),
+    (SFTConfig, "resume: maybe\n", r"resume must be true or false"),
+    (SFTConfig, "- a list\n", r"expected a mapping"),
+    (SFTConfig, "key: [unclosed\n", r"not valid YAML"),
+    # TRL's keys that cannot apply here
+    (GRPOConfig, "per_device_train_batch_size: 6\nnum_generations: 4\n",
+     r"\(6\) must be a multiple of num_generations \(4\)"),
+    (GRPOConfig, "push_to_hub: true\n", r"push_to_hub: true needs hub_model_id"),
+    (GRPOConfig, "warmup_steps: 10\n", r"warmup_steps needs max_steps"),
+    (GRPOConfig, "per_device_train_batch_sizes: 4\n", r"unknown key 'per_device_train_batch_sizes'"),
+]
+
+
+@pytest.mark.parametrize("cls,text,message", BAD_CONFIGS)
+def test_a_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, cls, text, message):
+    path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(UserError, match=rf"^--config {path}: .*{message}"):
-        parse_flags(GRPOConfig, ["--config", str(path)], None)
+        parse_flags(cls, ["--config", str(path)], None)
 
 
 def test_a_config_file_takes_every_key_as_help_spells_it(tmp_path):

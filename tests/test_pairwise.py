@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import crash_at_checkpoint
+
 # each flag's values: every pair of values of two flags meets in one run at least
 FACTORS: dict[str, list[Any]] = {
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo"],
@@ -147,19 +149,8 @@ def test_every_pair_of_features_trains_replays_loads_and_evaluates(tmp_path, row
     out = tmp_path / "run"
     cfg = config_of(row, str(out))
     if row["resume"]:  # the run crashes in step 2's checkpoint; the same command with --resume finishes it
-        from training.run import Run
-
-        real = Run.checkpoint
-
-        def crash_at_step_2(self, step, *args, **kwargs):
-            if step == 2:
-                raise RuntimeError("crash")
-            return real(self, step, *args, **kwargs)
-
-        monkeypatch.setattr(Run, "checkpoint", crash_at_step_2)
-        with pytest.raises(RuntimeError, match="crash"):
+        with crash_at_checkpoint(monkeypatch, 2):
             train_grpo(cfg)
-        monkeypatch.setattr(Run, "checkpoint", real)
         cfg = dataclasses.replace(cfg, resume=True)
     train_grpo(cfg)
 

@@ -202,7 +202,6 @@ def test_full_finetuning_on_cuda_keeps_fp32_master_weights(monkeypatch, finetune
     """Under CUDA's dtype policy (asked for here with device "cuda", the load itself stood in on the CPU)
     a full fine-tune loads fp32 weights for AdamW to update (bf16 ones round small updates away; the
     forward runs under bf16 autocast); LoRA keeps the base in bf16 and trains fp32 adapters."""
-    import models
     import sft.trainer as trainer
 
     asked = []
@@ -211,8 +210,8 @@ def test_full_finetuning_on_cuda_keeps_fp32_master_weights(monkeypatch, finetune
         asked.append(dtype)
         return real(name, device="cpu", dtype=dtype)
 
-    real = models.load_model_and_tokenizer
-    monkeypatch.setattr(models, "load_model_and_tokenizer", load)
+    real = trainer.load_model_and_tokenizer
+    monkeypatch.setattr(trainer, "load_model_and_tokenizer", load)
     model, _ = trainer._model(quick_config("unused", finetune=finetune, lora_r=4, lora_alpha=8), "cuda")
     assert asked == [weights]
     trained = {p.dtype for p in model.parameters() if p.requires_grad}

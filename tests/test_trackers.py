@@ -13,7 +13,8 @@ import torch
 
 from common.errors import UserError
 from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
-from training.run import COMPLETIONS, Run
+from tests.conftest import crash_at_checkpoint
+from training.run import COMPLETIONS
 from training.trackers import metric_name, tracked
 
 
@@ -63,18 +64,9 @@ def test_tensorboard_events_equal_the_log_before_and_after_a_resume(tmp_path, ti
     scalar at every step once, equal to the JSONL log's value there (the step-3 events written before
     the crash are purged, not shown twice), and completions.jsonl cut back the same way."""
     out = tmp_path / "run"
-    real = Run.checkpoint
-
-    def crash_after_step_3(self, step, *args, **kwargs):
-        if step == 3:
-            raise RuntimeError("crash")
-        return real(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(Run, "checkpoint", crash_after_step_3)
     watch = dict(report_to=("tensorboard",), log_completions="1")
-    with pytest.raises(RuntimeError):
+    with crash_at_checkpoint(monkeypatch, 3):
         train_grpo(_cfg(out, **watch), rollout=_fixed(tiny_tokenizer))
-    monkeypatch.setattr(Run, "checkpoint", real)
     assert [x["step"] for x in _log(out)] == [0, 1, 2, 3]
     steps = [json.loads(x)["step"] for x in (out / COMPLETIONS).read_text().splitlines()]
     assert steps == [1] * 4 + [2] * 4 + [3] * 4

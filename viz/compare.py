@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from viz.plots import accuracy_points, best_point, eval_sizes, informative, named_evals, read_log, series, smooth
+from viz.plots import accuracy_points, eval_bests, eval_sizes, informative, named_evals, read_log, series, smooth
 
 COMPARED = (  # (log field, panel title, smoothed)
     ("reward_mean", "reward (smoothed)", True), ("loss", "SFT loss (smoothed)", True),
@@ -73,11 +73,8 @@ def compare_lines(logs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
             _, ys = series(records, key)
             if ys:
                 parts.append(f"last {name} {ys[-1]:.3f}")
-        for key in ["eval_accuracy", *named_evals(records)]:
-            xs, ys = series(records, key)
-            best = best_point(xs, ys)
-            if best:
-                parts.append(f"{key.removeprefix('eval_')} last {ys[-1]:.3f}, best {best[1]:.3f} at step {best[0]}")
+        for key, _, ys, best in eval_bests(records):
+            parts.append(f"{key.removeprefix('eval_')} last {ys[-1]:.3f}, best {best[1]:.3f} at step {best[0]}")
         lines.append("; ".join(parts))
     return lines
 

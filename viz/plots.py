@@ -215,19 +215,8 @@ def grid(plt: Any, n: int, width: float = 4.8, height: float = 3.6) -> tuple[Any
     return fig, list(axes.flat[:max(1, n)])
 
 
-def plot_all(records: list[dict[str, Any]], out: Path, title: str, log_dir: Path | None = None) -> list[Path]:
-    """Write the four PNGs into `out`; return their paths. Panels are grids at most MAX_COLUMNS wide; a
-    field constant over the run or equal to another panel's is left out (`informative`); held-out
-    accuracy carries 95% Wilson intervals when `log_dir` keeps the eval summaries."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    grpo = kind_of(records) == "grpo"
-    written = []
-
+def _losses_figure(plt: Any, records: list[dict[str, Any]], grpo: bool, log_dir: Path | None) -> Any:
+    """The losses, the gradient norm and the learning rate, a panel each."""
     loss_panels = ([("grpo_loss", "GRPO loss", "loss"), ("policy_loss", "Policy loss", "loss"),
                     ("kl_loss", "KL loss (beta * KL)", "loss")] if grpo else [("loss", "SFT loss", "cross-entropy")])
     loss_panels += [("grad_norm", "Gradient norm (before clipping)", "L2 norm"),
@@ -238,12 +227,29 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str, log_dir: Path
     fig, axes = grid(plt, len(loss_panels), 4.2)
     for i, (ax, (key, name, unit)) in enumerate(zip(axes, loss_panels)):
         _line_panel(ax, records, key, name, unit, color=f"C{i}")
-    fig.suptitle(f"{title}: losses")
-    fig.tight_layout()
-    written.append(out / "losses.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def _eval_panel(ax: Any, records: list[dict[str, Any]], eval_keys: list[str], log_dir: Path | None) -> None:
+    """Held-out accuracy per eval set (with 95% Wilson intervals where `log_dir` keeps the eval summaries)
+    and the format rate."""
+    for i, key in enumerate(eval_keys):
+        xs, ys = series(records, key)
+        label = key.removeprefix("eval_").replace("_", " ")
+        if key.endswith("_accuracy"):
+            accuracy_points(ax, xs, ys, eval_sizes(log_dir, key) if log_dir else {}, f"C{i}", label)
+        else:
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
+    ax.set_title("Held-out eval (95% intervals)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of problems")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
+def _rewards_figure(plt: Any, records: list[dict[str, Any]], grpo: bool, log_dir: Path | None) -> Any:
+    """GRPO's reward and advantage bands, each reward's mean, and the held-out eval."""
     named = named_evals(records)  # several held-out sets: each its curve (the first is also eval_accuracy)
     eval_keys = [k for k in (*named, "eval_format_rate") if series(records, k)[0]] if named else \
         [k for k in ("eval_accuracy", "eval_format_rate") if series(records, k)[0]]
@@ -258,29 +264,15 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str, log_dir: Path
     if parts:
         _reward_parts_panel(axes.pop(0), records, parts)
     if eval_keys:
-        ax = axes.pop(0)
-        for i, key in enumerate(eval_keys):
-            xs, ys = series(records, key)
-            label = key.removeprefix("eval_").replace("_", " ")
-            if key.endswith("_accuracy"):
-                accuracy_points(ax, xs, ys, eval_sizes(log_dir, key) if log_dir else {}, f"C{i}", label)
-            else:
-                ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
-        ax.set_title("Held-out eval (95% intervals)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("share of problems")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        _eval_panel(axes.pop(0), records, eval_keys, log_dir)
     elif not grpo:
         axes[0].text(0.5, 0.5, "no rewards or eval in this log", ha="center", va="center")
         axes[0].set_axis_off()
-    fig.suptitle(f"{title}: rewards")
-    fig.tight_layout()
-    written.append(out / "rewards.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def _timing_figure(plt: Any, records: list[dict[str, Any]], grpo: bool, log_dir: Path | None) -> Any:
+    """GRPO's step time stacked by phase, and every run's total time per step."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     if grpo:
         steps = [r["step"] for r in records]
@@ -298,21 +290,52 @@ def plot_all(records: list[dict[str, Any]], out: Path, title: str, log_dir: Path
     else:
         ax1.set_axis_off()
     _line_panel(ax2, records, "time_per_step_s", "Total time per step", "seconds", color="C3")
-    fig.suptitle(f"{title}: timing")
-    fig.tight_layout()
-    written.append(out / "timing.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def _tokens_figure(plt: Any, records: list[dict[str, Any]], grpo: bool, log_dir: Path | None) -> Any:
+    """Tokens generated (GRPO) or trained (SFT) per step."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     key = "tokens_generated" if grpo else "tokens"
     _line_panel(ax, records, key, "Tokens generated per step" if grpo else "Tokens trained per step", "tokens")
-    fig.suptitle(f"{title}: tokens")
-    fig.tight_layout()
-    written.append(out / "tokens.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    return fig
+
+
+FIGURES = {"losses": _losses_figure, "rewards": _rewards_figure, "timing": _timing_figure, "tokens": _tokens_figure}
+
+
+def plot_all(records: list[dict[str, Any]], out: Path, title: str, log_dir: Path | None = None) -> list[Path]:
+    """Write the four PNGs (FIGURES: <name>.png) into `out`; return their paths. Panels are grids at most
+    MAX_COLUMNS wide; a field constant over the run or equal to another panel's is left out (`informative`);
+    held-out accuracy carries 95% Wilson intervals when `log_dir` keeps the eval summaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    grpo = kind_of(records) == "grpo"
+    written = []
+    for name, draw in FIGURES.items():
+        fig = draw(plt, records, grpo, log_dir)
+        fig.suptitle(f"{title}: {name}")
+        fig.tight_layout()
+        written.append(out / f"{name}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     return written
+
+
+def eval_bests(records: list[dict[str, Any]]) -> list[tuple[str, list[float], list[float], tuple[float, float]]]:
+    """(key, steps, accuracies, best (step, accuracy)) of each held-out accuracy the log holds: eval_accuracy,
+    then each named eval set's; the best as --keep_best keeps it (`best_point`)."""
+    found = []
+    for key in ["eval_accuracy", *named_evals(records)]:
+        xs, ys = series(records, key)
+        best = best_point(xs, ys)
+        if best:
+            found.append((key, xs, ys, best))
+    return found
 
 
 def summary_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -329,12 +352,9 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
         _, losses = series(records, "loss")
         if losses:
             lines.append(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}, best {min(losses):.4f}")
-    for key in ["eval_accuracy", *named_evals(records)]:
-        xs, acc = series(records, key)
-        best = best_point(xs, acc)
-        if best:
-            name = key.removeprefix("eval_").removesuffix("accuracy").replace("_", " ")
-            lines.append(f"eval {name}accuracy: first {acc[0]:.3f}, last {acc[-1]:.3f}, best {best[1]:.3f} at step "
+    for key, _, acc, best in eval_bests(records):
+        name = key.removeprefix("eval_").removesuffix("accuracy").replace("_", " ")
+        lines.append(f"eval {name}accuracy: first {acc[0]:.3f}, last {acc[-1]:.3f}, best {best[1]:.3f} at step "
                          f"{best[0]}")
     _, times = series(records, "time_per_step_s")
     if times:

@@ -1,7 +1,7 @@
 """The training forward+backward with each group's prompt run once, against one forward per row.
 
-    python -m benchmarks.prompt_sharing --model tiny --data_dir ../shared/data/gsm8k --completion_tokens 200
-    python -m benchmarks.prompt_sharing --model random:Qwen/Qwen3-0.6B --device cuda --data_dir ...
+    python dev/prompt_sharing.py --model tiny --data_dir ../shared/data/gsm8k --completion_tokens 200
+    python dev/prompt_sharing.py --model random:Qwen/Qwen3-0.6B --device cuda --data_dir ...
 
 --prompts GSM8K train questions (synthetic ones without --data_dir / $GSM8K_DIR), G samples each,
 random completions of 60-100% of --completion_tokens; both ways run the same micro-batches with the
@@ -32,7 +32,7 @@ class SharingArgs(BenchArgs):
 def main(argv: list[str] | None = None) -> None:
     from common.flags import parse_flags
 
-    args, _ = parse_flags(SharingArgs, argv, __doc__, prog="python -m benchmarks.prompt_sharing")
+    args, _ = parse_flags(SharingArgs, argv, __doc__, prog="python dev/prompt_sharing.py")
 
     import torch
 

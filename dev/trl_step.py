@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer at the settings `benchmarks.step` times ours at, for the side-by-side figure.
 
-    python -m benchmarks.trl_step --model random:qwen3-4x256 --max_new_tokens 128
+    python dev/trl_step.py --model random:qwen3-4x256 --max_new_tokens 128
 
 TRL is not a dependency of this project: run this with a Python that has `trl` installed (e.g. a
 separate venv with `pip install trl` and this repository on PYTHONPATH). Same model (any name
@@ -14,28 +14,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.common import BenchArgs
+from benchmarks.common import StepsArgs
 from common.errors import fail, run_cli
-from common.flags import flag
 
 
 @dataclass
-class TRLStepArgs(BenchArgs):
-    max_new_tokens: int = flag(128, "max_completion_length", low=1)
-    steps: int = flag(5, "timed steps", low=1)
-    warmup: int = flag(2, "untimed steps first", low=0)
+class TRLStepArgs(StepsArgs):
+    """benchmarks.step's step settings: TRL takes no other."""
 
 
 def main(argv: list[str] | None = None) -> None:
     from common.flags import parse_flags
 
-    args, _ = parse_flags(TRLStepArgs, argv, __doc__, prog="python -m benchmarks.trl_step")
+    args, _ = parse_flags(TRLStepArgs, argv, __doc__, prog="python dev/trl_step.py")
 
     try:
         import trl
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
-        fail("benchmarks.trl_step needs TRL, which this project does not install: pip install trl "
+        fail("dev/trl_step.py needs TRL, which this project does not install: pip install trl "
              "(in a separate venv, with this repository on PYTHONPATH)")
     import os
     import statistics

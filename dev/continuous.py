@@ -1,6 +1,6 @@
 """Continuous batching against static batches on a length-skewed workload, like GSM8K answers.
 
-    python -m benchmarks.continuous --model tiny --prompts 64 --rows 16 --max_new_tokens 512
+    python dev/continuous.py --model tiny --prompts 64 --rows 16 --max_new_tokens 512
 
 Completion lengths are forced by a seeded stop schedule shaped like an untuned Qwen3-0.6B on GSM8K: a
 median of --median_tokens (~250), a long tail up to --max_new_tokens (log-normal, sigma 0.45, clipped).
@@ -41,7 +41,7 @@ def stop_schedule(n: int, median: int, limit: int, seed: int) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     from common.flags import parse_flags
 
-    args, _ = parse_flags(ContinuousArgs, argv, __doc__, prog="python -m benchmarks.continuous")
+    args, _ = parse_flags(ContinuousArgs, argv, __doc__, prog="python dev/continuous.py")
 
     from benchmarks.common import alternate, median, print_json
     from data import make_synthetic

@@ -4,8 +4,8 @@ model's head at the target positions, then a chunked log-softmax: the path befor
 for heads the loss cannot project itself) and `full` (full-vocabulary logits at every position, an
 fp32 copy, cross-entropy).
 
-    python -m benchmarks.sft_step --model tiny
-    python -m benchmarks.sft_step --model random:HuggingFaceTB/SmolLM2-135M-Instruct --data_dir $GSM8K_DIR --lora
+    python dev/sft_step.py --model tiny
+    python dev/sft_step.py --model random:HuggingFaceTB/SmolLM2-135M-Instruct --data_dir $GSM8K_DIR --lora
 
 Each way runs in a fresh process of its own (so the CPU's peak resident memory is that way's alone),
 alternated over --repeats processes: the model, AdamW, then --steps optimizer steps on batches of
@@ -126,7 +126,7 @@ def worker(args: SFTStepArgs, device: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from common.flags import parse_flags
 
-    args, _ = parse_flags(SFTStepArgs, argv, __doc__, prog="python -m benchmarks.sft_step")
+    args, _ = parse_flags(SFTStepArgs, argv, __doc__, prog="python dev/sft_step.py")
     from models import default_device
 
     device = args.device or default_device()
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {way: [] for way in WAYS}
     for _ in range(args.repeats):
         for way in WAYS:
-            done = subprocess.run([sys.executable, "-m", "benchmarks.sft_step", *argv, "--device", device,
+            done = subprocess.run([sys.executable, __file__, *argv, "--device", device,
                                    "--worker", way], capture_output=True, text=True)
             if done.returncode != 0:
                 from common.errors import fail
