@@ -101,7 +101,7 @@ LOSS_TYPES = tuple(LOSS_TYPES_TABLE)
 @dataclass(frozen=True)
 class LossSettings:
     """What `grpo_loss` computes, fixed for a run: each field is the GRPOConfig flag of its name
-    (`from_config`; `epsilon_low` is --epsilon). The choices are checked here, once."""
+    (`from_config`; `epsilon_low` is --epsilon). Choices and ranges are checked where it is made."""
 
     beta: float  # KL coefficient; 0 needs no reference log-probs
     epsilon_low: float = 0.2
@@ -118,9 +118,15 @@ class LossSettings:
         for name, choices in (("loss_type", LOSS_TYPES), ("importance_sampling_level", IS_LEVELS),
                               ("rollout_correction", ROLLOUT_CORRECTIONS)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
-        if not 0.0 < self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile must be in (0, 1], not {self.top_entropy_quantile}")
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        # the ranges of the flags of the same names (grpo/config.py), for settings made from Python
+        for name, ok, rule in (("beta", self.beta >= 0, ">= 0"),
+                               ("epsilon_low", 0 < self.epsilon_low <= 1, "in (0, 1]"),
+                               ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "> 0 or None"),
+                               ("rollout_correction_cap", self.rollout_correction_cap > 0, "> 0"),
+                               ("top_entropy_quantile", 0.0 < self.top_entropy_quantile <= 1.0, "in (0, 1]")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> LossSettings:

@@ -63,6 +63,11 @@ def plan_step(lengths: list[int], advantages: list[float], loss_type: str, micro
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES_TABLE)}, not {loss_type!r}")
     if len(lengths) != len(advantages):
         raise ValueError(f"{len(lengths)} lengths for {len(advantages)} advantages: give one of each per row")
+    for name, value in (("micro_batch_size", micro_batch_size), ("world_size", world_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if any(n < 0 for n in lengths):
+        raise ValueError("lengths count completion tokens in the loss: each must be >= 0 (0: out of the loss)")
     if world_size > 1 and (step_tokens is None or step_rows is None):
         raise ValueError("under DDP give step_tokens and step_rows: every rank's totals, not this rank's")
     live = [n > 0 for n in lengths]

@@ -27,7 +27,6 @@ def sample_with_generate(model: Any, prompts: list[list[int]], params: SamplingP
                          "reference=True) for ignore_eos")
     batch_size = batch_size or len(prompts)
     out = Completions([], [], [])
-    greedy, T = params.greedy, params.temperature
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -35,12 +34,8 @@ def sample_with_generate(model: Any, prompts: list[list[int]], params: SamplingP
             chunk = prompts[start: start + batch_size]
             ids, mask = left_pad(chunk, pad_token_id, model.device)
             generated = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-                do_sample=not greedy, temperature=None if greedy else T, top_p=None if greedy else params.top_p,
-                top_k=None if greedy else params.top_k,  # 0: no top-k cut (transformers' default is 50)
-                min_p=None if greedy or params.min_p == 0 else params.min_p,
-                num_return_sequences=params.num_samples, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            )
+                input_ids=ids, attention_mask=mask, **params.generate_kwargs(), eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id)
             for row_index, row in enumerate(generated[:, ids.shape[1]:].tolist()):
                 tokens, truncated = _cut_at_eos(row, eos_token_id)
                 out.prompt_index.append(start + row_index // params.num_samples)

@@ -15,7 +15,9 @@ class SamplingParams:
     those at least `min_p` times as likely as the most likely one (0: all). `ignore_eos`: every row runs
     to exactly max_new_tokens (benchmarks). Invalid values raise a one-line ValueError naming the fix.
 
-    An option is added here, where it acts (`sampling.tokens.sample_token` for a cut) and in one test."""
+    An option is added here (its field, its check, its `generate_kwargs` entry), where it acts
+    (`sampling.tokens.sample_token` for a cut) and in one test; exposing it as a flag adds a field to
+    GRPOConfig (grpo/config.py, `sampling_params`) and to eval's arguments (eval/__main__.py)."""
 
     num_samples: int = 1  # completions per prompt, contiguous in the output
     max_new_tokens: int = 512
@@ -43,6 +45,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+    def generate_kwargs(self) -> dict[str, object]:
+        """The same request as `model.generate`'s keyword arguments (sampling/generate.py, the reference)."""
+        greedy = self.greedy
+        return dict(max_new_tokens=self.max_new_tokens, num_return_sequences=self.num_samples, do_sample=not greedy,
+                    temperature=None if greedy else self.temperature, top_p=None if greedy else self.top_p,
+                    top_k=None if greedy else self.top_k,  # 0: no top-k cut (transformers' default is 50)
+                    min_p=None if greedy or self.min_p == 0 else self.min_p)
 
 
 def _number(name: str, value: object, ok: Callable[[float], bool], rule: str) -> None:

@@ -22,11 +22,12 @@ class Sampler:
     Engine settings, fixed for the sampler's life: the `eos_token_id` rows stop at and the
     `pad_token_id` they are padded with; `batch_size` prompts decode at a time (None: all at once);
     `continuous` refills rows from a queue as completions end (sampling/continuous.py; models on the
-    lean decode step, without CUDA graphs); `cuda_graphs` replays the lean step from CUDA graphs whose
-    state (`DecodeGraphs`) is kept across calls; `fast` picks the lean step (None: whenever the model
-    supports it); `sync_every` is how many decode steps pass between the host's looks at which rows
-    finished (None: 1 on the CPU, `SYNC_EVERY` on CUDA); `reference` samples through `model.generate`
-    instead (sampling/generate.py: what the engine is tested against; no logprobs).
+    lean decode step: with CUDA graphs, `fast=False` or another model it decodes static batches);
+    `cuda_graphs` replays the lean step from CUDA graphs whose state (`DecodeGraphs`) is kept across
+    calls; `fast` picks the lean step (None: whenever the model supports it); `sync_every` is how many
+    decode steps pass between the host's looks at which rows finished (None: 1 on the CPU, `SYNC_EVERY`
+    on CUDA); `reference` samples through `model.generate` instead (sampling/generate.py: what the
+    engine is tested against; no logprobs).
 
     A trainer drives the graph state between rollouts: `before_backward()`, `measured(...)`,
     `release()`; `failed` says why a capture failed (the sampler then decodes eagerly)."""
@@ -77,7 +78,7 @@ class Sampler:
                 raise ValueError("the model.generate reference takes no generator or stop_at: sample with the "
                                  "engine (reference=False)")
             return sample_with_generate(self.model, prompts, params, **ids, batch_size=batch_size, progress=progress)
-        if self.continuous and self.graphs is None and supports(self.model):
+        if self.continuous and self.graphs is None and self.fast is not False and supports(self.model):
             return sample_continuous(self.model, prompts, params, **ids, rows=batch_size * params.num_samples,
                                      generator=generator, sync_every=self.sync_every, stop_at=stop_at,
                                      progress=progress)

@@ -372,9 +372,10 @@ def test_loss_settings_check_their_choices_once_and_follow_the_config():
     """The settings object is where a bad choice is refused (one line naming the choices); built from a
     GRPOConfig it carries each flag of the same name (--epsilon as epsilon_low)."""
     for bad in (dict(loss_type="ppo"), dict(importance_sampling_level="group"), dict(rollout_correction="clip"),
-                dict(top_entropy_quantile=0.0)):
+                dict(top_entropy_quantile=0.0), dict(beta=-0.1), dict(epsilon_low=-0.5), dict(epsilon_high=0.0),
+                dict(rollout_correction_cap=-3.0)):
         with pytest.raises(ValueError) as info:
-            LossSettings(beta=0.0, **bad)
+            LossSettings(**{"beta": 0.0, **bad})
         assert next(iter(bad)) in str(info.value) and "\n" not in str(info.value)
     cfg = GRPOConfig(beta=0.04, epsilon=0.1, epsilon_high=0.3, loss_type="grpo", max_completion_length=77,
                      importance_sampling_level="sequence", rollout_correction="token_mask",

@@ -125,7 +125,10 @@ def test_only_the_last_micro_batch_syncs():
 def test_bad_input_is_refused_in_one_line():
     for kwargs, words in ((dict(loss_type="ppo"), "loss_type must be one of"),
                           (dict(advantages=[1.0]), "give one of each per row"),
-                          (dict(world_size=2), "every rank's totals")):
+                          (dict(world_size=2), "every rank's totals"),
+                          (dict(micro_batch_size=0), "micro_batch_size must be an integer >= 1"),
+                          (dict(world_size=0), "world_size must be an integer >= 1"),
+                          (dict(lengths=[3, -1]), "each must be >= 0")):
         args = dict(lengths=[3, 4], advantages=[1.0, -1.0], loss_type="dapo", micro_batch_size=2) | kwargs
         with pytest.raises(ValueError, match=words):
             plan_step(**args)
