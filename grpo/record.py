@@ -56,7 +56,6 @@ class StepStats:
     lengths, and the phases' seconds. Built by keyword."""
 
     tally: Tally
-    num_items: float  # completion tokens of the whole step, all ranks
     rewards: torch.Tensor  # the weighted sum of the reward functions, all ranks' completions
     reward_parts: dict[str, torch.Tensor]  # each reward function's values, all ranks' completions
     advantages: torch.Tensor

@@ -193,18 +193,17 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     rewards, parts, all_advantages = step_advantages(policy, cfg, dist, groups)  # over every rank's completions
     B = len(groups.completions)
     mine = slice(dist.rank * B, (dist.rank + 1) * B)
-    advantages = all_advantages[mine].to(device)
     batch = pack([p for p in groups.prompts for _ in range(G)], groups.completions, policy.tokenizer.pad_token_id,
                  device, groups.sampler_logprobs)
     if cfg.mask_truncated_completions:  # cut rows keep their rewards above, but leave the loss and normalizers
         batch.mask_rows(groups.truncated)
     settings = LossSettings.from_config(cfg)
-    plan = plan_update(cfg, settings, dist, batch, all_advantages[mine].tolist())
+    plan = plan_update(cfg, settings, dist, batch, all_advantages[mine].tolist())  # the host's copy
 
     policy.sampler.before_backward()  # the graphed decode state is freed unless measured to fit beside it
     with timer("reference"):  # 3. old (only when the rollout is reused) and reference logprobs
         old, ref = fixed_logprobs(policy, cfg, batch)
-    tensors = LossBatch(advantages, batch.completion_mask, old, ref, batch.sampler_logprobs)
+    tensors = LossBatch(all_advantages[mine].to(device), batch.completion_mask, old, ref, batch.sampler_logprobs)
     tally, skipped = Tally(), 0
     for _ in range(cfg.num_iterations):  # 4. updates on this rollout, micro-batched as planned
         with timer("backward"):
@@ -216,7 +215,7 @@ def grpo_step(policy: Policy, cfg: GRPOConfig, dist: Dist, records: list[dict[st
     if completion_groups(cfg) != 0:
         logged = completion_rows(policy, groups, step + 1, rewards[mine], all_advantages[mine], plan.trained,
                                  completion_groups(cfg))
-    return StepStats(tally=tally, num_items=plan.step_tokens, rewards=rewards, reward_parts=parts,
+    return StepStats(tally=tally, rewards=rewards, reward_parts=parts,
                      advantages=all_advantages, lengths=[len(c) for c in groups.completions],
                      truncated=groups.truncated, prompt_lengths=[len(p) for p in groups.prompts for _ in range(G)],
                      grad_norm=grad_norm, skipped=skipped, learning_rate=lr, times=timer.totals,
