@@ -1,4 +1,4 @@
-"""What both benchmarks share: prompts, peak memory, timing with device sync, the JSON line."""
+"""What the benchmarks share: prompts, peak memory, timing with device sync, the JSON line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from common.flags import DEVICE, flag
+from data import make_synthetic
+from data.prompt import encode_prompt
 
 MODELS_HELP = ("tiny, random:qwen3-4x256, random:Qwen/Qwen3-0.6B, random:Qwen/Qwen2.5-0.5B-Instruct, "
                "random:HuggingFaceTB/SmolLM2-135M-Instruct, random:meta-llama/Llama-3.2-1B-Instruct, a folder or a "
@@ -56,9 +58,6 @@ GPU_BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 
 
 
 def prompts_for(tokenizer: Any, n: int) -> list[list[int]]:
-    from data import make_synthetic
-    from data.prompt import encode_prompt
-
     return [encode_prompt(tokenizer, r["question"]) for r in make_synthetic("test", max_samples=n)]
 
 

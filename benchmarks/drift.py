@@ -25,9 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+import sampling.engine
 from benchmarks.common import CompletionArgs
 from common.errors import run_cli
 from common.flags import flag
+from grpo.loss import sampler_drift
+from grpo.record import drift_fields
 
 
 @dataclass
@@ -45,9 +50,6 @@ class DriftArgs(CompletionArgs):
 def drift_of(trainer: Any, sampler: Any, mask: Any) -> dict[str, float]:
     """sampler_kl, sampler_logp_diff_mean/max, sampler_ratio_min/mean/max of [B, T] log-probs, as the
     training log computes them (grpo.loss.sampler_drift)."""
-    from grpo.loss import sampler_drift
-    from grpo.record import drift_fields
-
     stats = sampler_drift(trainer, sampler, mask)[1]
     values = {k: float(v) for k, v in stats.items()}
     fields = drift_fields(values, values, 1)
@@ -70,10 +72,6 @@ def graphed_against_eager(eager: Any, graphed: Any) -> dict[str, float]:
 def decode_precision(bf16: bool, cuda: bool) -> Iterator[None]:
     """The decode step's dtype for the block: bf16 on CUDA already; on the CPU forced to bf16 (`bf16`) as
     the tests force it (tests/test_sampling.py), so the CPU measures what CUDA runs, or else the model's."""
-    import torch
-
-    import sampling.engine
-
     real = sampling.engine.decode_dtype
     if bf16 and not cuda:
         sampling.engine.decode_dtype = lambda model, device: torch.bfloat16

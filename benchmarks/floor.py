@@ -24,6 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from common.timing import Timer
+
 aten = torch.ops.aten
 CPU_ATTENTION = aten._scaled_dot_product_flash_attention_for_cpu
 CPU_ATTENTION_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -87,8 +89,6 @@ class MatmulCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def tagged_phases(counter: MatmulCounter) -> Iterator[None]:
     """Count under `counter`, told the phase by `common.timing.Timer` (a step ends with its optimizer phase)."""
-    from common.timing import Timer
-
     original = Timer.__call__
 
     def call(timer: Timer, phase: str) -> Any:

@@ -3,10 +3,10 @@
     python -m benchmarks.launches                                   (Qwen3-0.6B)
     python -m benchmarks.launches --model random:meta-llama/Llama-3.2-1B-Instruct
 
-An eager GPU decode step pays a kernel launch (5-10 us of host time) per op it issues, while reading a
-0.6B model's bf16 weights takes ~2 ms on an A10G: a step of ~1,300 launches is bound by its launches. A
-CUDA graph (`--cuda_graphs`, the CUDA default) replays the whole step as one launch. Counted here with
-torch.profiler on the CPU (`benchmarks.common.device_ops`: ops issued from Python that compute or copy):
+An eager GPU decode step pays a kernel launch (host time) per op it issues; on a small model those
+launches take longer than reading its bf16 weights, so the step is bound by its launches. A CUDA graph
+(`--cuda_graphs`, the CUDA default) replays the whole step as one launch. Counted here with torch.profiler
+on the CPU (`benchmarks.common.device_ops`: ops issued from Python that compute or copy):
 - the decode step in its CUDA layout (q/k/v and gate/up fused, every product one matmul), on 1 and 2
   layers of the model's shape, scaled to its depth (every layer issues the same);
 - the sampling loop's own ops per token around the step (sampling the GPU way, recording, the eos
@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
-from benchmarks.common import BenchArgs
+import torch
+
+import sampling.tokens
+from benchmarks.common import BenchArgs, device_ops
 from common.flags import flag
+from models.loading import load_tokenizer, model_config, shape_model, with_layers
+from sampling import Sampler, SamplingParams
+from sampling.batch import SYNC_EVERY
+from sampling.fast_decode import DecodeState
 
 
 @dataclass
@@ -46,14 +53,6 @@ SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_
 def counts(model: Any, tokenizer: Any, rows: int) -> dict[str, float]:
     """Device ops of one decode step of `model` (CUDA layout, and the CPU's own), and per token of a
     rollout with tokens chosen the GPU way: its ops and host reads."""
-    import torch
-
-    import sampling.tokens
-    from benchmarks.common import device_ops
-    from sampling import Sampler, SamplingParams
-    from sampling.batch import SYNC_EVERY
-    from sampling.fast_decode import DecodeState
-
     token, position, slot = torch.zeros(rows, dtype=torch.long), torch.full((rows,), 7), torch.tensor([7])
     step = {}
     for layout in (True, False):
@@ -83,10 +82,6 @@ def launches(args: LaunchArgs) -> dict[str, float]:
     """Per decoded token at the model's depth: the step's ops (per layer and outside the layers), the
     sampling loop's, their sum (an eager CUDA token's launches) and the host reads. Counted on 1 and 2
     layers of the shape (random bf16 weights), the 1-layer model being the 2-layer one cut short."""
-    import torch
-
-    from models.loading import load_tokenizer, model_config, shape_model, with_layers
-
     depth, tokenizer = model_config(args.model).num_hidden_layers, load_tokenizer("tiny")
     model = shape_model(args.model, 2).to(torch.bfloat16).eval()
     two = counts(model, tokenizer, args.rows)

@@ -17,12 +17,11 @@ from typing import Any
 
 from benchmarks.common import BenchArgs
 from common.flags import FINETUNE, flag
+from grpo.config import GRPOConfig
 
 
 def _recipe(name: str) -> Any:
     """train_grpo.py's default for `name`: the ledger's defaults are the recipe's."""
-    from grpo.config import GRPOConfig
-
     return next(f.default for f in fields(GRPOConfig) if f.name == name)
 
 

@@ -23,11 +23,17 @@ the same steps with the prompts split across processes (times are the slowest ra
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
 
-from benchmarks.common import StepsArgs
+from benchmarks.common import StepsArgs, median
+from benchmarks.floor import MatmulCounter, floor, tagged_phases
 from common.errors import run_cli
 from common.flags import CUDA_GRAPHS, flag
+from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
+from sampling.cuda_graphs import use_cuda_graphs
 
 
 @dataclass
@@ -44,13 +50,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args, _ = parse_flags(StepArgs, argv, __doc__, prog="python -m benchmarks.step")
 
-    import json
     import tempfile
     from pathlib import Path
 
     from benchmarks.common import print_json
     from common.distributed import distributed_run
-    from grpo.trainer import LOG_NAME, GRPOConfig, train_grpo
 
     with tempfile.TemporaryDirectory() as tmp, distributed_run(args.device) as (dist, device):
         run = Path(dist.gather_objects(tmp)[0]) / "run"  # rank 0's folder: only rank 0 writes
@@ -76,11 +80,6 @@ PHASES = {"time_per_step_s": "total", "generation_time_s": "generation", "refere
 
 def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
     """The timed steps' figures (medians, peak memory), printed as a table."""
-    import os
-
-    from benchmarks.common import median
-    from sampling.cuda_graphs import use_cuda_graphs
-
     graphs = use_cuda_graphs(args.cuda_graphs, timed[0]["device"])
     record = {"benchmark": "step", "model": args.model, "device": timed[0]["device"], "lora": args.lora,
               "cuda_graphs": graphs, "processes": timed[0]["world_size"],
@@ -114,12 +113,6 @@ def _timed_record(args: StepArgs, cfg: object, timed: list[dict]) -> dict:
 def _counted_run(cfg: object, out: object, warmup: int) -> tuple[dict, list[dict]]:
     """The same steps again (same seed: the same completions) with every matrix product counted; the
     floor over the timed steps, and this run's log (to check the steps matched)."""
-    import dataclasses
-    import json
-
-    from benchmarks.floor import MatmulCounter, floor, tagged_phases
-    from grpo.trainer import LOG_NAME, train_grpo
-
     cfg = dataclasses.replace(cfg, grpo_output=str(out))
     counter = MatmulCounter()
     with tagged_phases(counter):

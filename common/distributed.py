@@ -169,7 +169,7 @@ def distributed_run(device: str | None = None, backend: str = "auto") -> Iterato
     try:
         yield Dist(rank, world, local), device
         # every rank done with every collective before any tears its connections down: a rank leaving
-        # early was seen (once, gloo) to abort at exit with "terminate called without an active exception"
+        # early can abort at exit (gloo: "terminate called without an active exception")
         td.barrier()
     finally:
         td.destroy_process_group()

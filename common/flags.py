@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
+from common.config_keys import resolve_keys
 from common.errors import UserError, fail
+from common.run_files import RUN_CONFIG
 
 DEVICE = (r"cpu|cuda(:[0-9]+)?", "cpu, cuda or cuda:N")  # `text=` of every --device flag
 FINETUNE = ("full", "lora")  # `choices=` of both trainers' --finetune: every weight, or LoRA adapters
@@ -41,7 +45,7 @@ def flag(default: Any, help: str, *, low: float | None = None, high: float | Non
     field off; `help` says what the field does when on, and --help shows it as "turns off: <help>");
     `cli=False`: a field with no flag (set by the code that calls the trainer); `required`:
     the CLI needs it (the field's default is then only the Python API's); `bare`: the value of the
-    flag given without one (`--cuda_graphs` alone is `--cuda_graphs on`, as when it was a switch);
+    flag given without one (`--cuda_graphs` alone is `--cuda_graphs on`);
     `on_resume`: what `--resume` does with it (`resume_changes`): None, the run's own setting that a
     resumed run must keep; "may", a setting that may change on resume (how the run is watched, saved or
     placed, never what it trains), recorded in the run's files when it does; "ignored", how this
@@ -220,9 +224,6 @@ def _given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
 def read_config(path: str, cls: type) -> dict[str, Any]:
     """A config file's settings for `cls`, each converted to its field's type and checked; one line naming
     the file and the key for an unreadable file, an unknown key or a bad value."""
-    import json
-    from pathlib import Path
-
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -235,8 +236,6 @@ def read_config(path: str, cls: type) -> dict[str, Any]:
         fail(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(exc).splitlines()[0]})")
     if not isinstance(data, dict):
         fail(f"--config {path}: expected a mapping of setting names to values")
-    from common.config_keys import resolve_keys
-
     hints = {f.name: hint for f, meta, hint in _fields(cls) if meta["cli"]}
     spelled = {f.name: (flag_name(f.name, meta), f.default) for f, meta, _ in _fields(cls) if meta["cli"]}
     try:  # our field names, the flags as --help spells them, and TRL's keys: one resolution (common/config_keys.py)
@@ -396,11 +395,6 @@ def check_rules(cfg: Any) -> None:
 def read_run_config(out: str, cls: type, flag: str) -> dict[str, Any]:
     """The settings saved in `out`/run_config.json, each as its field's type; one line when there is none
     or it is not one of `cls`'s. Not checked here: the resumed config is, once this run's flags are in."""
-    import json
-    from pathlib import Path
-
-    from common.run_files import RUN_CONFIG
-
     path = Path(out) / RUN_CONFIG
     try:
         data = json.loads(path.read_text())

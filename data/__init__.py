@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import re
+from pathlib import PurePath
 from typing import Any
 
+from common.errors import fail
 from data.gsm8k import Record, final_answer, load_gsm8k
 from data.synthetic import make_synthetic, parse_kinds
 from data.tables import Fields, as_records, is_table_source, load_hub, load_table, to_records
@@ -23,8 +28,6 @@ def load_records(
     folder, or a hub dataset id (data/tables.py), the first `max_samples` of them."""
     if fields is not None and (dataset == "gsm8k" or dataset.split(":")[0] == "synthetic") and \
             (fields.train_split, fields.test_split) != ("train", "test"):
-        from common.errors import fail
-
         fail(f"--train_split/--test_split name a hub dataset's or a folder's splits; {dataset}'s are train and test")
     if dataset == "gsm8k":
         return load_gsm8k(split, data_dir=data_dir, max_samples=max_samples)
@@ -39,8 +42,6 @@ def load_records(
 def eval_specs(cfg: Any) -> list[tuple[str, str]]:
     """(name, dataset) of each --eval_dataset, in order: `NAME=DATASET`, or a name made from the dataset
     (synthetic:times_more -> times_more, data/mine.jsonl -> mine, org/set -> set)."""
-    import re
-
     given = cfg.eval_dataset
     specs = [] if not given else [given] if isinstance(given, str) else list(given)
     out = []
@@ -49,17 +50,12 @@ def eval_specs(cfg: Any) -> list[tuple[str, str]]:
         out.append((named.group(1), named.group(2)) if named else (_name_of(spec), spec))
     names = [n for n, _ in out]
     if len(set(names)) < len(names):
-        from common.errors import fail
-
         fail(f"--eval_dataset: two held-out sets are both named {max(names, key=names.count)!r}; name them as "
              f"NAME=DATASET")
     return out
 
 
 def _name_of(spec: str) -> str:
-    import re
-    from pathlib import PurePath
-
     tail = spec.split(":", 1)[1] if spec.startswith("synthetic:") else PurePath(spec).stem
     return re.sub(r"[^A-Za-z0-9_]+", "_", tail).strip("_") or "eval"
 
@@ -83,8 +79,6 @@ def other_eval_sets(cfg: Any, eval_rows: list[Any] | None = None) -> dict[str, l
 def eval_fields(cfg: Any, spec: str) -> Fields:
     """The columns an --eval_dataset is read with: the run's, and --train_split/--test_split only for the
     run's own dataset (another set, synthetic or a hub id, keeps its own train and test)."""
-    import dataclasses
-
     fields = cfg.fields()
     return fields if spec == cfg.dataset else dataclasses.replace(fields, train_split="train", test_split="test")
 
@@ -92,10 +86,6 @@ def eval_fields(cfg: Any, spec: str) -> Fields:
 def split_validation(train: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:
     """(the training records left, `n` held back to choose the best model): a seeded draw, the rest kept in
     their order."""
-    import random
-
-    from common.errors import fail
-
     if n >= len(train):
         fail(f"--validation_samples {n} would leave no training data ({len(train)} examples); lower it")
     held = set(random.Random(seed).sample(range(len(train)), n))
@@ -107,8 +97,6 @@ def run_records(cfg: Any, train_rows: list[Any] | None = None,
     """A run's training and held-out records: rows handed to the Python API when given, else the train
     split of `cfg.dataset` and the test split of the first `cfg.eval_dataset` (default: `cfg.dataset`);
     `cfg` has TrainDataFlags' fields, max_samples, eval_samples and seed."""
-    from common.errors import fail
-
     fields = cfg.fields()
     if train_rows is not None:
         train = as_records(train_rows, fields, "train_records")[: cfg.max_samples]
@@ -127,8 +115,6 @@ def run_records(cfg: Any, train_rows: list[Any] | None = None,
 
 def require_solutions(records: list[Record], dataset: str, fields: Fields | None) -> None:
     """SFT's check: every record has a worked solution to train on."""
-    from common.errors import fail
-
     missing = next((i for i, r in enumerate(records, 1) if not r.get("solution")), None)
     if missing is not None:
         field = (fields or Fields()).solution

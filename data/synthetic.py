@@ -15,6 +15,7 @@ import hashlib
 import random
 from collections.abc import Callable
 
+from common.errors import fail
 from data.gsm8k import Record
 
 NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo", "Mia", "Noor"]
@@ -102,8 +103,6 @@ def parse_kinds(spec: str) -> list[str]:
     chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else list(KINDS)
     unknown = [k for k in chosen if k not in KINDS]
     if name != "synthetic" or unknown or not chosen:
-        from common.errors import fail
-
         fail(f"--dataset {spec}: synthetic kinds are {', '.join(KINDS)} (e.g. synthetic:add,sub); "
              f"{'unknown: ' + ', '.join(unknown) if unknown else 'name at least one'}")
     return chosen

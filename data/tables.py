@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import fail
 from data.gsm8k import Record, final_answer
 from rewards import parse_number
+from rewards.latex import gold_answer, last_boxed
 from rewards.numeric import NUMBER_FORMS
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -92,8 +93,6 @@ def _answer(value: Any, where: str, latex: bool = False) -> tuple[str, str | Non
     text = str(value).strip()
     after = text.rsplit("####", 1)[1] if "####" in text else text
     if latex and parse_number(after) is None:  # not a number: LaTeX, a `\boxed{}` answer first
-        from rewards.latex import gold_answer, last_boxed
-
         final = gold_answer(text if last_boxed(text) else after)
         if final is None:
             fail(f"{where}: math-verify reads no answer in {text[:40]!r} (a number, LaTeX such as \\frac{{3}}{{4}}, or "

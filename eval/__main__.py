@@ -9,15 +9,17 @@ writes one summary and one predictions file.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from common.distributed import add_backend_argument
+from common.distributed import add_backend_argument, distributed_run
 from common.errors import fail, run_cli
 from common.flags import CUDA_GRAPHS, DEVICE, Rule, flag, parse_flags
+from data import load_records, require_solutions
 from data.flags import DataFlags
-from data.prompt import MAX_PROMPT_LENGTH
+from data.prompt import MAX_PROMPT_LENGTH, check_thinking, clean_solution, resolve_format, warn_thinking
 from rewards.harness import SCORINGS
 
 
@@ -63,6 +65,8 @@ class EvalArgs(DataFlags):
 
 
 def _graphs_without_cuda(cfg: Any) -> str | None:
+    """sampling.cuda_graphs' rule between --cuda_graphs and --device (a one-line error, or None)."""
+    # sampling loads torch: imported here, when the rules are checked, so `python -m eval --help` stays fast
     from sampling.cuda_graphs import graphs_without_cuda
 
     return graphs_without_cuda(cfg)
@@ -73,11 +77,6 @@ FEWSHOT_SEED = 1234  # the few-shot examples are the same for every model and ru
 
 def fewshot(args: EvalArgs) -> tuple[list[tuple[str, str]], list[int]]:
     """K (question, worked solution) pairs from the train split, chosen by a fixed seed, and their indices."""
-    import random
-
-    from data import load_records, require_solutions
-    from data.prompt import clean_solution
-
     if args.num_fewshot == 0:
         return [], []
     train = load_records(args.dataset, "train", args.data_dir, fields=args.fields())
@@ -94,9 +93,6 @@ def main(argv: list[str] | None = None) -> None:
                                extra=lambda p: add_backend_argument(p.add_argument))
     import torch
 
-    from common.distributed import distributed_run
-    from data import load_records
-    from data.prompt import check_thinking, resolve_format, warn_thinking
     from eval.evaluate import evaluate, write_results
     from models import load_model_and_tokenizer, load_tokenizer
     from sampling import Sampler, SamplingParams

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from data import main_eval_name
+from data.tables import hub_id, is_table_source
 
 CARD = "README.md"
 RECIPE = {  # the settings a card shows, per stage, in this order (others stay in run_config.json)
@@ -47,10 +52,6 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _evals(folder: Path, config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(name, summary) of the main held-out eval and of each named one beside it."""
-    from types import SimpleNamespace
-
-    from data import main_eval_name
-
     out = []
     main = _read(folder / "eval" / "eval_summary.json")
     if main:
@@ -84,8 +85,6 @@ def _front_matter(folder: Path, config: dict[str, Any], hub: str | None, tags: l
     """The card's metadata through huggingface_hub's card classes: base model, tags, the dataset, and each
     held-out result as the hub's `model-index` (what the hub renders as evaluation results)."""
     from huggingface_hub import EvalResult, ModelCardData
-
-    from data.tables import hub_id, is_table_source
 
     dataset = str(config.get("dataset") or "")
     dataset_id = "openai/gsm8k" if dataset == "gsm8k" else (
@@ -142,8 +141,6 @@ def model_card(folder: Path) -> str:
 
 def write_model_card(folder: Path) -> Path:
     """README.md in `folder`, written atomically."""
-    import os
-
     path = folder / CARD
     tmp = folder / f".{CARD}.tmp"
     tmp.write_text(model_card(folder))

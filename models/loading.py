@@ -223,8 +223,8 @@ def keep_4bit_trainable(model: Any) -> None:
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight the first time it runs
     in eval mode without grad (a rollout, an eval) and from then on uses a kernel with no backward,
-    even in train mode: every later QLoRA step would get wrong LoRA gradients (seen here: off by more
-    than 100%). GPUs never take that path."""
+    even in train mode: every later QLoRA step would get wrong LoRA gradients. GPUs never take that
+    path."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

@@ -167,13 +167,13 @@ def projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Te
     [B, T, H], [V, H], [B, T] -> [B, T] in fp32, differentiable in hidden and weight. What
     `token_logprobs_and_entropy` gives on the head's logits, without ever holding them: the projection
     is made `chunk_columns` vocabulary entries at a time (default: the chunk budget of `token_logprobs`,
-    at least 1,024 entries: on the CPU a chunk stays in cache through its elementwise passes, which
-    64 MB chunks made 2x slower) and made again in the backward. Under autocast the products run in
+    at least 1,024 entries) and made again in the backward. Under autocast the products run in
     autocast's dtype. `entropy_grad`: the entropy is differentiable too (an entropy bonus in the loss);
     otherwise it is a metric, and the backward is the log-probs' alone."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     H, N = hidden.shape[-1], ids.numel()
+    # a chunk small enough that on the CPU it stays in cache through its elementwise passes
     chunk = chunk_columns or max(1024, _chunk_elements(hidden) // max(N, 1))
     logp, entropy = _ProjectedLogSoftmax.apply(hidden.reshape(-1, H), weight, ids.reshape(-1), temperature, chunk,
                                                with_entropy, dtype, entropy_grad)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
+
+from models.loading import load_model
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,11 +43,7 @@ def merged_copy_for_saving(peft_model: Any, base_name: str, adapter_dir: str, dt
     For a 4-bit base the unquantized base is reloaded and the saved adapter merged into it, so the
     saved model is full precision rather than a dequantize-requantize round trip.
     """
-    import copy
-
     from peft import PeftModel
-
-    from models.loading import load_model
 
     if getattr(peft_model, "is_loaded_in_4bit", False) or getattr(peft_model.base_model.model,
                                                                    "is_loaded_in_4bit", False):

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from common.errors import fail, run_cli
+from common.flags import OneLineParser
+from models.card import CARD, write_model_card
 
 KEEP_HOME = ["checkpoint/**", "snapshots/**", "tracker/**", "eval/step_*/**", ".*", "**/.*"]  # not uploaded
 
@@ -56,8 +58,6 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
     """Upload `folder` (its model card made if missing) to `repo`, created when new; the repo's URL."""
     from huggingface_hub import HfApi
 
-    from models.card import CARD, write_model_card
-
     if not (folder / "config.json").is_file():
         fail(f"{folder} holds no saved model (no config.json); train it first")
     if not (folder / CARD).is_file():
@@ -70,8 +70,6 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.flags import OneLineParser
-
     p = OneLineParser(prog="python -m models.push", description=__doc__)
     p.add_argument("folder", help="a saved model folder (an SFT or GRPO output)")
     p.add_argument("repo", help="NAMESPACE/NAME on the hub")

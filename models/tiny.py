@@ -15,7 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_VERSION = "v4"  # v4: <think> and </think> no longer special (as in Qwen3); same ids and weights as v3
+from common.errors import fail
+from common.run_files import readable_as_umask_says
+from data.prompt import INSTRUCTION
+from data.synthetic import make_synthetic
+
+TINY_VERSION = "v4"  # in the cached folder's name: a new version when the tokenizer or the weights change
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 THINK_TOKENS = ("<think>", "</think>")
 SPECIAL_TOKENS = [PAD, IM_START, EOS, *THINK_TOKENS]
@@ -57,9 +62,6 @@ def cache_dir() -> Path:
 
 
 def _tokenizer_corpus() -> list[str]:
-    from data.prompt import INSTRUCTION
-    from data.synthetic import make_synthetic
-
     texts = []
     for r in make_synthetic("train", max_samples=3000, seed=1234):  # as rendered in prompts and targets
         texts += [f"user\n{r['question']}\n{INSTRUCTION}\n", "assistant\n\n\n\n\n", r["solution"]]
@@ -145,8 +147,6 @@ def random_config(hub_id: str, tokenizer: Any) -> Any:
     if hub_id in OTHER_SHAPES:
         family, shape = OTHER_SHAPES[hub_id]
         return family_config(family, tokenizer, **shape)
-    from common.errors import fail
-
     fail(f"random:{hub_id} is not a known shape; choose one of {', '.join([*QWEN3_SHAPES, *OTHER_SHAPES])}")
 
 
@@ -177,8 +177,6 @@ def tiny_dir() -> Path:
         model = _init_model(tiny_config(tokenizer), seed=0)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        from common.run_files import readable_as_umask_says
-
         readable_as_umask_says(tmp)  # a shared cache: mkdtemp made it 0700
         try:
             tmp.rename(final)

@@ -12,11 +12,12 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.distributed import Dist
+from common.distributed import Dist, launched_by_torchrun
 from common.errors import Interrupted, fail
 from common.flags import read_run_config, replayable, resume_changes, shown
 from common.run_files import (
@@ -32,7 +33,14 @@ from common.run_files import (
     save_checkpoint,
     write_json,
 )
+from data import main_eval_name, other_eval_sets, run_records, split_validation
+from data.prompt import save_format
+from eval.evaluate import eval_fields, evaluate, write_results
+from models.card import write_model_card
+from models.lora import merged_copy_for_saving
+from models.push import check_push, push
 from training.trackers import TRACKER_DIR, Trackers
+from training.trackers import check as check_trackers
 
 
 class Progress:
@@ -40,8 +48,6 @@ class Progress:
     one line every tenth of the run, so a long stage is never silent. Rank 0 alone shows it."""
 
     def __init__(self, desc: str, total: int, initial: int, enabled: bool):
-        import sys
-
         from tqdm.auto import tqdm
 
         tty = sys.stderr.isatty()
@@ -79,10 +85,6 @@ class StopSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import time
-
-        from common.distributed import launched_by_torchrun
-
         if self.requested is not None:
             # torchrun's agent passes the Ctrl-C it got on to its workers, which got the terminal's too
             if launched_by_torchrun() and time.monotonic() - self.first_at < self.FORWARDED_S:
@@ -134,9 +136,6 @@ def read_best(out: Path) -> dict[str, Any] | None:
 def check_watch(cfg: Any) -> None:
     """The watch flags (training/flags.py) both trainers check before any model loads, one line each (their
     rules between flags are WatchFlags.RULES, checked with the ranges)."""
-    from models.push import check_push
-    from training.trackers import check as check_trackers
-
     check_trackers(cfg.report_to)
     check_push(cfg.push_to_hub)
 
@@ -146,8 +145,6 @@ def run_data(cfg: Any, train_rows: list[Any] | None, eval_rows: list[Any] | None
     """A run's training records and its held-out sets by name: the main one first (`data.run_records`),
     then each further --eval_dataset, then with --keep_best the validation problems held back from the
     training records (never the test split)."""
-    from data import main_eval_name, other_eval_sets, run_records, split_validation
-
     train, held_out = run_records(cfg, train_rows, eval_rows)
     sets = {main_eval_name(cfg, eval_rows): held_out, **other_eval_sets(cfg, eval_rows)}
     if cfg.keep_best:
@@ -242,8 +239,6 @@ class Run:
         written to <out>/eval (a named set other than the main one: <out>/eval/<name>) and, for an eval
         during training (`step`), also kept in <out>/eval/step_<step>[/<name>]; the model is left in train
         mode."""
-        from eval.evaluate import evaluate, write_results
-
         summary, predictions = evaluate(sampler, tokenizer, records, params, show_progress=self.cfg.show_progress,
                                         **kwargs)
         if self.dist.is_main:
@@ -257,8 +252,6 @@ class Run:
                       step: int | None = None, **kwargs: Any) -> tuple[dict[str, Any], dict[str, float]]:
         """Every held-out set (the first is the main one): (the main set's summary, the log fields: eval_*
         of the main set and, when there are several, eval_<name>_* of each)."""
-        from eval.evaluate import eval_fields
-
         main, fields = {}, {}
         for i, (name, records) in enumerate(sets.items()):
             summary = self.evaluate(sampler, tokenizer, records, params, step, None if i == 0 else name, **kwargs)
@@ -303,9 +296,6 @@ class Run:
         """A loadable model in `target`: the LoRA adapter in <target>/adapter and the model merged into a
         fresh base, or the model itself; the tokenizer, the prompt format and the model card beside it.
         `whole_folder`: swap in a new folder (snapshots, best/); else files into the run folder."""
-        from models.card import write_model_card
-        from models.lora import merged_copy_for_saving
-
         def write(tmp: Path) -> None:
             if lora:
                 adapter = (tmp if whole_folder else target) / "adapter"
@@ -317,8 +307,6 @@ class Run:
             final.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if prompt_format is not None:
-                from data.prompt import save_format
-
                 save_format(prompt_format, tmp)
             if whole_folder:
                 write_json(tmp / RUN_CONFIG, self.config)
@@ -356,8 +344,6 @@ class Run:
         adapter also in <out>/adapter), the prompt format it was trained with beside it (the next stage
         reads it) and its model card (README.md), then `message`; pushed to the hub with --push_to_hub.
         Other ranks wait for it, so the job ends complete. With --no_save: nothing is written."""
-        from models.push import push
-
         self.close()
         if self.dist.is_main and not self.cfg.save_models:
             print(f"--no_save: no model written; the log and evals are in {self.out}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.errors import fail
 from viz.plots import accuracy_points, eval_bests, eval_sizes, informative, named_evals, read_log, series, smooth
 
 COMPARED = (  # (log field, panel title, smoothed)
@@ -81,8 +82,6 @@ def compare_lines(logs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
 
 def compare_files(files: list[str], labels: list[str] | None, output: str) -> Path:
     """The runs in `files` (labelled by `labels`, default each log's folder name) on one figure."""
-    from common.errors import fail
-
     if labels and len(labels) != len(files):
         fail(f"{len(labels)} --labels for {len(files)} --log_file: give one label per log, in order")
     names = labels or [Path(f).parent.name or Path(f).stem for f in files]

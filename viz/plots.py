@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import fail
+from models.card import wilson
 
 GRPO_FIELDS = ["grpo_loss", "policy_loss", "kl_loss", "grad_norm", "learning_rate", "reward_mean", "reward_std",
                "adv_mean", "adv_std", "time_per_step_s", "generation_time_s", "backward_time_s", "other_time_s",
@@ -103,8 +104,6 @@ def eval_sizes(log_dir: Path, key: str) -> dict[int, int]:
 def accuracy_points(ax: Any, xs: list[float], ys: list[float], sizes: dict[int, int], color: str, label: str) -> None:
     """Held-out accuracy at each eval, with its 95% Wilson interval where the problems scored are known
     (on 20 problems 0.55 -> 0.45 is within the noise; the bars say so)."""
-    from models.card import wilson
-
     ax.plot(xs, ys, "o-", color=color, label=label, markersize=4)
     known = [(x, y, sizes[int(x)]) for x, y in zip(xs, ys) if int(x) in sizes]
     if known:
