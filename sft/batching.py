@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from data import Record
 from data.prompt import DEFAULT_FORMAT, PromptFormat, encode_sft_example
+from models.logprobs import logprobs_at
 
 
 def encode_records(tokenizer: Any, records: list[Record], max_length: int, strip_calculator: bool = True,
@@ -19,8 +23,6 @@ def encode_records(tokenizer: Any, records: list[Record], max_length: int, strip
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
-    import torch
-
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -38,10 +40,6 @@ def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     (from the shortest prompt's end on, not the prompts) are projected onto the vocabulary, a chunk of
     the vocabulary at a time inside the loss and again in its backward, so neither the [B, T, V] logits
     nor their gradient (nor an fp32 copy) is ever held."""
-    import torch
-
-    from models.logprobs import logprobs_at
-
     labels = batch["labels"][:, 1:]
     targets = labels != -100
     columns = targets.any(0).nonzero().squeeze(-1)  # logits at column c predict token c + 1
@@ -55,8 +53,6 @@ def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
 def completion_loss_sum_full(model: Any, batch: dict[str, Any]) -> Any:
     """The same loss the plain way (full-vocabulary logits at every position and an fp32 copy): the
     reference the chunked path is tested and benchmarked against."""
-    import torch.nn.functional as F
-
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = batch["labels"][:, 1:]
