@@ -38,7 +38,7 @@ from models.lora import add_lora
 from rewards.functions import RewardSettings, TrainerState, named
 from sampling import Sampler, SamplingParams
 from sampling.cuda_graphs import use_cuda_graphs
-from training.run import Run, check_watch, restores_signals, run_data
+from training.run import Run, check_lengths, check_watch, restores_signals, run_data
 
 LOG_NAME = "grpo_training_logs.jsonl"
 WARN_AFTER = 10  # steps of a bad signal before the one warning
@@ -106,11 +106,8 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
 def _fitting_prompts(cfg: GRPOConfig, policy: Policy, records: list[Any], dist: Dist) -> tuple[list[Any], int]:
     """The training records whose prompt fits --max_prompt_length, and how many were skipped (said once)."""
     kept, _, skipped = prompts_within(policy.tokenizer, records, cfg.max_prompt_length, fmt=policy.prompt)
-    if not kept:
-        fail(f"every training prompt is longer than --max_prompt_length {cfg.max_prompt_length} tokens; raise it")
-    if skipped and dist.is_main:
-        print(f"skipped {skipped} of {len(records)} training prompts longer than --max_prompt_length "
-              f"{cfg.max_prompt_length} tokens (logged as prompts_skipped)")
+    check_lengths(len(kept), skipped, len(records), "prompt", "--max_prompt_length", cfg.max_prompt_length, dist,
+                  "logged as prompts_skipped")
     return kept, skipped
 
 

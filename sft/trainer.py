@@ -34,7 +34,7 @@ from models.lora import add_lora
 from sampling import Sampler, SamplingParams
 from sft.batching import collate, completion_loss_sum, encode_records
 from sft.config import SFTConfig
-from training.run import Run, check_watch, restores_signals, run_data
+from training.run import Run, check_lengths, check_watch, restores_signals, run_data
 
 LOG_NAME = "sft_training_logs.jsonl"
 
@@ -95,11 +95,8 @@ def _examples(cfg: SFTConfig, tokenizer: Any, records: list[dict[str, Any]], fmt
               dist: Dist) -> tuple[list[dict[str, Any]], int]:
     """The encoded training examples and how many were skipped as longer than --max_length."""
     examples, too_long = encode_records(tokenizer, records, cfg.max_length, not cfg.keep_calculator, fmt)
-    if not examples:
-        fail(f"every training example is longer than --max_length {cfg.max_length} tokens; raise --max_length")
-    if too_long and dist.is_main:
-        print(f"skipped {too_long} of {len(records)} training examples longer than --max_length "
-              f"{cfg.max_length} tokens (never cut mid-answer; logged as examples_skipped)")
+    check_lengths(len(examples), too_long, len(records), "example", "--max_length", cfg.max_length, dist,
+                  "never cut mid-answer; logged as examples_skipped")
     return examples, too_long
 
 

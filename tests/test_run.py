@@ -264,3 +264,19 @@ def test_overwrite_deletes_nothing_until_the_data_is_good_and_saves_no_resume_or
     train_grpo(_cfg(out, max_steps=1, overwrite=True))
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["overwrite"] is False and saved["resume"] is False
+
+
+def test_both_trainers_refuse_a_run_where_nothing_fits_and_say_skips_once(capsys):
+    # one rule for SFT's examples (--max_length) and GRPO's prompts (--max_prompt_length)
+    from common.distributed import Dist
+    from training.run import check_lengths
+
+    for what, flag in (("example", "--max_length"), ("prompt", "--max_prompt_length")):
+        with pytest.raises(UserError) as info:
+            check_lengths(0, 5, 5, what, flag, 64, Dist(), "logged")
+        assert str(info.value) == f"every training {what} is longer than {flag} 64 tokens; raise {flag}"
+    check_lengths(3, 2, 5, "prompt", "--max_prompt_length", 64, Dist(rank=1, world_size=2), "logged as x")
+    assert capsys.readouterr().out == ""  # another rank says nothing
+    check_lengths(3, 2, 5, "prompt", "--max_prompt_length", 64, Dist(), "logged as x")
+    assert capsys.readouterr().out == "skipped 2 of 5 training prompts longer than --max_prompt_length 64 tokens " \
+                                      "(logged as x)\n"

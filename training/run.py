@@ -152,6 +152,16 @@ def run_data(cfg: Any, train_rows: list[Any] | None, eval_rows: list[Any] | None
     return train, sets
 
 
+def check_lengths(kept: int, skipped: int, total: int, what: str, flag: str, limit: int, dist: Dist,
+                  logged_as: str) -> None:
+    """Before training: none of the `total` training `what`s fits `flag`'s `limit` tokens is a one-line
+    error; `skipped` of them not fitting is said once (on the main process)."""
+    if not kept:
+        fail(f"every training {what} is longer than {flag} {limit} tokens; raise {flag}")
+    if skipped and dist.is_main:
+        print(f"skipped {skipped} of {total} training {what}s longer than {flag} {limit} tokens ({logged_as})")
+
+
 class Run:
     """One training run's folder. `cfg` needs `resume`, `overwrite`, `save_every`, `show_progress` and
     the watch flags (training/flags.py)."""
