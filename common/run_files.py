@@ -31,8 +31,11 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, flag: str) -
     has_run = (out / RUN_CONFIG).exists()
     recover_dir(out / CHECKPOINT)
     if resume:
-        if not (out / CHECKPOINT / "trainer_state.json").is_file():
+        if not (out / CHECKPOINT).is_dir():
             fail(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
+        if not (out / CHECKPOINT / "trainer_state.json").is_file():
+            fail(f"--resume: the checkpoint in {out / CHECKPOINT} lacks trainer_state.json; it is incomplete: "
+                 "start a new run (--overwrite)")
         return
     # a run_config.json alone is a run that stopped before its first output (bad data dir, unknown
     # model...): nothing to lose, so the corrected command may reuse the folder
@@ -325,6 +328,13 @@ def load_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, lora:
     from safetensors.torch import load_file
 
     ckpt = out / CHECKPOINT
+    weights = "adapter/adapter_model.safetensors" if lora else (
+        MODEL_WEIGHTS if (ckpt / MODEL_WEIGHTS).is_file() or not (ckpt / "model.pt").is_file() else "model.pt")
+    missing = [name for name in ("trainer_state.json", weights, "optimizer.pt", "scheduler.pt", "trainer_state.pt")
+               if not (ckpt / name).is_file()]
+    if missing:  # before anything loads: one line, not a traceback halfway through
+        fail(f"--resume: the checkpoint in {ckpt} lacks {', '.join(missing)}; it is incomplete: start a new run "
+             "(--overwrite)")
     saved_world = json.loads((ckpt / "trainer_state.json").read_text()).get("world_size", 1)
     if saved_world != world_size:
         fail(f"--resume: the checkpoint in {out} was written by {saved_world} process(es) but this run has "

@@ -342,3 +342,17 @@ def test_a_tampered_checkpoint_is_refused_in_one_line_and_runs_no_code(tmp_path)
         assert "refusing to load" in message or "cannot read the weights" in message, message
         (ckpt / name).write_bytes(good)
     assert _checkpointed_run(tmp_path, max_steps=2, resume=True)["step"] == 2  # the untampered one resumes
+
+
+def test_a_checkpoint_missing_any_file_is_refused_in_one_line(tmp_path):
+    """Each file --resume reads, taken away in turn: one line naming it, before anything loads."""
+    _checkpointed_run(tmp_path, max_steps=1)
+    ckpt = tmp_path / "run" / "checkpoint"
+    for name in ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.pt"):
+        kept = (ckpt / name).rename(tmp_path / name)
+        with pytest.raises(UserError) as info:
+            _checkpointed_run(tmp_path, max_steps=2, resume=True)
+        message = str(info.value)
+        assert "\n" not in message and f"lacks {name};" in message and str(ckpt) in message, message
+        kept.rename(ckpt / name)
+    assert _checkpointed_run(tmp_path, max_steps=2, resume=True)["step"] == 2
