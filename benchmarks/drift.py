@@ -116,10 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         "decode_dtype": "bfloat16" if bf16 else str(next(model.parameters()).dtype).removeprefix("torch."),
         "training_forward": "bf16 autocast" if bf16 else "fp32",
     }
-    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    ways = {"eager": Sampler(model, **ids)}
+    ways = {"eager": Sampler.for_tokenizer(model, tokenizer)}
     if cuda:
-        ways["graphs"] = Sampler(model, **ids, cuda_graphs=True)
+        ways["graphs"] = Sampler.for_tokenizer(model, tokenizer, cuda_graphs=True)
     rows, outs = {}, {}
     for name, sampler in ways.items():
         with autocast(), decode_precision(bf16, cuda):

@@ -62,8 +62,7 @@ def counts(model: Any, tokenizer: Any, rows: int) -> dict[str, float]:
         step[layout] = device_ops(_profiled(lambda s=state: s.step(token, position, slot, 8)))
     prompt = tokenizer("What is 12 times 7?")["input_ids"]
 
-    sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      sync_every=SYNC_EVERY)
+    sampler = Sampler.for_tokenizer(model, tokenizer, sync_every=SYNC_EVERY)
 
     def rollout(n: int) -> list[Any]:
         params = SamplingParams(num_samples=rows, max_new_tokens=n, temperature=1.0)

@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     G, N = args.num_generations, args.max_new_tokens
     tokens_per_run = len(prompts) * G * N
 
-    samplers = {g: Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           cuda_graphs=g) for g in (False, True)}
+    samplers = {g: Sampler.for_tokenizer(model, tokenizer, cuda_graphs=g) for g in (False, True)}
 
     def ours(cuda_graphs: bool = False, new_tokens: int = N) -> None:
         samplers[cuda_graphs].sample(prompts, SamplingParams(num_samples=G, max_new_tokens=new_tokens, ignore_eos=True,

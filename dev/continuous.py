@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [encode_prompt(tokenizer, r["question"]) for r in records]
     lengths = stop_schedule(len(prompts), args.median_tokens, args.max_new_tokens, args.seed)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, batch_size=args.rows)
-    samplers = {"static": Sampler(model, **ids), "continuous": Sampler(model, **ids, continuous=True)}
+    samplers = {"static": Sampler.for_tokenizer(model, tokenizer, batch_size=args.rows),
+                "continuous": Sampler.for_tokenizer(model, tokenizer, batch_size=args.rows, continuous=True)}
     runs = {name: lambda one=one: one.sample(prompts, params, stop_at=lengths) for name, one in samplers.items()}
     times, peaks = alternate(runs, args.repeats, device)
     tokens = sum(lengths)

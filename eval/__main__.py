@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     with distributed_run(args.device, parsed.dist_backend) as (dist, device):
         graphs = use_cuda_graphs(args.cuda_graphs, device) and not (args.continuous and args.cuda_graphs == "auto")
         model, tokenizer = load_model_and_tokenizer(args.model, device=device)
-        sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          batch_size=args.batch_size, continuous=args.continuous, cuda_graphs=graphs)
+        sampler = Sampler.for_tokenizer(model, tokenizer, batch_size=args.batch_size, continuous=args.continuous,
+                                        cuda_graphs=graphs)
         torch.manual_seed(args.seed + dist.rank)
         summary, predictions = evaluate(sampler, tokenizer, records, params, show_progress=args.show_progress,
                                         max_prompt_length=args.max_prompt_length, shots=shots,

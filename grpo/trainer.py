@@ -98,8 +98,7 @@ def _policy(cfg: GRPOConfig, start_model: str, dist: Dist, device: str, total_st
     scheduler = make_scheduler(optimizer, updates, int(cfg.warmup_ratio * updates), cfg.lr_decay)
     # under DDP, the forward that gives hidden states goes through the wrapper: the loss still projects them
     train_model = wrap_ddp(HeadOptional(model) if dist.enabled else model, dist, device)
-    sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      cuda_graphs=use_cuda_graphs(cfg.cuda_graphs, device))
+    sampler = Sampler.for_tokenizer(model, tokenizer, cuda_graphs=use_cuda_graphs(cfg.cuda_graphs, device))
     return Policy(model, train_model, ref_model, tokenizer, optimizer, scheduler, device, rewards, sampler, fmt)
 
 

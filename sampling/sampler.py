@@ -45,6 +45,11 @@ class Sampler:
         self.reference = reference
         self.graphs = DecodeGraphs() if cuda_graphs else None
 
+    @classmethod
+    def for_tokenizer(cls, model: Any, tokenizer: Any, **settings: Any) -> Sampler:
+        """A sampler whose rows stop at `tokenizer`'s eos and are padded with its pad token."""
+        return cls(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings)
+
     def replace(self, **settings: Any) -> Sampler:
         """A sampler of the same model with `settings` changed and its own graph state: CUDA graphs stay
         on unless a capture of this one failed (it is not tried again)."""

@@ -164,8 +164,7 @@ def train_sft(cfg: SFTConfig, train_records: list[dict[str, Any]] | None = None,
     step = run.start(model, optimizer, scheduler, cfg.lora, device, total_steps)
 
     def evaluate(at: int | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-        sampler = Sampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          batch_size=cfg.eval_batch_size, continuous=True)
+        sampler = Sampler.for_tokenizer(model, tokenizer, batch_size=cfg.eval_batch_size, continuous=True)
         return run.evaluate_sets(sampler, tokenizer, eval_sets, SamplingParams(max_new_tokens=cfg.eval_max_new_tokens),
                                  step=at, prompt_format=fmt)
 
